@@ -1,0 +1,104 @@
+"""
+### PPO training pipeline
+
+Nightly: load bars -> Great Expectations gate -> walk-forward PPO training ->
+test backtests beside baselines -> ONNX export with parity check -> MLflow
+registration (`challenger`, and `champion` when the gate passes).
+
+Every task calls one stage of `ml.pipeline`; tasks hand over through a run
+folder, and XCom carries only that folder's path. Trigger it by hand with the
+form to change the symbol, source, budget or folds.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+
+@dag(
+    dag_id="ppo_training",
+    schedule="0 2 * * *",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["ml", "ppo", "training"],
+    doc_md=__doc__,
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True},
+    params={
+        "source": Param("sample", enum=["sample", "file", "yfinance"],
+                        description="Where bars come from: the bundled sample, a CSV/parquet file, or yfinance."),
+        "symbol": Param("GSPC", type="string", minLength=1, description="Ticker (yfinance) or sample name."),
+        "data_path": Param(None, type=["null", "string"], description="CSV/parquet path when source is 'file'."),
+        "interval": Param("1d", enum=["1d", "1h", "30m", "15m", "5m"], description="Bar interval."),
+        "start": Param(None, type=["null", "string"], format="date", description="First date to use (YYYY-MM-DD)."),
+        "timesteps": Param(300_000, type="integer", minimum=1024, maximum=1_000_000_000,
+                           description="PPO environment steps per walk-forward fold."),
+        "num_envs": Param(None, type=["null", "integer"], minimum=1, maximum=1_000_000,
+                          description="Parallel episodes (default from config)."),
+        "num_steps": Param(None, type=["null", "integer"], minimum=8, maximum=4096,
+                           description="Rollout length per update (default from config)."),
+        "n_folds": Param(2, type="integer", minimum=1, maximum=20, description="Walk-forward folds."),
+        "seed": Param(1, type="integer", minimum=0, description="Training seed."),
+        "device": Param("auto", enum=["auto", "cpu", "cuda"], description="Training device; auto = CUDA if present."),
+        "promote": Param(True, type="boolean", description="Set `champion` when the gate passes."),
+        "config_file": Param(None, type=["null", "string"], description="Optional YAML/JSON pipeline config."),
+    },
+)
+def ppo_training():
+    @task
+    def load_data(params=None, run_id=None, dag=None) -> str:
+        from ml import orchestration, pipeline
+
+        run_dir = orchestration.run_dir_for(dag.dag_id, run_id)
+        pipeline.load_data(run_dir, orchestration.config_from_params(params))
+        return str(run_dir)
+
+    @task
+    def validate_data(run_dir: str) -> str:
+        from ml import pipeline
+
+        pipeline.validate_data(run_dir)
+        return run_dir
+
+    @task
+    def start_tracking(run_dir: str, run_id=None) -> str:
+        from ml import pipeline
+
+        pipeline.start_tracking(run_dir, run_name=f"ppo_training/{run_id}")
+        return run_dir
+
+    @task(execution_timeout=timedelta(hours=6))
+    def train(run_dir: str) -> str:
+        from ml import pipeline
+
+        pipeline.train_folds(run_dir)
+        return run_dir
+
+    @task
+    def evaluate(run_dir: str) -> str:
+        from ml import pipeline
+
+        pipeline.evaluate(run_dir)
+        return run_dir
+
+    @task
+    def export_onnx(run_dir: str) -> str:
+        from ml import pipeline
+
+        pipeline.export_model(run_dir)
+        return run_dir
+
+    @task
+    def register(run_dir: str) -> dict:
+        from ml import pipeline
+
+        result = pipeline.register(run_dir)
+        return {"model_name": result["model_name"], "version": result["version"], "champion": result["champion"]}
+
+    register(export_onnx(evaluate(train(start_tracking(validate_data(load_data()))))))
+
+
+ppo_training()

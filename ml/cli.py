@@ -1,0 +1,105 @@
+"""Command line: ``python -m ml <command>``.
+
+    pipeline       run every stage in-process on a file, the sample or yfinance
+    data validate  run the quality gate on one file (exit 0 = passes)
+    data build-suites  rewrite the committed GX suites from their definitions
+    summary        what the registry holds for a model: versions, aliases, gate, metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from ml.config import load_config
+    from ml.pipeline import run_pipeline
+
+    overrides: dict = {}
+    if args.data:
+        if args.data.startswith("sample:"):
+            overrides["data"] = {"source": "sample", "symbol": args.data.split(":", 1)[1]}
+        else:
+            overrides["data"] = {"source": "file", "path": str(Path(args.data).resolve()),
+                                 **({"symbol": args.symbol} if args.symbol else {"symbol": Path(args.data).stem})}
+    if args.timesteps:
+        overrides["ppo"] = {"total_timesteps": args.timesteps}
+    if args.device:
+        overrides.setdefault("ppo", {})["device"] = args.device
+    config = load_config(args.config, overrides)
+    result = run_pipeline(config, Path(args.out))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from ml.data.schema import DataError
+    from ml.data.sources import load_file
+    from ml.data.validation import ValidationConfig, validate_bars
+
+    try:
+        bars = load_file(args.path, symbol=args.symbol, interval=args.interval)
+    except DataError as exc:
+        print(f"REJECTED {exc}", file=sys.stderr)
+        return 2
+    result = validate_bars(bars, str(args.path), ValidationConfig(calendar=args.calendar))
+    print(("PASSED " if result.success else "FAILED ") + result.describe())
+    return 0 if result.success else 1
+
+
+def _build_suites(_args: argparse.Namespace) -> int:
+    from ml.data.validation import build_suites
+
+    for path in build_suites():
+        print(f"wrote {path}")
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from ml.reporting import registry_summary
+
+    print(registry_summary(args.model, args.tracking_uri))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pipeline = commands.add_parser("pipeline", help="run the whole training pipeline in-process")
+    pipeline.add_argument("--data", help="CSV/parquet path, or sample:SYMBOL (default: config / sample GSPC)")
+    pipeline.add_argument("--symbol", help="symbol name for a file (default: the file's stem)")
+    pipeline.add_argument("--out", required=True, help="run directory for report.json, model.onnx, curves")
+    pipeline.add_argument("--timesteps", type=int, help="PPO timesteps per fold")
+    pipeline.add_argument("--device", help="auto | cpu | cuda")
+    pipeline.add_argument("--config", help="YAML/JSON config file (see configs/)")
+    pipeline.set_defaults(run=_pipeline)
+
+    data = commands.add_parser("data", help="market data commands").add_subparsers(dest="data_command", required=True)
+    validate = data.add_parser("validate", help="run the quality gate on a CSV/parquet file")
+    validate.add_argument("path")
+    validate.add_argument("--symbol")
+    validate.add_argument("--interval", default="1d")
+    validate.add_argument("--calendar", default="equity", choices=["equity", "crypto"])
+    validate.set_defaults(run=_validate)
+    suites = data.add_parser("build-suites", help="write the GX suites into great_expectations/")
+    suites.set_defaults(run=_build_suites)
+
+    summary = commands.add_parser("summary", help="registry summary of a model")
+    summary.add_argument("--model", required=True)
+    summary.add_argument("--tracking-uri")
+    summary.set_defaults(run=_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow", "great_expectations", "httpx", "onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return args.run(args)

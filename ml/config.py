@@ -1,0 +1,121 @@
+"""The pipeline's configuration: typed dataclasses, loadable from JSON/YAML.
+
+Every field has a default, so a config file (or an Airflow conf) names only
+what it changes. Unknown keys are refused by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ml.env import CostConfig, EnvConfig
+from ml.evaluation.splits import SplitConfig
+from ml.ppo import PPOConfig
+
+
+@dataclass
+class DataConfig:
+    source: str = "sample"  # sample | file | yfinance
+    symbol: str = "GSPC"
+    interval: str = "1d"
+    path: str | None = None  # for source=file
+    start: str | None = None
+    end: str | None = None
+    auto_adjust: bool = True  # yfinance: adjusted prices (recorded with the data)
+    calendar: str = "equity"  # equity | crypto, for annualization
+
+
+@dataclass
+class GateConfig:
+    parity_tolerance: float = 1e-5  # max |onnxruntime - torch| on real windows
+    parity_windows: int = 256
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str | None = None  # default: ppo_<symbol>_<interval>
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else a SQLite store in the output dir
+    artifact_root: str | None = None  # default: next to a SQLite store
+    experiment: str = "ppo_training"
+    promote: bool = True  # set `champion` when the gate passes
+
+
+@dataclass
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    lookback: int = 64
+    selection_metric: str = "sharpe"  # validation metric that picks the checkpoint
+    costs: CostConfig = field(default_factory=CostConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name or f"ppo_{self.data.symbol}_{self.data.interval}".replace("^", "")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config '{where}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown} in '{where}' (known: {sorted(known)})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        path = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, path)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Nested dict update: override wins, sections merge."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(values: dict | None) -> PipelineConfig:
+    return _build(PipelineConfig, values or {}, "")
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    values: dict = {}
+    if path:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+    return config_from_dict(merge(values, overrides or {}))
+
+
+def config_to_json(config: PipelineConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

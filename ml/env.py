@@ -1,0 +1,135 @@
+"""Batched single-asset trading environment in torch.
+
+N episodes are stepped together as tensors (CPU or CUDA, no Python loop over
+episodes). Semantics, fixed by the design:
+
+- the agent decides on bar t from data up to and including bar t;
+- the order fills at bar t+1's open (the next close for close-only series);
+- commission, half-spread and adverse slippage are charged on every change
+  of position, plus an optional borrow cost on short notional;
+- reward = log change of net asset value after costs;
+- ``terminated`` = ruin or end of the data segment, ``truncated`` = episode
+  length limit (the trainer bootstraps the value there).
+
+The action is a target exposure in [-1, 1]: the fraction of net asset value
+held in the asset after the fill. Training, validation, the test backtest and
+the baselines all run through this one class, so they share one accounting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BPS = 1e-4
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    commission_bps: float = 1.0  # fee on traded notional
+    half_spread_bps: float = 1.0  # half the bid/ask spread, paid on every trade
+    slippage_bps: float = 1.0  # adverse price impact, paid on every trade
+    borrow_bps_per_year: float = 0.0  # charged per bar on short notional
+
+    @property
+    def price_impact(self) -> float:
+        """Fraction by which the fill price is worse than the reference price."""
+        return (self.half_spread_bps + self.slippage_bps) * BPS
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    episode_bars: int = 256  # truncation limit during training
+    ruin_fraction: float = 0.5  # terminate when NAV falls below this share of the start
+    periods_per_year: float = 252.0  # for the borrow cost per bar
+
+
+@dataclass
+class StepResult:
+    features: torch.Tensor  # [N, F] features of the bar the next decision is made on
+    position: torch.Tensor  # [N] exposure held after this step (mark-to-market at close)
+    reward: torch.Tensor  # [N] log NAV change after costs
+    terminated: torch.Tensor  # [N] bool
+    truncated: torch.Tensor  # [N] bool
+    nav: torch.Tensor  # [N] NAV at this bar's close (before any reset)
+    cost: torch.Tensor  # [N] money paid in costs this step
+    traded: torch.Tensor  # [N] traded notional / NAV (turnover contribution)
+
+
+class TradingEnv:
+    """N episodes over one price series.
+
+    ``ohlcv`` is the raw [T, 5] series, ``features`` its precomputed causal
+    features [T, F] (row t reads bars <= t only).
+    """
+
+    def __init__(self, ohlcv: torch.Tensor, features: torch.Tensor, n_envs: int,
+                 costs: CostConfig = CostConfig(), config: EnvConfig = EnvConfig(),
+                 fill_at_open: bool = True):
+        self.device = ohlcv.device
+        self.close = ohlcv[:, 3].double()
+        # Close-only series have no open: the order fills at the next close.
+        self.fill_reference = (ohlcv[:, 0] if fill_at_open else ohlcv[:, 3]).double()
+        self.features = features
+        self.n_envs = n_envs
+        self.costs = costs
+        self.config = config
+        self.borrow_per_bar = costs.borrow_bps_per_year * BPS / config.periods_per_year
+        zeros = torch.zeros(n_envs, dtype=torch.float64, device=self.device)
+        self.t = torch.zeros(n_envs, dtype=torch.long, device=self.device)
+        self.end = torch.zeros_like(self.t)
+        self.steps = torch.zeros_like(self.t)
+        self.cash, self.units, self.nav = zeros.clone(), zeros.clone(), zeros.clone()
+        self.start_nav = zeros.clone()
+
+    def reset(self, starts: torch.Tensor, ends: torch.Tensor,
+              mask: torch.Tensor | None = None, nav: float = 1.0) -> None:
+        """(Re)start episodes at bar ``starts`` flat in cash; they end at bar ``ends``.
+
+        With ``mask`` only the selected episodes restart (autoreset).
+        """
+        if mask is None:
+            mask = torch.ones(self.n_envs, dtype=torch.bool, device=self.device)
+        self.t = torch.where(mask, starts, self.t)
+        self.end = torch.where(mask, ends, self.end)
+        self.steps = torch.where(mask, torch.zeros_like(self.steps), self.steps)
+        self.cash = torch.where(mask, torch.full_like(self.cash, nav), self.cash)
+        self.units = torch.where(mask, torch.zeros_like(self.units), self.units)
+        self.nav = torch.where(mask, torch.full_like(self.nav, nav), self.nav)
+        self.start_nav = torch.where(mask, torch.full_like(self.nav, nav), self.start_nav)
+
+    def position(self) -> torch.Tensor:
+        """Current exposure: marked position value over NAV."""
+        return (self.units * self.close[self.t] / self.nav).float()
+
+    def observe(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[self.t], self.position()
+
+    def step(self, target_exposure: torch.Tensor) -> StepResult:
+        target = target_exposure.double().clamp(-1.0, 1.0)
+        nxt = self.t + 1
+        reference = self.fill_reference[nxt]
+        nav_at_fill = self.cash + self.units * reference
+        target_units = target * nav_at_fill / reference
+        delta = target_units - self.units
+        fill_price = reference * (1.0 + torch.sign(delta) * self.costs.price_impact)
+        commission = delta.abs() * fill_price * self.costs.commission_bps * BPS
+        close = self.close[nxt]
+        borrow = torch.clamp(-target_units, min=0.0) * close * self.borrow_per_bar
+        self.cash = self.cash - delta * fill_price - commission - borrow
+        self.units = target_units
+        nav_before = self.nav
+        self.nav = self.cash + self.units * close
+        cost = delta * (fill_price - reference) + commission + borrow
+        traded = (delta.abs() * reference / nav_at_fill.clamp(min=1e-12))
+        reward = torch.log(self.nav.clamp(min=1e-12) / nav_before)
+        self.t = nxt
+        self.steps = self.steps + 1
+        terminated = (self.t >= self.end) | (self.nav <= self.config.ruin_fraction * self.start_nav)
+        truncated = (self.steps >= self.config.episode_bars) & ~terminated
+        return StepResult(
+            features=self.features[self.t], position=self.position(), reward=reward.float(),
+            terminated=terminated, truncated=truncated, nav=self.nav.clone(),
+            cost=cost, traded=traded,
+        )

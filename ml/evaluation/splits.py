@@ -1,0 +1,82 @@
+"""Walk-forward folds in calendar terms: train, purge gap, validation, purge gap, test.
+
+Each segment is an inclusive range of bar indices ``(first, last)``. Decisions
+in a segment are made on bars ``first .. last - 1`` and the last fill lands
+on ``last``, so a segment's rewards never read a bar beyond it. The gap
+between segments (purge + embargo) is at least ``lookback + 1`` bars, so no
+feature window of a later segment contains a bar an earlier one traded on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    n_folds: int = 2
+    test_months: int = 12
+    validation_months: int = 12
+    train_months: int | None = None  # None = expanding window from the first usable bar
+    purge_bars: int | None = None  # None = lookback + 1 (window + one-bar fill horizon)
+    embargo_bars: int = 5
+    min_train_bars: int = 500
+
+
+@dataclass(frozen=True)
+class Fold:
+    index: int
+    train: tuple[int, int]
+    validation: tuple[int, int]
+    test: tuple[int, int]
+
+    def dates(self, timestamps: pd.Series) -> dict[str, dict[str, str]]:
+        def span(segment: tuple[int, int]) -> dict[str, str]:
+            return {"start": timestamps.iloc[segment[0]].isoformat(),
+                    "end": timestamps.iloc[segment[1]].isoformat(),
+                    "first_bar": segment[0], "last_bar": segment[1]}
+        return {"train": span(self.train), "validation": span(self.validation), "test": span(self.test)}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _months_back(timestamps: pd.Series, last: int, months: int) -> int:
+    """First bar index inside the ``months`` calendar months that end at bar ``last``."""
+    boundary = timestamps.iloc[last] - pd.DateOffset(months=months)
+    first = int(timestamps.searchsorted(boundary, side="right"))
+    return min(first, last)
+
+
+def walk_forward_folds(timestamps: pd.Series, lookback: int, config: SplitConfig = SplitConfig()) -> list[Fold]:
+    """Folds laid out backwards from the last bar, the most recent fold last."""
+    timestamps = pd.Series(pd.to_datetime(timestamps)).reset_index(drop=True)
+    purge = config.purge_bars if config.purge_bars is not None else lookback + 1
+    if purge < lookback + 1:
+        raise ValueError(f"purge_bars {purge} is shorter than lookback + horizon ({lookback + 1})")
+    gap = purge + config.embargo_bars
+    first_usable = lookback - 1  # first bar with a full feature window
+    folds: list[Fold] = []
+    test_last = len(timestamps) - 1
+    for k in range(config.n_folds):
+        test_first = _months_back(timestamps, test_last, config.test_months)
+        val_last = test_first - gap
+        if val_last <= first_usable:
+            raise ValueError(f"not enough data for {config.n_folds} folds: fold {k} has no room for validation")
+        val_first = _months_back(timestamps, val_last, config.validation_months)
+        train_last = val_first - gap
+        train_first = first_usable
+        if config.train_months is not None:
+            train_first = max(first_usable, _months_back(timestamps, train_last, config.train_months))
+        if train_last - train_first + 1 < config.min_train_bars:
+            raise ValueError(
+                f"not enough data for {config.n_folds} folds: fold {k} would train on "
+                f"{max(0, train_last - train_first + 1)} bars (min_train_bars={config.min_train_bars})"
+            )
+        folds.append(Fold(index=0, train=(train_first, train_last),
+                          validation=(val_first, val_last), test=(test_first, test_last)))
+        test_last = test_first - 1
+    folds.reverse()
+    return [Fold(index=i, train=f.train, validation=f.validation, test=f.test) for i, f in enumerate(folds)]

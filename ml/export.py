@@ -1,0 +1,81 @@
+"""Export the policy (features + normalization + actor) to one ONNX file, and prove parity.
+
+Contract (single asset): inputs ``ohlcv`` float32 [batch, lookback, 5] raw
+bars oldest first and ``position`` float32 [batch, 1]; outputs
+``target_exposure`` float32 [batch, 1], ``action_probs`` [batch, levels] and
+``value`` [batch, 1].
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ml.policy import TradingPolicy
+
+INPUT_NAMES = ["ohlcv", "position"]
+OUTPUT_NAMES = ["target_exposure", "action_probs", "value"]
+
+
+def export_onnx(policy: TradingPolicy, path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write the policy graph with a dynamic batch axis and ``metadata_props``."""
+    path = Path(path)
+    policy = policy.cpu().eval()
+    lookback = policy.features.lookback
+    example = (torch.rand(2, lookback, 5) + 1.0, torch.zeros(2, 1))
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            policy, example, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            dynamic_shapes={"ohlcv": {0: batch}, "position": {0: batch}},
+            dynamo=True, external_data=False, verbose=False,
+        )
+    model = program.model_proto
+    onnx.helper.set_model_props(model, {k: str(v) for k, v in metadata.items()})
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+@dataclass
+class ParityResult:
+    passed: bool
+    max_abs_diff: float
+    windows: int
+    provider: str
+    tolerance: float
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "max_abs_diff": self.max_abs_diff, "windows": self.windows,
+                "provider": self.provider, "tolerance": self.tolerance}
+
+
+def real_windows(ohlcv: np.ndarray, lookback: int, first: int, last: int, count: int,
+                 levels: list[float], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` windows ending on bars in [first, last], with positions drawn from the levels."""
+    rng = np.random.default_rng(seed)
+    ends = rng.integers(max(first, lookback - 1), last + 1, size=count)
+    windows = np.stack([ohlcv[e - lookback + 1:e + 1] for e in ends]).astype("float32")
+    positions = rng.choice(np.asarray(levels, dtype="float32"), size=(count, 1))
+    return windows, positions
+
+
+def check_parity(policy: TradingPolicy, onnx_path: str | Path, windows: np.ndarray, positions: np.ndarray,
+                 tolerance: float = 1e-5) -> ParityResult:
+    """Run onnxruntime and torch on the same real windows and compare every output."""
+    from ml.serving import create_session
+
+    session = create_session(onnx_path)
+    got = session.run(OUTPUT_NAMES, {"ohlcv": windows, "position": positions})
+    with torch.no_grad():
+        want = [t.numpy() for t in policy.cpu().eval()(torch.from_numpy(windows), torch.from_numpy(positions))]
+    diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
+    return ParityResult(passed=bool(diff <= tolerance), max_abs_diff=diff, windows=len(windows),
+                        provider=session.get_providers()[0], tolerance=tolerance)

@@ -1,0 +1,330 @@
+"""The training pipeline as stages that hand over through files in one run directory.
+
+    load -> validate -> start tracking -> train folds -> evaluate -> export ONNX -> register
+
+Each stage reads what earlier stages wrote into ``run_dir`` and returns a
+small JSON-able reference, so the Airflow tasks call these same functions and
+pass only paths and ids through XCom. ``run_pipeline`` runs them in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ml.config import PipelineConfig, config_from_dict
+from ml.data.schema import content_hash
+from ml.data.sources import load_bars
+from ml.data.validation import ValidationConfig, require_valid
+from ml.evaluation.splits import Fold, walk_forward_folds
+from ml.features import FEATURE_SET_VERSION
+from ml.market import prepare_series
+from ml.policy import ActorCritic, load_policy, policy_checkpoint
+from ml.ppo import resolve_device
+
+log = logging.getLogger(__name__)
+REPORT_SCHEMA_VERSION = "1.0"
+
+
+def _write_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(data), indent=2, sort_keys=False, default=str))
+    return path
+
+
+def _read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def _finite(value):
+    """JSON has no NaN/Infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def code_version() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_config(run_dir: Path, config: PipelineConfig) -> Path:
+    return _write_json(Path(run_dir) / "config.json", config.to_dict())
+
+
+def read_config(run_dir: Path) -> PipelineConfig:
+    return config_from_dict(_read_json(Path(run_dir) / "config.json"))
+
+
+# 1. Load ---------------------------------------------------------------------------------
+
+def load_data(run_dir: Path, config: PipelineConfig) -> dict:
+    """Pull bars from the configured source into the run's snapshot, with its content hash."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(run_dir, config)
+    data = config.data
+    bars = load_bars(data.source, symbol=data.symbol, interval=data.interval, path=data.path,
+                     start=data.start, end=data.end, auto_adjust=data.auto_adjust)
+    bars.to_parquet(run_dir / "bars.parquet", index=False)
+    summary = {
+        "symbol": data.symbol, "interval": data.interval, "source": str(bars["source"].iloc[0]),
+        "rows": len(bars), "first": bars["timestamp"].iloc[0].isoformat(),
+        "last": bars["timestamp"].iloc[-1].isoformat(), "dataset_hash": content_hash(bars),
+        "close_only": bool(bars["open"].isna().all()),
+    }
+    _write_json(run_dir / "data.json", summary)
+    return summary
+
+
+def read_bars(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(run_dir) / "bars.parquet")
+
+
+# 2. Validate -----------------------------------------------------------------------------
+
+def validate_data(run_dir: Path) -> dict:
+    """Great Expectations gate; raises DataValidationError naming the failed rules."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    bars = read_bars(run_dir)
+    origin = f"{config.data.source}:{config.data.path or config.data.symbol}"
+    try:
+        result = require_valid(bars, origin, ValidationConfig(calendar=config.data.calendar))
+    except Exception as exc:
+        failed = getattr(exc, "result", None)
+        if failed is not None:
+            _write_json(run_dir / "validation.json", failed.as_dict())
+        raise
+    _write_json(run_dir / "validation.json", result.as_dict())
+    return {"suite": result.suite, "rows": result.rows, "rules": len(result.rules)}
+
+
+# 3. Tracking -----------------------------------------------------------------------------
+
+def start_tracking(run_dir: Path, run_name: str | None = None) -> dict:
+    """Open the MLflow run every later stage logs to; its id goes into the ONNX metadata."""
+    from ml.registry import flatten, resolve_tracking, start_run
+
+    run_dir = Path(run_dir)
+    existing = run_dir / "tracking.json"
+    if existing.exists():  # a retried task continues the same MLflow run
+        return _read_json(existing)
+    config = read_config(run_dir)
+    data = _read_json(run_dir / "data.json")
+    uri, artifact_root = resolve_tracking(config.registry.tracking_uri, config.registry.artifact_root, run_dir)
+    run_id = start_run(uri, artifact_root, config.registry.experiment, run_name or run_dir.name,
+                       params=flatten(config.to_dict()),
+                       tags={"dataset_hash": data["dataset_hash"], "code_version": code_version(),
+                             "symbol": data["symbol"], "interval": data["interval"]})
+    tracking = {"tracking_uri": uri, "run_id": run_id}
+    _write_json(existing, tracking)
+    return tracking
+
+
+# 4. Train --------------------------------------------------------------------------------
+
+def fold_layout(run_dir: Path, config: PipelineConfig, bars: pd.DataFrame) -> list[Fold]:
+    folds = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)
+    _write_json(Path(run_dir) / "folds.json", [f.as_dict() | f.dates(bars["timestamp"]) for f in folds])
+    return folds
+
+
+def train_folds(run_dir: Path, device: str | None = None) -> dict:
+    """Train every fold; keep the validation-selected weights of each as a checkpoint."""
+    from ml.registry import log_metrics
+    from ml.walkforward import train_fold
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    tracking = _read_json(run_dir / "tracking.json")
+    bars = read_bars(run_dir)
+    torch_device = resolve_device(device or config.ppo.device)
+    series = prepare_series(bars, config.lookback, torch_device)
+    summaries = []
+    for fold in fold_layout(run_dir, config, bars):
+        checkpoint_path = run_dir / "folds" / f"fold_{fold.index}" / "policy.pt"
+        if checkpoint_path.exists():  # a retry keeps folds that already finished
+            summaries.append(_read_json(checkpoint_path.with_name("training.json")))
+            continue
+
+        def log_update(metrics: dict, step: int, prefix: str = f"fold{fold.index}/") -> None:
+            log_metrics(tracking["tracking_uri"], tracking["run_id"],
+                        {prefix + k: v for k, v in metrics.items()}, step)
+
+        result = train_fold(series, fold, config, log_update)
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(policy_checkpoint(result.agent, series.feature_module, config.ppo.hidden), checkpoint_path)
+        summary = {"fold": fold.index, "best_update": result.best_update,
+                   "validation_score": result.best_score, "selection_metric": config.selection_metric,
+                   "steps_per_second": result.steps_per_second, "device": str(torch_device),
+                   "updates": len(result.history)}
+        _write_json(checkpoint_path.with_name("training.json"), summary)
+        _write_json(checkpoint_path.with_name("history.json"), result.history)
+        log.info("fold %d trained: %s", fold.index, summary)
+        summaries.append(summary)
+    return {"folds": len(summaries), "device": str(torch_device)}
+
+
+def load_agent(run_dir: Path, fold: int) -> tuple[ActorCritic, dict]:
+    checkpoint = torch.load(Path(run_dir) / "folds" / f"fold_{fold}" / "policy.pt", weights_only=True)
+    return load_policy(checkpoint).actor_critic, checkpoint
+
+
+# 5. Evaluate -----------------------------------------------------------------------------
+
+def evaluate(run_dir: Path) -> dict:
+    """Backtest each fold's selected policy and the baselines on its test window; write report.json."""
+    from ml.registry import log_metrics
+    from ml.walkforward import aggregate, evaluate_fold
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    data = _read_json(run_dir / "data.json")
+    bars = read_bars(run_dir)
+    series = prepare_series(bars, config.lookback, torch.device("cpu"))
+    folds = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)
+    fold_reports = []
+    for fold in folds:
+        agent, _ = load_agent(run_dir, fold.index)
+        report, test, baselines = evaluate_fold(agent, series, fold, config)
+        report["training"] = _read_json(run_dir / "folds" / f"fold_{fold.index}" / "training.json")
+        equity = test.frame()
+        equity.to_csv(run_dir / f"fold_{fold.index}_test_equity.csv", index=False)
+        curves = pd.DataFrame({"timestamp": test.timestamps, "policy": test.nav,
+                               **{name: bt.nav for name, bt in baselines.items()}})
+        curves.to_csv(run_dir / f"fold_{fold.index}_test_baselines.csv", index=False)
+        report["equity_curve"] = f"fold_{fold.index}_test_equity.csv"
+        fold_reports.append(report)
+    report = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "symbol": data["symbol"], "interval": data["interval"], "source": data["source"],
+        "dataset_hash": data["dataset_hash"], "rows": data["rows"],
+        "costs": config.costs.__dict__, "lookback": config.lookback,
+        "exposure_levels": list(config.ppo.exposure_levels), "selection_metric": config.selection_metric,
+        "folds": fold_reports, "aggregate": aggregate(fold_reports),
+    }
+    _write_json(run_dir / "report.json", report)
+    tracking = _read_json(run_dir / "tracking.json")
+    flat = {}
+    for fold in fold_reports:
+        flat.update({f"test/fold{fold['index']}/policy/{k}": v for k, v in fold["policy"]["test"].items()})
+        flat.update({f"test/fold{fold['index']}/buy_and_hold/{k}": v
+                     for k, v in fold["baselines"]["buy_and_hold"].items()})
+    flat.update({f"test/mean/policy/{k}": v for k, v in report["aggregate"]["policy"].items()})
+    flat.update({f"test/mean/buy_and_hold/{k}": v
+                 for k, v in report["aggregate"]["baselines"]["buy_and_hold"].items()})
+    log_metrics(tracking["tracking_uri"], tracking["run_id"], flat)
+    return {"report": str(run_dir / "report.json"), "collapse_alarm": report["aggregate"]["collapse_alarm"]}
+
+
+# 6. Export -------------------------------------------------------------------------------
+
+def export_model(run_dir: Path) -> dict:
+    """ONNX of the most recent fold's policy, checked against torch on real windows."""
+    from ml.export import check_parity, export_onnx, real_windows
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    data = _read_json(run_dir / "data.json")
+    tracking = _read_json(run_dir / "tracking.json")
+    folds = _read_json(run_dir / "folds.json")
+    latest = folds[-1]
+    agent, checkpoint = load_agent(run_dir, latest["index"])
+    policy = load_policy(checkpoint)
+    metadata = {
+        "lookback": config.lookback, "interval": data["interval"], "symbol": data["symbol"],
+        "feature_set_version": FEATURE_SET_VERSION,
+        "features": ",".join(policy.features.names),
+        "action_semantics": "target_exposure: fraction of NAV held in the asset after the next bar's open, "
+                            f"in [-1, 1]; levels {list(config.ppo.exposure_levels)}",
+        "close_only": str(data["close_only"]).lower(),
+        "training_window": f"{latest['train']['start']}/{latest['train']['end']}",
+        "dataset_hash": data["dataset_hash"], "mlflow_run_id": tracking["run_id"],
+        "code_version": code_version(),
+    }
+    path = export_onnx(policy, run_dir / "model.onnx", metadata)
+    ohlcv = np.asarray(prepare_series(read_bars(run_dir), config.lookback, torch.device("cpu")).ohlcv)
+    first, last = latest["test"]["first_bar"], latest["test"]["last_bar"]
+    windows, positions = real_windows(ohlcv, config.lookback, first, last, config.gate.parity_windows,
+                                      list(config.ppo.exposure_levels))
+    parity = check_parity(policy, path, windows, positions, config.gate.parity_tolerance)
+    np.savez(run_dir / "parity_windows.npz", ohlcv=windows[:4], position=positions[:4])
+    _write_json(run_dir / "parity.json", parity.as_dict())
+    return {"onnx": str(path), "parity": parity.as_dict()}
+
+
+# 7. Register -----------------------------------------------------------------------------
+
+def register(run_dir: Path) -> dict:
+    """Log artifacts, register the ONNX model, record the gate decision, set aliases."""
+    import mlflow
+
+    from ml.registry import CHAMPION, alias_version, register_onnx, sanity_gate, set_aliases
+
+    run_dir = Path(run_dir)
+    done = run_dir / "registration.json"
+    if done.exists():  # a retry never registers a second version
+        return _read_json(done)
+    config = read_config(run_dir)
+    data = _read_json(run_dir / "data.json")
+    tracking = _read_json(run_dir / "tracking.json")
+    report = _read_json(run_dir / "report.json")
+    parity = _read_json(run_dir / "parity.json")
+    uri, run_id, name = tracking["tracking_uri"], tracking["run_id"], config.model_name
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.tracking.MlflowClient(uri)
+    for artifact in ["report.json", "config.json", "data.json", "validation.json", "folds.json", "parity.json",
+                     *sorted(p.name for p in run_dir.glob("fold_*_test_*.csv"))]:
+        client.log_artifact(run_id, str(run_dir / artifact), artifact_path="report")
+
+    decision = sanity_gate(report, parity)
+    example = np.load(run_dir / "parity_windows.npz")
+    version = register_onnx(uri, run_id, name, run_dir / "model.onnx",
+                            {"ohlcv": example["ohlcv"], "position": example["position"]},
+                            tags={"dataset_hash": data["dataset_hash"], "code_version": code_version()})
+    aggregate = report["aggregate"]
+    policy, bh = aggregate["policy"], aggregate["baselines"]["buy_and_hold"]
+    description = (
+        f"Gate {'PASSED' if decision.passed else 'FAILED'}: " + "; ".join(decision.reasons)
+        + f". Mean test Sharpe {policy['sharpe']:.2f} vs buy-and-hold {bh['sharpe']:.2f}; "
+        f"total return {policy['total_return']:+.2%} vs {bh['total_return']:+.2%}."
+    )
+    champion = set_aliases(uri, name, version, decision, config.registry.promote, description)
+    client.set_tag(run_id, "gate.passed", str(decision.passed).lower())
+    client.set_terminated(run_id)
+    result = {"model_name": name, "version": version, "champion": champion,
+              "champion_version": alias_version(uri, name, CHAMPION),
+              "gate": decision.as_dict(), "tracking_uri": uri, "run_id": run_id,
+              "promote_requested": config.registry.promote}
+    _write_json(done, result)
+    return result
+
+
+def run_pipeline(config: PipelineConfig, out_dir: Path) -> dict:
+    """All stages in-process (``python -m ml pipeline``); same functions as the DAG tasks."""
+    out_dir = Path(out_dir)
+    load_data(out_dir, config)
+    validate_data(out_dir)
+    start_tracking(out_dir)
+    train_folds(out_dir)
+    evaluate(out_dir)
+    export_model(out_dir)
+    return register(out_dir)

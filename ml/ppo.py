@@ -1,0 +1,222 @@
+"""Proximal Policy Optimization, one readable loop in the order of the algorithm.
+
+Rollout of N batched episodes -> GAE -> clipped-surrogate updates over
+minibatches -> (every few updates) score the deterministic policy on the
+validation window and keep the best weights. Nothing here reads test data.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Categorical
+
+from ml.env import TradingEnv
+from ml.policy import ActorCritic
+
+
+@dataclass
+class PPOConfig:
+    total_timesteps: int = 200_000
+    num_envs: int = 256
+    num_steps: int = 64  # rollout length per update
+    learning_rate: float = 3e-4
+    anneal_lr: bool = True
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    num_minibatches: int = 4
+    update_epochs: int = 4
+    norm_adv: bool = True
+    clip_coef: float = 0.2
+    clip_vloss: bool = True
+    ent_coef: float = 0.01  # entropy bonus at the start ...
+    ent_coef_final: float = 0.002  # ... annealed linearly to this
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    target_kl: float | None = 0.05
+    reward_scale: float = 100.0  # log returns are ~1e-2; scale for the value loss only
+    hidden: tuple[int, ...] = (64, 64)
+    exposure_levels: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
+    eval_every: int = 4  # updates between validation scores
+    seed: int = 1
+    device: str = "auto"
+    deterministic: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        return max(1, self.total_timesteps // self.batch_size)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainResult:
+    agent: ActorCritic  # weights selected on validation
+    best_update: int
+    best_score: float
+    history: list[dict] = field(default_factory=list)
+    steps_per_second: float = 0.0
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[int, int],
+          validate: Callable[[ActorCritic], float],
+          log: Callable[[dict, int], None] | None = None) -> TrainResult:
+    """Train on bars [segment[0], segment[1]] with random episode starts inside it."""
+    device = env.device
+    seed_everything(cfg.seed, cfg.deterministic)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    lo, hi = segment
+    agent = agent.to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    levels = agent.levels
+
+    def random_starts() -> torch.Tensor:
+        return torch.randint(lo, hi, (cfg.num_envs,), device=device, generator=generator)
+
+    ends = torch.full((cfg.num_envs,), hi, dtype=torch.long, device=device)
+    n_feat = env.features.shape[1]
+    obs_features = torch.zeros((cfg.num_steps, cfg.num_envs, n_feat), device=device)
+    obs_position = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
+    actions = torch.zeros((cfg.num_steps, cfg.num_envs), dtype=torch.long, device=device)
+    logprobs = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
+    rewards = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
+    dones = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
+    values = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
+
+    env.reset(random_starts(), ends)
+    next_features, next_position = env.observe()
+    next_done = torch.zeros(cfg.num_envs, device=device)
+    best_state, best_score, best_update = copy.deepcopy(agent.state_dict()), -np.inf, 0
+    history: list[dict] = []
+    start_time, global_step = time.perf_counter(), 0
+
+    for update in range(1, cfg.num_updates + 1):
+        progress = (update - 1) / cfg.num_updates
+        if cfg.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - progress) * cfg.learning_rate
+        ent_coef = cfg.ent_coef + progress * (cfg.ent_coef_final - cfg.ent_coef)
+
+        # 1. Rollout: step all episodes together, restarting finished ones.
+        for step in range(cfg.num_steps):
+            global_step += cfg.num_envs
+            obs_features[step], obs_position[step], dones[step] = next_features, next_position, next_done
+            with torch.no_grad():
+                logits, value = agent(next_features, next_position)
+                dist = Categorical(logits=logits)
+                action = dist.sample()
+            values[step], actions[step], logprobs[step] = value, action, dist.log_prob(action)
+            result = env.step(levels[action])
+            reward = result.reward * cfg.reward_scale
+            if result.truncated.any():
+                # Truncation is not an end of the task: bootstrap from the value of the last state.
+                with torch.no_grad():
+                    _, final_value = agent(result.features, result.position)
+                reward = reward + cfg.gamma * final_value * result.truncated.float()
+            rewards[step] = reward
+            done = result.terminated | result.truncated
+            next_done = done.float()
+            if done.any():
+                env.reset(random_starts(), ends, mask=done)
+            next_features, next_position = env.observe()
+
+        # 2. Generalized advantage estimation.
+        with torch.no_grad():
+            _, next_value = agent(next_features, next_position)
+            advantages = torch.zeros_like(rewards)
+            last_gae = torch.zeros(cfg.num_envs, device=device)
+            for t in reversed(range(cfg.num_steps)):
+                next_nonterminal = 1.0 - (next_done if t == cfg.num_steps - 1 else dones[t + 1])
+                next_values = next_value if t == cfg.num_steps - 1 else values[t + 1]
+                delta = rewards[t] + cfg.gamma * next_values * next_nonterminal - values[t]
+                last_gae = delta + cfg.gamma * cfg.gae_lambda * next_nonterminal * last_gae
+                advantages[t] = last_gae
+            returns = advantages + values
+
+        # 3. Optimize the clipped surrogate over shuffled minibatches.
+        b_features = obs_features.reshape(-1, n_feat)
+        b_position, b_actions = obs_position.reshape(-1), actions.reshape(-1)
+        b_logprobs, b_advantages = logprobs.reshape(-1), advantages.reshape(-1)
+        b_returns, b_values = returns.reshape(-1), values.reshape(-1)
+        minibatch_size = cfg.batch_size // cfg.num_minibatches
+        clipfracs, approx_kl = [], torch.zeros((), device=device)
+        for _epoch in range(cfg.update_epochs):
+            order = torch.randperm(cfg.batch_size, device=device, generator=generator)
+            for begin in range(0, cfg.batch_size, minibatch_size):
+                idx = order[begin:begin + minibatch_size]
+                logits, new_value = agent(b_features[idx], b_position[idx])
+                dist = Categorical(logits=logits)
+                new_logprob = dist.log_prob(b_actions[idx])
+                entropy = dist.entropy().mean()
+                log_ratio = new_logprob - b_logprobs[idx]
+                ratio = log_ratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item())
+                mb_adv = b_advantages[idx]
+                if cfg.norm_adv:
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                pg_loss = torch.max(
+                    -mb_adv * ratio,
+                    -mb_adv * torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef),
+                ).mean()
+                if cfg.clip_vloss:
+                    v_clipped = b_values[idx] + torch.clamp(new_value - b_values[idx], -cfg.clip_coef, cfg.clip_coef)
+                    v_loss = 0.5 * torch.max((new_value - b_returns[idx]) ** 2,
+                                             (v_clipped - b_returns[idx]) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((new_value - b_returns[idx]) ** 2).mean()
+                loss = pg_loss - ent_coef * entropy + cfg.vf_coef * v_loss
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+            if cfg.target_kl is not None and approx_kl > cfg.target_kl:
+                break
+
+        # 4. Diagnostics, and checkpoint selection on validation only.
+        variance = b_returns.var()
+        explained_var = (1 - (b_returns - b_values).var() / variance).item() if variance > 0 else float("nan")
+        counts = torch.bincount(b_actions, minlength=len(levels)).float() / b_actions.numel()
+        metrics = {
+            "loss/policy": pg_loss.item(), "loss/value": v_loss.item(), "loss/entropy": entropy.item(),
+            "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
+            "explained_variance": explained_var, "learning_rate": optimizer.param_groups[0]["lr"],
+            "ent_coef": ent_coef, "mean_reward": rewards.mean().item() / cfg.reward_scale,
+            "steps_per_second": global_step / (time.perf_counter() - start_time),
+            **{f"sampled_action_share/{levels[i].item():+.2f}": counts[i].item() for i in range(len(levels))},
+        }
+        if update % cfg.eval_every == 0 or update == cfg.num_updates:
+            agent.eval()
+            metrics["validation_score"] = score = validate(agent)
+            agent.train()
+            if score > best_score:
+                best_state, best_score, best_update = copy.deepcopy(agent.state_dict()), score, update
+        history.append({"update": update, "global_step": global_step, **metrics})
+        if log is not None:
+            log(metrics, global_step)
+
+    agent.load_state_dict(best_state)
+    elapsed = time.perf_counter() - start_time
+    return TrainResult(agent=agent.eval(), best_update=best_update, best_score=float(best_score),
+                       history=history, steps_per_second=global_step / elapsed)

@@ -1,0 +1,45 @@
+"""Human-readable summary of what the registry holds for a model, read from MLflow itself."""
+
+from __future__ import annotations
+
+import os
+
+from mlflow.tracking import MlflowClient
+
+from ml.registry import CHALLENGER, CHAMPION, alias_version
+
+
+def registry_summary(model_name: str, tracking_uri: str | None = None) -> str:
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ValueError("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    client = MlflowClient(uri)
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    if not versions:
+        return f"model '{model_name}': no registered versions in {uri}"
+    latest = max(versions, key=lambda v: int(v.version))
+    champion = alias_version(uri, model_name, CHAMPION)
+    challenger = alias_version(uri, model_name, CHALLENGER)
+    run = client.get_run(latest.run_id)
+    metrics = run.data.metrics
+    became = "yes" if champion == latest.version else "no"
+    lines = [
+        f"Registered model : {model_name}, version {latest.version} (of {len(versions)})",
+        f"Aliases          : champion -> v{champion or '-'}, challenger -> v{challenger or '-'}",
+        f"Became champion  : {became}; gate {latest.tags.get('gate.passed', '?')}: "
+        f"{latest.tags.get('gate.reasons', '')}",
+        "Out-of-sample (walk-forward test folds, mean):",
+        f"  {'':14s}{'total return':>14s}{'ann. return':>13s}{'Sharpe':>8s}{'max DD':>9s}",
+    ]
+    for label, prefix in (("policy", "test/mean/policy/"), ("buy-and-hold", "test/mean/buy_and_hold/")):
+        lines.append(
+            f"  {label:14s}{metrics.get(prefix + 'total_return', float('nan')):>+14.2%}"
+            f"{metrics.get(prefix + 'annualized_return', float('nan')):>+13.2%}"
+            f"{metrics.get(prefix + 'sharpe', float('nan')):>8.2f}"
+            f"{metrics.get(prefix + 'max_drawdown', float('nan')):>+9.2%}"
+        )
+    lines += [
+        f"MLflow run       : {latest.run_id} in {uri}",
+        f"Model URI        : models:/{model_name}@champion",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Run an exported policy: onnxruntime and numpy only (no torch, no Airflow).
+
+    from ml.serving import Policy
+    policy = Policy.load("models:/ppo_GSPC_1d@champion")   # or a path to model.onnx
+    exposure = policy.decide(ohlcv_window, position)        # [B, L, 5], [B, 1] -> [B, 1]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """A model input that breaks the ONNX contract; the message names the field and the rule."""
+
+
+def cuda_driver_present() -> bool:
+    """True when an NVIDIA driver is installed (the GPU wheel lists CUDA even without one)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def create_session(path: str | Path, prefer_gpu: bool = True) -> ort.InferenceSession:
+    """CUDA provider when a GPU is usable, else CPU (with a warning when a GPU is there but fails)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if prefer_gpu and "CUDAExecutionProvider" in ort.get_available_providers() and cuda_driver_present():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    if prefer_gpu and providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != providers[0]:
+        log.warning("CUDA execution provider unavailable; running %s on CPU", path)
+    return session
+
+
+def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
+    """A local .onnx path as is; a ``models:/NAME@alias`` URI downloaded through MLflow."""
+    if not uri.startswith(("models:/", "runs:/")):
+        path = Path(uri)
+        if path.is_dir():
+            path = path / "model.onnx"
+        if not path.exists():
+            raise FileNotFoundError(f"{uri}: no ONNX model there")
+        return path
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp()))
+    found = sorted(folder.rglob("*.onnx"))
+    if not found:
+        raise FileNotFoundError(f"{uri}: the model artifact holds no .onnx file")
+    return found[0]
+
+
+class Policy:
+    def __init__(self, path: str | Path, prefer_gpu: bool = True):
+        self.path = Path(path)
+        self.session = create_session(self.path, prefer_gpu)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.lookback = int(self.metadata["lookback"])
+
+    @classmethod
+    def load(cls, uri: str, tracking_uri: str | None = None, prefer_gpu: bool = True) -> "Policy":
+        return cls(resolve_model_path(uri, tracking_uri), prefer_gpu)
+
+    def validate(self, ohlcv: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ohlcv = np.asarray(ohlcv, dtype=np.float32)
+        position = np.asarray(position, dtype=np.float32)
+        if ohlcv.ndim == 2:
+            ohlcv = ohlcv[None]
+        if position.ndim == 1:
+            position = position.reshape(-1, 1)
+        if ohlcv.ndim != 3 or ohlcv.shape[1:] != (self.lookback, 5):
+            raise InputError(f"ohlcv: shape {ohlcv.shape} must be [batch, {self.lookback}, 5]")
+        if position.shape != (ohlcv.shape[0], 1):
+            raise InputError(f"position: shape {position.shape} must be [{ohlcv.shape[0]}, 1]")
+        if not np.isfinite(ohlcv).all():
+            row = int(np.argwhere(~np.isfinite(ohlcv))[0][0])
+            raise InputError(f"ohlcv: window {row} contains NaN or infinite values")
+        if (ohlcv[:, :, 3] <= 0).any():
+            raise InputError("ohlcv: close prices must be strictly positive")
+        if not np.isfinite(position).all() or (np.abs(position) > 1.0 + 1e-6).any():
+            raise InputError("position: must be finite and within [-1, 1]")
+        return ohlcv, position
+
+    def decide(self, ohlcv: np.ndarray, position: np.ndarray) -> np.ndarray:
+        ohlcv, position = self.validate(ohlcv, position)
+        return self.session.run(["target_exposure"], {"ohlcv": ohlcv, "position": position})[0]

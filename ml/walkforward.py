@@ -1,0 +1,109 @@
+"""One walk-forward fold: train on its train window, select on validation, report on test.
+
+Selection (which update's weights to keep) reads the validation backtest
+only; the test backtest runs once, after training, for the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ml.config import PipelineConfig
+from ml.env import TradingEnv
+from ml.evaluation.backtest import Backtest, baseline_exposures, exposure_series_policy, run_backtest
+from ml.evaluation.metrics import periods_per_year
+from ml.evaluation.splits import Fold
+from ml.market import MarketSeries
+from ml.policy import ActorCritic
+from ml.ppo import TrainResult, seed_everything, train
+
+COLLAPSE_SHARE = 0.98  # deterministic policy choosing one exposure this often has collapsed
+
+
+def policy_decide(agent: ActorCritic):
+    return lambda features, position, _t: agent.decide(features, position)
+
+
+def backtest_policy(agent: ActorCritic, series: MarketSeries, segment: tuple[int, int],
+                    config: PipelineConfig) -> Backtest:
+    return run_backtest(policy_decide(agent), series.ohlcv, series.features, segment,
+                        series.timestamps, config.costs, series.fill_at_open)
+
+
+def selection_score(backtest: Backtest, config: PipelineConfig) -> float:
+    metrics = backtest.metrics(periods_per_year(config.data.interval, config.data.calendar))
+    return float(metrics[config.selection_metric])
+
+
+def train_fold(series: MarketSeries, fold: Fold, config: PipelineConfig,
+               log: Callable[[dict, int], None] | None = None) -> TrainResult:
+    ppo = config.ppo
+    seed_everything(ppo.seed, ppo.deterministic)  # the initial weights are part of the seeded run
+    agent = ActorCritic(series.feature_module.n_features, ppo.exposure_levels, ppo.hidden)
+    mean, std = series.feature_stats(fold.train)
+    agent.set_normalization(mean.cpu(), std.cpu())
+    env_config = replace(config.env, periods_per_year=periods_per_year(config.data.interval, config.data.calendar))
+    env = TradingEnv(series.ohlcv, series.features, ppo.num_envs, config.costs, env_config, series.fill_at_open)
+
+    def validate(candidate: ActorCritic) -> float:
+        return selection_score(backtest_policy(candidate, series, fold.validation, config), config)
+
+    return train(ppo, env, agent.to(series.device), fold.train, validate, log)
+
+
+def collapse_check(backtest: Backtest) -> dict:
+    exposure, share = backtest.dominant_decision()
+    return {"alarm": share >= COLLAPSE_SHARE, "dominant_exposure": exposure, "dominant_share": share}
+
+
+def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: PipelineConfig
+                  ) -> tuple[dict, Backtest, dict[str, Backtest]]:
+    """Policy on validation and test, baselines on the identical test window and costs."""
+    ppy = periods_per_year(config.data.interval, config.data.calendar)
+    agent = agent.to(series.device).eval()
+    validation = backtest_policy(agent, series, fold.validation, config)
+    test = backtest_policy(agent, series, fold.test, config)
+    close = series.ohlcv[:, 3].double().cpu().numpy()
+    baselines = {
+        name: run_backtest(exposure_series_policy(exposures, series.device), series.ohlcv, series.features,
+                           fold.test, series.timestamps, config.costs, series.fill_at_open)
+        for name, exposures in baseline_exposures(close, config.ppo.exposure_levels, seed=fold.index).items()
+    }
+    result = {
+        "index": fold.index,
+        **fold.dates(series.timestamps),
+        "policy": {"validation": validation.metrics(ppy), "test": test.metrics(ppy),
+                   "collapse": collapse_check(test),
+                   "test_exposure_histogram": _histogram(test.decision)},
+        "baselines": {name: bt.metrics(ppy) for name, bt in baselines.items()},
+    }
+    return result, test, baselines
+
+
+def _histogram(decisions: np.ndarray) -> dict[str, float]:
+    values, counts = np.unique(np.round(decisions, 6), return_counts=True)
+    return {f"{v:+.2f}": float(c / counts.sum()) for v, c in zip(values, counts)}
+
+
+def aggregate(folds: list[dict]) -> dict:
+    """Mean of each test metric across folds, and how often the policy beat each baseline."""
+    keys = ("total_return", "annualized_return", "sharpe", "max_drawdown", "annual_turnover", "costs_paid")
+
+    def mean_of(rows: list[dict]) -> dict:
+        return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+    policy_tests = [f["policy"]["test"] for f in folds]
+    baseline_names = list(folds[0]["baselines"])
+    out = {"policy": mean_of(policy_tests),
+           "baselines": {b: mean_of([f["baselines"][b] for f in folds]) for b in baseline_names},
+           "folds_beating": {}}
+    for name in baseline_names:
+        wins = sum(f["policy"]["test"]["sharpe"] > f["baselines"][name]["sharpe"] for f in folds)
+        out["folds_beating"][name] = {"sharpe": f"{wins}/{len(folds)}"}
+    out["collapse_alarm"] = any(f["policy"]["collapse"]["alarm"] for f in folds)
+    return out
+

@@ -1,0 +1,161 @@
+"""Metrics against hand-computed values, walk-forward splits, and selection that never reads test."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ml.config import PipelineConfig, config_from_dict
+from ml.evaluation import metrics
+from ml.evaluation.backtest import baseline_exposures, exposure_series_policy, run_backtest
+from ml.evaluation.splits import SplitConfig, walk_forward_folds
+from ml.env import CostConfig
+from ml.market import prepare_series
+from tests.conftest import synthetic_bars
+
+
+def test_hand_computed_metrics():
+    nav = np.array([1.0, 1.1, 0.99, 1.089])
+    returns = np.array([0.1, -0.1, 0.1])
+    assert metrics.total_return(nav) == pytest.approx(0.089)
+    std = returns.std(ddof=1)
+    assert metrics.sharpe_ratio(nav, 252) == pytest.approx(returns.mean() / std * math.sqrt(252))
+    assert metrics.annualized_volatility(nav, 252) == pytest.approx(std * math.sqrt(252))
+    assert metrics.max_drawdown(nav) == pytest.approx(0.99 / 1.1 - 1)
+    assert metrics.max_drawdown_duration(nav) == 2  # below the 1.1 peak at bars 2 and 3
+    assert metrics.annualized_return(nav, 3) == pytest.approx(0.089)  # 3 bars = one year here
+    downside = math.sqrt(0.01 / 3)
+    assert metrics.sortino_ratio(nav, 252) == pytest.approx(returns.mean() / downside * math.sqrt(252))
+    assert metrics.calmar_ratio(nav, 3) == pytest.approx(0.089 / (1 - 0.99 / 1.1))
+
+
+def test_summary_counts_turnover_exposure_hit_rate_and_costs():
+    nav = np.array([1.0, 1.02, 1.01, 1.03, 1.03])
+    position = np.array([1.0, 1.0, 0.5, 0.0])
+    summary = metrics.summarize(nav, position, traded=[1.0, 0.0, 0.5, 0.5], cost=[0.001, 0, 0.0005, 0.0005], ppy=4)
+    assert summary["annual_turnover"] == pytest.approx(2.0)  # 2.0 traded over one year
+    assert summary["average_exposure"] == pytest.approx(0.625)
+    assert summary["hit_rate"] == pytest.approx(2 / 3)  # active bars: +2%, -0.98%, +1.98%
+    assert summary["costs_paid"] == pytest.approx(0.002)
+    gains = 0.02 + 0.02 / 1.01
+    assert summary["profit_factor"] == pytest.approx(gains / (1 - 1.01 / 1.02))
+
+
+def test_flat_equity_has_zero_sharpe_not_infinity():
+    nav = np.ones(100)
+    assert metrics.sharpe_ratio(nav, 252) == 0.0
+    assert metrics.sortino_ratio(nav, 252) == 0.0
+    assert metrics.max_drawdown(nav) == 0.0
+    summary = metrics.summarize(nav, np.zeros(99), np.zeros(99), np.zeros(99), 252)
+    assert summary["hit_rate"] == 0.0 and summary["profit_factor"] == 0.0
+
+
+@pytest.mark.parametrize("bad", [[1.0, float("nan"), 1.1], [1.0], [1.0, -0.5]])
+def test_bad_equity_curves_are_refused(bad):
+    with pytest.raises(ValueError):
+        metrics.sharpe_ratio(np.array(bad), 252)
+
+
+def test_annualization_follows_interval_and_calendar():
+    assert metrics.periods_per_year("1d") == 252
+    assert metrics.periods_per_year("1d", "crypto") == 365
+    assert metrics.periods_per_year("1h") == 252 * 7
+    assert metrics.periods_per_year("1h", "crypto") == 365 * 24
+    assert metrics.periods_per_year("5m") == 252 * 78
+    with pytest.raises(ValueError):
+        metrics.periods_per_year("7s")
+
+
+def test_walk_forward_segments_never_overlap_and_keep_the_purge_gap(gspc_bars):
+    lookback = 64
+    folds = walk_forward_folds(gspc_bars["timestamp"], lookback, SplitConfig(n_folds=4, embargo_bars=5))
+    assert len(folds) == 4
+    for fold in folds:
+        (tr0, tr1), (va0, va1), (te0, te1) = fold.train, fold.validation, fold.test
+        assert tr0 >= lookback - 1
+        assert tr0 < tr1 < va0 <= va1 < te0 <= te1
+        # Every bar a validation (test) decision window reads lies after every bar training used.
+        assert va0 - lookback + 1 > tr1 + 1
+        assert te0 - lookback + 1 > va1 + 1
+        assert va0 - tr1 >= lookback + 1 + 5 and te0 - va1 >= lookback + 1 + 5
+        # Calendar terms: the test window spans about 12 months.
+        span = gspc_bars["timestamp"].iloc[te1] - gspc_bars["timestamp"].iloc[te0]
+        assert pd.Timedelta(days=350) <= span <= pd.Timedelta(days=366)
+    # Folds walk forward: test windows are consecutive and end at the last bar.
+    assert folds[-1].test[1] == len(gspc_bars) - 1
+    for earlier, later in zip(folds, folds[1:]):
+        assert later.test[0] == earlier.test[1] + 1
+
+
+def test_rolling_train_window_and_too_little_data():
+    timestamps = pd.Series(pd.bdate_range("2010-01-01", periods=2000, tz="UTC"))
+    rolling = walk_forward_folds(timestamps, 64, SplitConfig(n_folds=2, train_months=24))
+    for fold in rolling:
+        span = timestamps.iloc[fold.train[1]] - timestamps.iloc[fold.train[0]]
+        assert span <= pd.Timedelta(days=731)
+    with pytest.raises(ValueError, match="not enough data"):
+        walk_forward_folds(timestamps.iloc[:600], 64, SplitConfig(n_folds=3))
+    with pytest.raises(ValueError, match="purge_bars"):
+        walk_forward_folds(timestamps, 64, SplitConfig(purge_bars=10))
+
+
+def test_baselines_are_causal():
+    close = np.exp(np.cumsum(np.random.default_rng(0).normal(0, 0.01, 500)))
+    base = baseline_exposures(close, (-1.0, 0.0, 1.0))
+    changed = close.copy()
+    changed[300:] *= 2.0
+    after = baseline_exposures(changed, (-1.0, 0.0, 1.0))
+    for name in base:
+        np.testing.assert_array_equal(base[name][:300], after[name][:300])
+
+
+def test_buy_and_hold_backtest_tracks_the_asset_minus_entry_cost():
+    bars = synthetic_bars(400)
+    series = prepare_series(bars, 64, torch.device("cpu"))
+    costs = CostConfig(commission_bps=5, half_spread_bps=0, slippage_bps=0)
+    segment = (100, 399)
+    bt = run_backtest(exposure_series_policy(np.ones(400), series.device), series.ohlcv, series.features,
+                      segment, series.timestamps, costs, fill_at_open=True)
+    opens, closes = bars["open"].to_numpy(), bars["close"].to_numpy()
+    units = 1.0 / opens[101]
+    expected = (1.0 - units * opens[101] * 5e-4) + units * (closes[399] - opens[101])
+    # Full exposure is re-targeted every bar; with no drift (all cash invested) there is no further trading.
+    assert bt.nav[-1] == pytest.approx(expected, rel=1e-3)
+    assert bt.nav[0] == 1.0 and len(bt.nav) == 300
+    assert (bt.decision == 1.0).all()
+
+
+def test_checkpoint_selection_never_runs_on_test(monkeypatch):
+    """Training and selection backtest only validation bars; test is not touched during training."""
+    from ml import walkforward
+
+    bars = synthetic_bars(1400)
+    config = config_from_dict({"ppo": {"total_timesteps": 4096, "num_envs": 32, "num_steps": 32, "eval_every": 1},
+                               "splits": {"n_folds": 2, "test_months": 6, "validation_months": 6,
+                                          "min_train_bars": 300}})
+    series = prepare_series(bars, config.lookback, torch.device("cpu"))
+    folds = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)
+    seen = []
+    real = walkforward.run_backtest
+
+    def spy(decide, ohlcv, features, segment, *args, **kwargs):
+        seen.append(segment)
+        return real(decide, ohlcv, features, segment, *args, **kwargs)
+
+    monkeypatch.setattr(walkforward, "run_backtest", spy)
+    for fold in folds:
+        seen.clear()
+        walkforward.train_fold(series, fold, config)
+        assert seen and all(segment == fold.validation for segment in seen)
+
+
+def test_config_refuses_unknown_fields():
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['learning_rat'\] in 'ppo'"):
+        config_from_dict({"ppo": {"learning_rat": 1e-3}})
+    config = config_from_dict({"ppo": {"exposure_levels": [0.0, 1.0]}})
+    assert config.ppo.exposure_levels == (0.0, 1.0)
+    assert isinstance(config, PipelineConfig)
