@@ -34,7 +34,7 @@ from airflow.sdk import Param, dag, task
         "data_path": Param(None, type=["null", "string"], description="CSV/parquet path when source is 'file'."),
         "interval": Param("1d", enum=["1d", "1h", "30m", "15m", "5m"], description="Bar interval."),
         "start": Param(None, type=["null", "string"], format="date", description="First date to use (YYYY-MM-DD)."),
-        "timesteps": Param(300_000, type="integer", minimum=1024, maximum=1_000_000_000,
+        "timesteps": Param(500_000, type="integer", minimum=1024, maximum=1_000_000_000,
                            description="PPO environment steps per walk-forward fold."),
         "num_envs": Param(None, type=["null", "integer"], minimum=1, maximum=1_000_000,
                           description="Parallel episodes (default from config)."),

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--out", required=True, help="run directory for report.json, model.onnx, curves")
     pipeline.add_argument("--timesteps", type=int, help="PPO timesteps per fold")
     pipeline.add_argument("--device", help="auto | cpu | cuda")
-    pipeline.add_argument("--config", help="YAML/JSON config file (see configs/)")
+    pipeline.add_argument("--config", help="YAML/JSON config file (see docs/example-config.yaml)")
     pipeline.set_defaults(run=_pipeline)
 
     data = commands.add_parser("data", help="market data commands").add_subparsers(dest="data_command", required=True)

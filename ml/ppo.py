@@ -23,8 +23,8 @@ from ml.policy import ActorCritic
 
 @dataclass
 class PPOConfig:
-    total_timesteps: int = 200_000
-    num_envs: int = 256
+    total_timesteps: int = 500_000
+    num_envs: int = 512
     num_steps: int = 64  # rollout length per update
     learning_rate: float = 3e-4
     anneal_lr: bool = True

@@ -18,16 +18,20 @@ def registry_summary(model_name: str, tracking_uri: str | None = None) -> str:
     if not versions:
         return f"model '{model_name}': no registered versions in {uri}"
     latest = max(versions, key=lambda v: int(v.version))
+    latest_version = str(latest.version)
     champion = alias_version(uri, model_name, CHAMPION)
     challenger = alias_version(uri, model_name, CHALLENGER)
     run = client.get_run(latest.run_id)
     metrics = run.data.metrics
-    became = "yes" if champion == latest.version else "no"
+    passed = latest.tags.get("gate.passed") == "true"
+    became = "yes" if champion == latest_version else "no"
+    policy_sharpe = metrics.get("test/mean/policy/sharpe", float("nan"))
+    hold_sharpe = metrics.get("test/mean/buy_and_hold/sharpe", float("nan"))
+    beats = policy_sharpe > hold_sharpe
     lines = [
-        f"Registered model : {model_name}, version {latest.version} (of {len(versions)})",
+        f"Registered model : {model_name}, version {latest_version} (of {len(versions)})",
         f"Aliases          : champion -> v{champion or '-'}, challenger -> v{challenger or '-'}",
-        f"Became champion  : {became}; gate {latest.tags.get('gate.passed', '?')}: "
-        f"{latest.tags.get('gate.reasons', '')}",
+        f"Became champion  : {became}; gate {'passed' if passed else 'FAILED'}: {latest.tags.get('gate.reasons', '')}",
         "Out-of-sample (walk-forward test folds, mean):",
         f"  {'':14s}{'total return':>14s}{'ann. return':>13s}{'Sharpe':>8s}{'max DD':>9s}",
     ]
@@ -38,6 +42,10 @@ def registry_summary(model_name: str, tracking_uri: str | None = None) -> str:
             f"{metrics.get(prefix + 'sharpe', float('nan')):>8.2f}"
             f"{metrics.get(prefix + 'max_drawdown', float('nan')):>+9.2%}"
         )
+    lines.append(
+        f"Verdict          : the policy {'beats' if beats else 'does NOT beat'} buy-and-hold on mean test "
+        f"Sharpe ({policy_sharpe:.2f} vs {hold_sharpe:.2f})"
+    )
     lines += [
         f"MLflow run       : {latest.run_id} in {uri}",
         f"Model URI        : models:/{model_name}@champion",

@@ -4,7 +4,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
 PY="$ROOT/.venv/bin"
-TIMESTEPS="${TIMESTEPS:-300000}"
+TIMESTEPS="${TIMESTEPS:-500000}"
 
 echo "==> Airflow metadata database ($AIRFLOW_HOME)"
 "$PY/airflow" db migrate > "$AIRFLOW_HOME/db-migrate.log" 2>&1 || { cat "$AIRFLOW_HOME/db-migrate.log"; exit 1; }

@@ -159,3 +159,10 @@ def test_config_refuses_unknown_fields():
     config = config_from_dict({"ppo": {"exposure_levels": [0.0, 1.0]}})
     assert config.ppo.exposure_levels == (0.0, 1.0)
     assert isinstance(config, PipelineConfig)
+
+
+def test_documented_example_config_is_the_defaults():
+    from ml.config import load_config
+    from tests.conftest import ROOT
+
+    assert load_config(ROOT / "docs" / "example-config.yaml") == PipelineConfig()

@@ -1,0 +1,91 @@
+"""Environment-only and full PPO training throughput against the number of parallel episodes.
+
+    .venv/bin/python benchmarks/throughput.py [--device cpu|cuda] [--envs 256 1024 4096] [--threads 1 2]
+
+Runs on the bundled GSPC sample with the default costs and a 64x64 MLP.
+Prints a Markdown table (for docs/benchmarks.md) with machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+
+import torch
+
+from ml.config import config_from_dict
+from ml.data.sources import load_sample
+from ml.env import CostConfig, EnvConfig, TradingEnv
+from ml.evaluation.splits import walk_forward_folds
+from ml.market import prepare_series
+from ml.walkforward import train_fold
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def env_steps_per_second(series, n_envs: int, steps: int) -> float:
+    device = series.device
+    env = TradingEnv(series.ohlcv, series.features, n_envs, CostConfig(), EnvConfig(episode_bars=256))
+    lo, hi = 100, series.ohlcv.shape[0] - 1
+    generator = torch.Generator(device=device).manual_seed(0)
+    ends = torch.full((n_envs,), hi, device=device)
+    env.reset(torch.randint(lo, hi, (n_envs,), device=device, generator=generator), ends)
+    actions = torch.rand(steps, n_envs, device=device, generator=generator) * 2 - 1
+
+    def run(count: int) -> None:
+        for k in range(count):
+            result = env.step(actions[k])
+            done = result.terminated | result.truncated
+            env.reset(torch.randint(lo, hi, (n_envs,), device=device, generator=generator), ends, mask=done)
+            env.observe()
+
+    run(10)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    run(steps)
+    sync(device)
+    return n_envs * steps / (time.perf_counter() - start)
+
+
+def ppo_steps_per_second(series, bars, n_envs: int, timesteps: int, device: str) -> float:
+    config = config_from_dict({"ppo": {"num_envs": n_envs, "num_steps": 64, "total_timesteps": timesteps,
+                                       "eval_every": 10**9, "device": device}})
+    fold = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)[-1]
+    result = train_fold(series, fold, config)
+    return result.steps_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--envs", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    parser.add_argument("--env-steps", type=int, default=500)
+    parser.add_argument("--ppo-updates", type=int, default=6)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    bars = load_sample("GSPC")
+    series = prepare_series(bars, 64, device)
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads available, device {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
+    print(f"date: {datetime.date.today().isoformat()}, torch {torch.__version__}")
+    print()
+    print("| device | threads | parallel episodes | env steps/s | PPO train steps/s |")
+    print("|---|---|---|---|---|")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for n_envs in args.envs:
+            env_rate = env_steps_per_second(series, n_envs, args.env_steps)
+            ppo_rate = ppo_steps_per_second(series, bars, n_envs, n_envs * 64 * args.ppo_updates, args.device)
+            print(f"| {device.type} | {threads} | {n_envs} | {env_rate:,.0f} | {ppo_rate:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
