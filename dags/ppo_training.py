@@ -12,10 +12,17 @@ form to change the symbol, source, budget or folds.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
+
+
+# Where training runs: the Docker/Celery stack sets these to its `gpu` queue and pool. The
+# defaults suit the embedded LocalExecutor (which ignores queues and needs no extra pool).
+TRAINING_QUEUE = os.environ.get("ML_TRAINING_QUEUE", "default")
+TRAINING_POOL = os.environ.get("ML_TRAINING_POOL", "default_pool")
 
 
 @dag(
@@ -70,7 +77,7 @@ def ppo_training():
         pipeline.start_tracking(run_dir, run_name=f"ppo_training/{run_id}")
         return run_dir
 
-    @task(execution_timeout=timedelta(hours=6))
+    @task(execution_timeout=timedelta(hours=6), queue=TRAINING_QUEUE, pool=TRAINING_POOL)
     def train(run_dir: str) -> str:
         from ml import pipeline
 

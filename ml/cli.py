@@ -4,6 +4,8 @@
     data validate  run the quality gate on one file (exit 0 = passes)
     data build-suites  rewrite the committed GX suites from their definitions
     summary        what the registry holds for a model: versions, aliases, gate, metrics
+    registry promote | rollback   move `champion` by hand (only to versions that passed their gate)
+    serve          decide target exposures from a bars file with a registered or local model
 """
 
 from __future__ import annotations
@@ -66,6 +68,46 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> int:
+    import os
+
+    from ml import registry
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        print("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 2
+    try:
+        if args.registry_command == "promote":
+            result = registry.promote(uri, args.model, args.version)
+        else:
+            result = registry.rollback(uri, args.model, args.to)
+    except registry.PromotionError as exc:
+        print(f"REFUSED {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Decide on the last ``lookback`` bars of a file: what a downstream service does each bar."""
+    import numpy as np
+
+    from ml.serving import InputError, Policy, bars_to_window
+
+    policy = Policy.load(args.model, tracking_uri=args.tracking_uri)
+    try:
+        window = bars_to_window(args.bars, policy.lookback)
+        exposure = policy.decide(window, np.array([[args.position]], dtype=np.float32))
+    except (InputError, ValueError) as exc:
+        print(f"REJECTED {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"target_exposure": float(exposure[0, 0]), "model": args.model,
+                      "lookback": policy.lookback, "position": args.position,
+                      "mlflow_run_id": policy.metadata.get("mlflow_run_id")}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--model", required=True)
     summary.add_argument("--tracking-uri")
     summary.set_defaults(run=_summary)
+
+    reg = commands.add_parser("registry", help="move the champion alias by hand").add_subparsers(
+        dest="registry_command", required=True)
+    promote = reg.add_parser("promote", help="make a version that passed its gate the champion")
+    promote.add_argument("--model", required=True)
+    promote.add_argument("--version", required=True)
+    rollback = reg.add_parser("rollback", help="re-point champion to the version it replaced (or --to)")
+    rollback.add_argument("--model", required=True)
+    rollback.add_argument("--to", help="version to roll back to (default: the previous champion)")
+    for sub in (promote, rollback):
+        sub.add_argument("--tracking-uri")
+        sub.set_defaults(run=_registry)
+
+    serve = commands.add_parser("serve", help="target exposure for the latest bars of a CSV/parquet file")
+    serve.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION or a .onnx path")
+    serve.add_argument("--bars", required=True, help="CSV/parquet with at least `lookback` bars")
+    serve.add_argument("--position", type=float, default=0.0, help="current exposure in [-1, 1]")
+    serve.add_argument("--tracking-uri")
+    serve.set_defaults(run=_serve)
     return parser
 
 

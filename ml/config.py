@@ -33,8 +33,15 @@ class DataConfig:
 
 @dataclass
 class GateConfig:
+    """The promotion policy: every enabled rule must pass for a version to become `champion`."""
+
     parity_tolerance: float = 1e-5  # max |onnxruntime - torch| on real windows
     parity_windows: int = 256
+    require_no_collapse: bool = True  # refuse a policy that picks one exposure on >= 98% of test bars
+    require_beats_cash: bool = True  # mean test total return after costs must exceed cash ...
+    cash_margin: float = 0.0  # ... by this much
+    compare_with_champion: bool = True  # when a champion exists, beat it on bars neither trained on ...
+    champion_margin: float = 0.0  # ... by this much Sharpe
 
 
 @dataclass

@@ -191,6 +191,8 @@ def load_agent(run_dir: Path, fold: int) -> tuple[ActorCritic, dict]:
 
 def evaluate(run_dir: Path) -> dict:
     """Backtest each fold's selected policy and the baselines on its test window; write report.json."""
+    from ml.evaluation.html_report import render_html_report
+    from ml.evaluation.plots import plot_equity_and_drawdown, plot_exposure_histogram, plot_fold_bars
     from ml.registry import log_metrics
     from ml.walkforward import aggregate, evaluate_fold
 
@@ -201,15 +203,21 @@ def evaluate(run_dir: Path) -> dict:
     series = prepare_series(bars, config.lookback, torch.device("cpu"))
     folds = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)
     fold_reports = []
+    images = {}
     for fold in folds:
         agent, _ = load_agent(run_dir, fold.index)
-        report, test, baselines = evaluate_fold(agent, series, fold, config)
+        history = _read_json(run_dir / "folds" / f"fold_{fold.index}" / "history.json")
+        trials = ([h["validation_score"] for h in history if "validation_score" in h]
+                  if config.selection_metric == "sharpe" else None)
+        report, test, baselines = evaluate_fold(agent, series, fold, config, trials)
         report["training"] = _read_json(run_dir / "folds" / f"fold_{fold.index}" / "training.json")
         equity = test.frame()
         equity.to_csv(run_dir / f"fold_{fold.index}_test_equity.csv", index=False)
         curves = pd.DataFrame({"timestamp": test.timestamps, "policy": test.nav,
                                **{name: bt.nav for name, bt in baselines.items()}})
         curves.to_csv(run_dir / f"fold_{fold.index}_test_baselines.csv", index=False)
+        images[f"Fold {fold.index}: equity and drawdown vs baselines (test)"] = plot_equity_and_drawdown(
+            curves, run_dir / "plots" / f"fold_{fold.index}_equity.png", title=f"Fold {fold.index} test")
         report["equity_curve"] = f"fold_{fold.index}_test_equity.csv"
         fold_reports.append(report)
     report = {
@@ -221,6 +229,11 @@ def evaluate(run_dir: Path) -> dict:
         "folds": fold_reports, "aggregate": aggregate(fold_reports),
     }
     _write_json(run_dir / "report.json", report)
+    images["Test Sharpe per fold"] = plot_fold_bars(report, run_dir / "plots" / "fold_sharpe.png")
+    images["Test total return per fold"] = plot_fold_bars(report, run_dir / "plots" / "fold_return.png",
+                                                          metric="total_return")
+    images["Decisions on test bars"] = plot_exposure_histogram(report, run_dir / "plots" / "exposure.png")
+    render_html_report(run_dir, report, images)
     tracking = _read_json(run_dir / "tracking.json")
     flat = {}
     for fold in fold_reports:
@@ -256,6 +269,7 @@ def export_model(run_dir: Path) -> dict:
                             f"in [-1, 1]; levels {list(config.ppo.exposure_levels)}",
         "close_only": str(data["close_only"]).lower(),
         "training_window": f"{latest['train']['start']}/{latest['train']['end']}",
+        "validation_window": f"{latest['validation']['start']}/{latest['validation']['end']}",
         "dataset_hash": data["dataset_hash"], "mlflow_run_id": tracking["run_id"],
         "code_version": code_version(),
     }
@@ -273,14 +287,15 @@ def export_model(run_dir: Path) -> dict:
 # 7. Register -----------------------------------------------------------------------------
 
 def register(run_dir: Path) -> dict:
-    """Log artifacts, register the ONNX model, record the gate decision, set aliases."""
-    import mlflow
+    """Log artifacts, register the ONNX version, apply the gate, move aliases under the registry lock."""
+    from mlflow.tracking import MlflowClient
 
-    from ml.registry import CHAMPION, alias_version, register_onnx, sanity_gate, set_aliases
+    from ml import registry
+    from ml.promotion import compare_on_unseen_window, evaluate_gate, registry_lock
 
     run_dir = Path(run_dir)
     done = run_dir / "registration.json"
-    if done.exists():  # a retry never registers a second version
+    if done.exists():  # a retry never registers or promotes twice
         return _read_json(done)
     config = read_config(run_dir)
     data = _read_json(run_dir / "data.json")
@@ -289,33 +304,60 @@ def register(run_dir: Path) -> dict:
     parity = _read_json(run_dir / "parity.json")
     uri, run_id, name = tracking["tracking_uri"], tracking["run_id"], config.model_name
 
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.tracking.MlflowClient(uri)
-    for artifact in ["report.json", "config.json", "data.json", "validation.json", "folds.json", "parity.json",
-                     *sorted(p.name for p in run_dir.glob("fold_*_test_*.csv"))]:
+    client = MlflowClient(uri)
+    for artifact in ["report.json", "report.html", "config.json", "data.json", "validation.json", "folds.json",
+                     "parity.json", *sorted(p.name for p in run_dir.glob("fold_*_test_*.csv"))]:
         client.log_artifact(run_id, str(run_dir / artifact), artifact_path="report")
-
-    decision = sanity_gate(report, parity)
+    client.log_artifacts(run_id, str(run_dir / "plots"), artifact_path="report/plots")
     example = np.load(run_dir / "parity_windows.npz")
-    version = register_onnx(uri, run_id, name, run_dir / "model.onnx",
-                            {"ohlcv": example["ohlcv"], "position": example["position"]},
-                            tags={"dataset_hash": data["dataset_hash"], "code_version": code_version()})
-    aggregate = report["aggregate"]
-    policy, bh = aggregate["policy"], aggregate["baselines"]["buy_and_hold"]
-    description = (
-        f"Gate {'PASSED' if decision.passed else 'FAILED'}: " + "; ".join(decision.reasons)
-        + f". Mean test Sharpe {policy['sharpe']:.2f} vs buy-and-hold {bh['sharpe']:.2f}; "
-        f"total return {policy['total_return']:+.2%} vs {bh['total_return']:+.2%}."
-    )
-    champion = set_aliases(uri, name, version, decision, config.registry.promote, description)
-    client.set_tag(run_id, "gate.passed", str(decision.passed).lower())
+    version = registry.register_onnx(uri, run_id, name, run_dir / "model.onnx",
+                                     {"ohlcv": example["ohlcv"], "position": example["position"]},
+                                     tags={"dataset_hash": data["dataset_hash"], "code_version": code_version()})
+
+    with registry_lock(uri, name):
+        champion = registry.alias_version(uri, name, registry.CHAMPION)
+        comparison = None
+        if champion and champion != version and config.gate.compare_with_champion:
+            comparison = _compare_with_champion(run_dir, config, uri, name, champion, compare_on_unseen_window)
+        decision = evaluate_gate(report, parity, config.gate, comparison).as_dict()
+        policy, hold = report["aggregate"]["policy"], report["aggregate"]["baselines"]["buy_and_hold"]
+        description = (
+            f"Gate {'PASSED' if decision['passed'] else 'FAILED'}: " + "; ".join(decision["reasons"])
+            + f". Mean test Sharpe {policy['sharpe']:.2f} vs buy-and-hold {hold['sharpe']:.2f}; "
+            f"total return {policy['total_return']:+.2%} vs {hold['total_return']:+.2%}."
+        )
+        registry.record_decision(uri, name, version, decision, description)
+        client.set_registered_model_alias(name, registry.CHALLENGER, version)
+        promoted = bool(decision["passed"] and config.registry.promote)
+        if promoted:
+            registry.move_champion(uri, name, version, "passed the promotion gate")
+    client.set_tag(run_id, "gate.passed", str(decision["passed"]).lower())
     client.set_terminated(run_id)
-    result = {"model_name": name, "version": version, "champion": champion,
-              "champion_version": alias_version(uri, name, CHAMPION),
-              "gate": decision.as_dict(), "tracking_uri": uri, "run_id": run_id,
-              "promote_requested": config.registry.promote}
+    result = {"model_name": name, "version": version, "champion": promoted,
+              "champion_version": registry.alias_version(uri, name, registry.CHAMPION),
+              "previous_champion": champion, "gate": decision, "champion_comparison": comparison,
+              "tracking_uri": uri, "run_id": run_id, "promote_requested": config.registry.promote}
     _write_json(done, result)
     return result
+
+
+def _compare_with_champion(run_dir: Path, config: PipelineConfig, uri: str, name: str, champion: str,
+                           compare) -> dict:
+    """Both models on the latest test window, cut to the bars the champion never trained on."""
+    from ml import registry
+    from ml.serving import Policy
+
+    champion_path = registry.download_model(uri, name, champion)
+    metadata = Policy(champion_path, prefer_gpu=False).metadata
+    # The champion was selected on its validation window: that counts as seen too.
+    seen_until = metadata.get("validation_window") or metadata.get("training_window", "")
+    if "/" not in seen_until:
+        return {"skipped": f"champion v{champion} records no training window"}
+    latest = _read_json(run_dir / "folds.json")[-1]
+    window = (latest["test"]["first_bar"], latest["test"]["last_bar"])
+    gap = latest["test"]["first_bar"] - latest["validation"]["last_bar"]
+    return compare(run_dir / "model.onnx", champion_path, champion, seen_until.split("/")[1],
+                   read_bars(run_dir), window, gap, config)
 
 
 def run_pipeline(config: PipelineConfig, out_dir: Path) -> dict:

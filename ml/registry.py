@@ -6,9 +6,10 @@ stage logs to it by id, so the stages can run in separate Airflow tasks.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 
 import mlflow
@@ -59,73 +60,41 @@ def flatten(values: dict, prefix: str = "") -> dict:
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict, step: int | None = None) -> None:
-    client = MlflowClient(tracking_uri)
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            client.log_metric(run_id, key.replace("+", "p"), float(value), step=step or 0)
+    """One batched call; non-finite values are left out (MLflow cannot chart them)."""
+    from mlflow.entities import Metric
 
-
-@dataclass
-class GateDecision:
-    passed: bool
-    reasons: list[str] = field(default_factory=list)
-    checks: dict[str, bool] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return {"passed": self.passed, "reasons": self.reasons, "checks": self.checks}
-
-
-def sanity_gate(report: dict, parity: dict) -> GateDecision:
-    """The checks every champion must pass: ONNX parity and finite test metrics on every fold."""
-    checks, reasons = {}, []
-    checks["onnx_parity"] = bool(parity["passed"])
-    reasons.append(
-        f"onnx parity {'passed' if parity['passed'] else 'FAILED'}: max |ort - torch| = "
-        f"{parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:.0e}) on {parity['windows']} real windows"
-    )
-    finite = all(
-        value is not None and math.isfinite(value)
-        for fold in report["folds"] for key, value in fold["policy"]["test"].items()
-        if key in ("total_return", "sharpe", "max_drawdown")
-    )
-    checks["finite_test_metrics"] = finite
-    reasons.append("test metrics finite on every fold" if finite else "a fold has non-finite test metrics")
-    return GateDecision(passed=all(checks.values()), reasons=reasons, checks=checks)
+    now = int(time.time() * 1000)
+    batch = [Metric(key.replace("+", "p"), float(value), now, step or 0) for key, value in metrics.items()
+             if isinstance(value, (int, float)) and math.isfinite(value)]
+    for begin in range(0, len(batch), 1000):  # the store's per-call limit
+        MlflowClient(tracking_uri).log_batch(run_id, metrics=batch[begin:begin + 1000])
 
 
 def register_onnx(tracking_uri: str, run_id: str, model_name: str, onnx_path: Path,
                   input_example: dict, tags: dict) -> str:
-    """Log the ONNX model under the run and register it; returns the new version."""
+    """Log the ONNX model under the run and register it; returns the version.
+
+    Idempotent per run: a retried task finds the version this run already registered.
+    """
     import onnx
     from mlflow.models import infer_signature
 
-    mlflow.set_tracking_uri(tracking_uri)
-    model = onnx.load(str(onnx_path))
     from ml.serving import create_session, cuda_driver_present
 
+    client = MlflowClient(tracking_uri)
+    existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    if existing:
+        return str(existing[0].version)
+    mlflow.set_tracking_uri(tracking_uri)
     outputs = create_session(onnx_path).run(None, input_example)
-    providers = (["CUDAExecutionProvider"] if cuda_driver_present() else []) + ["CPUExecutionProvider"]
     signature = infer_signature(input_example, {"target_exposure": outputs[0]})
+    providers = (["CUDAExecutionProvider"] if cuda_driver_present() else []) + ["CPUExecutionProvider"]
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
-            model, name="model", signature=signature, input_example=input_example,
+            onnx.load(str(onnx_path)), name="model", signature=signature, input_example=input_example,
             registered_model_name=model_name, tags=tags, onnx_execution_providers=providers,
         )
     return str(info.registered_model_version)
-
-
-def set_aliases(tracking_uri: str, model_name: str, version: str, decision: GateDecision,
-                promote: bool, description: str) -> bool:
-    """Tag the version with the gate decision, make it `challenger`, and `champion` if it passed."""
-    client = MlflowClient(tracking_uri)
-    client.set_model_version_tag(model_name, version, "gate.passed", str(decision.passed).lower())
-    client.set_model_version_tag(model_name, version, "gate.reasons", " | ".join(decision.reasons)[:5000])
-    client.update_model_version(model_name, version, description=description[:5000])
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
-    if decision.passed and promote:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
-        return True
-    return False
 
 
 def alias_version(tracking_uri: str, model_name: str, alias: str) -> str | None:
@@ -133,3 +102,63 @@ def alias_version(tracking_uri: str, model_name: str, alias: str) -> str | None:
         return str(MlflowClient(tracking_uri).get_model_version_by_alias(model_name, alias).version)
     except MlflowException:
         return None
+
+
+def download_model(tracking_uri: str, model_name: str, version: str) -> Path:
+    """The version's ONNX file on local disk."""
+    from ml.serving import resolve_model_path
+
+    return resolve_model_path(f"models:/{model_name}/{version}", tracking_uri)
+
+
+def record_decision(tracking_uri: str, model_name: str, version: str, decision: dict, description: str) -> None:
+    client = MlflowClient(tracking_uri)
+    client.set_model_version_tag(model_name, version, "gate.passed", str(decision["passed"]).lower())
+    client.set_model_version_tag(model_name, version, "gate.reasons", " | ".join(decision["reasons"])[:5000])
+    client.set_model_version_tag(model_name, version, "gate.numbers", json.dumps(decision["numbers"])[:5000])
+    client.update_model_version(model_name, version, description=description[:5000])
+
+
+def move_champion(tracking_uri: str, model_name: str, version: str, reason: str) -> str | None:
+    """Point `champion` at a version that passed its gate; returns the previous champion."""
+    client = MlflowClient(tracking_uri)
+    if client.get_model_version(model_name, version).tags.get("gate.passed") != "true":
+        raise PromotionError(f"{model_name} v{version} did not pass its gate and cannot become champion")
+    previous = alias_version(tracking_uri, model_name, CHAMPION)
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+    if previous and previous != version:
+        client.set_model_version_tag(model_name, version, "previous_champion", previous)
+    client.set_model_version_tag(model_name, version, "champion_reason", reason[:5000])
+    return previous
+
+
+class PromotionError(RuntimeError):
+    pass
+
+
+def promote(tracking_uri: str, model_name: str, version: str) -> dict:
+    """Manual promotion of a version that passed its gate."""
+    from ml.promotion import registry_lock
+
+    with registry_lock(tracking_uri, model_name):
+        previous = move_champion(tracking_uri, model_name, version, "promoted by hand")
+    return {"model_name": model_name, "champion": version, "previous": previous}
+
+
+def rollback(tracking_uri: str, model_name: str, to_version: str | None = None) -> dict:
+    """Re-point `champion` to an earlier version (default: the one it replaced)."""
+    from ml.promotion import registry_lock
+
+    client = MlflowClient(tracking_uri)
+    with registry_lock(tracking_uri, model_name):
+        current = alias_version(tracking_uri, model_name, CHAMPION)
+        if current is None:
+            raise PromotionError(f"{model_name} has no champion to roll back")
+        target = to_version or client.get_model_version(model_name, current).tags.get("previous_champion")
+        if not target:
+            raise PromotionError(f"{model_name} v{current} records no previous champion; pass --to VERSION")
+        if int(target) >= int(current) and to_version is None:
+            raise PromotionError(f"previous champion v{target} is not earlier than v{current}")
+        move_champion(tracking_uri, model_name, target, f"rollback from v{current}")
+        client.set_model_version_tag(model_name, current, "rolled_back_to", target)
+    return {"model_name": model_name, "champion": target, "previous": current}

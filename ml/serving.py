@@ -64,9 +64,43 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
     return found[0]
 
 
+def bars_to_window(path: str | Path, lookback: int) -> np.ndarray:
+    """The last ``lookback`` bars of a CSV/parquet file as a [1, lookback, 5] window.
+
+    Accepts yfinance-style (Open, High, Low, Close, Volume) or lower-case columns; a
+    close-only file is filled the way the model was trained (close in O/H/L, volume 0).
+    Uses pandas, which a service only needs when it reads files this way.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    frame = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+    columns = {str(c).lower(): c for c in frame.columns}
+    if "close" not in columns:
+        raise InputError(f"{path}: no 'close' column")
+    if len(frame) < lookback:
+        raise InputError(f"{path}: {len(frame)} bars, the model needs the last {lookback}")
+    tail = frame.tail(lookback)
+    close = tail[columns["close"]].to_numpy(dtype=np.float64)
+    fields = []
+    for name in ("open", "high", "low", "close", "volume"):
+        if name in columns and tail[columns[name]].notna().all():
+            fields.append(tail[columns[name]].to_numpy(dtype=np.float64))
+        else:
+            fields.append(np.zeros_like(close) if name == "volume" else close)
+    return np.stack(fields, axis=1)[None].astype(np.float32)
+
+
 class Policy:
-    def __init__(self, path: str | Path, prefer_gpu: bool = True):
+    """An exported policy with input checks.
+
+    ``max_stale_bars``: refuse a window whose last closes repeat more than this many
+    times in a row (a frozen feed); None turns the check off.
+    """
+
+    def __init__(self, path: str | Path, prefer_gpu: bool = True, max_stale_bars: int | None = 10):
         self.path = Path(path)
+        self.max_stale_bars = max_stale_bars
         self.session = create_session(self.path, prefer_gpu)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.lookback = int(self.metadata["lookback"])
@@ -76,8 +110,11 @@ class Policy:
         return cls(resolve_model_path(uri, tracking_uri), prefer_gpu)
 
     def validate(self, ohlcv: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ohlcv = np.asarray(ohlcv, dtype=np.float32)
-        position = np.asarray(position, dtype=np.float32)
+        try:
+            ohlcv = np.asarray(ohlcv, dtype=np.float32)
+            position = np.asarray(position, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"ohlcv/position: not numeric ({exc})") from exc
         if ohlcv.ndim == 2:
             ohlcv = ohlcv[None]
         if position.ndim == 1:
@@ -93,6 +130,12 @@ class Policy:
             raise InputError("ohlcv: close prices must be strictly positive")
         if not np.isfinite(position).all() or (np.abs(position) > 1.0 + 1e-6).any():
             raise InputError("position: must be finite and within [-1, 1]")
+        if self.max_stale_bars is not None:
+            tail = ohlcv[:, -(self.max_stale_bars + 1):, 3]
+            frozen = np.all(tail == tail[:, -1:], axis=1)
+            if frozen.any():
+                raise InputError(f"ohlcv: window {int(np.argmax(frozen))} ends with more than "
+                                 f"{self.max_stale_bars} identical closes (stale feed)")
         return ohlcv, position
 
     def decide(self, ohlcv: np.ndarray, position: np.ndarray) -> np.ndarray:

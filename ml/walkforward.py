@@ -15,7 +15,8 @@ import torch
 from ml.config import PipelineConfig
 from ml.env import TradingEnv
 from ml.evaluation.backtest import Backtest, baseline_exposures, exposure_series_policy, run_backtest
-from ml.evaluation.metrics import periods_per_year
+from ml.evaluation.metrics import bar_returns, periods_per_year
+from ml.evaluation.statistics import deflated_sharpe_ratio, probabilistic_sharpe_ratio, sharpe_ci
 from ml.evaluation.splits import Fold
 from ml.market import MarketSeries
 from ml.policy import ActorCritic
@@ -60,8 +61,24 @@ def collapse_check(backtest: Backtest) -> dict:
     return {"alarm": share >= COLLAPSE_SHARE, "dominant_exposure": exposure, "dominant_share": share}
 
 
-def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: PipelineConfig
-                  ) -> tuple[dict, Backtest, dict[str, Backtest]]:
+def uncertainty(backtest: Backtest, ppy: float, trial_sharpes: list[float] | None = None) -> dict:
+    """Bootstrap interval of the Sharpe ratio, probabilistic Sharpe, and (with trials) deflated Sharpe.
+
+    ``trial_sharpes`` are the validation Sharpes of every checkpoint the selection looked at:
+    picking the best of them is a multiple-testing problem the deflated Sharpe accounts for.
+    """
+    returns = bar_returns(backtest.nav)
+    low, high = sharpe_ci(backtest.nav, ppy, n_resamples=1000, seed=0)
+    out = {"sharpe_ci_low": low, "sharpe_ci_high": high, "psr": probabilistic_sharpe_ratio(returns)}
+    if trial_sharpes is not None and len(trial_sharpes) > 1:
+        per_bar = np.asarray(trial_sharpes, dtype="float64") / np.sqrt(ppy)
+        out["dsr"] = deflated_sharpe_ratio(returns, len(per_bar), float(np.var(per_bar, ddof=1)))
+        out["dsr_trials"] = len(per_bar)
+    return out
+
+
+def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: PipelineConfig,
+                  trial_sharpes: list[float] | None = None) -> tuple[dict, Backtest, dict[str, Backtest]]:
     """Policy on validation and test, baselines on the identical test window and costs."""
     ppy = periods_per_year(config.data.interval, config.data.calendar)
     agent = agent.to(series.device).eval()
@@ -76,10 +93,11 @@ def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: 
     result = {
         "index": fold.index,
         **fold.dates(series.timestamps),
-        "policy": {"validation": validation.metrics(ppy), "test": test.metrics(ppy),
+        "policy": {"validation": validation.metrics(ppy),
+                   "test": test.metrics(ppy) | uncertainty(test, ppy, trial_sharpes),
                    "collapse": collapse_check(test),
                    "test_exposure_histogram": _histogram(test.decision)},
-        "baselines": {name: bt.metrics(ppy) for name, bt in baselines.items()},
+        "baselines": {name: bt.metrics(ppy) | uncertainty(bt, ppy) for name, bt in baselines.items()},
     }
     return result, test, baselines
 

@@ -1,0 +1,149 @@
+"""The promotion gate and alias moves: which version may become `champion`, and rollback.
+
+The gate is an explicit policy (``GateConfig``); every decision is written
+onto the model version with its numbers and reasons. Alias moves happen under
+a registry lock and re-check the champion they compared against, so two
+racing pipeline runs can never leave `champion` on a version that did not
+pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ml.config import GateConfig, PipelineConfig
+from ml.evaluation.backtest import run_backtest
+from ml.evaluation.metrics import periods_per_year
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    checks: dict[str, bool] = field(default_factory=dict)
+    numbers: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, ok: bool, reason: str, **numbers: float) -> None:
+        self.checks[name] = bool(ok)
+        self.reasons.append(("PASS " if ok else "FAIL ") + reason)
+        self.numbers.update(numbers)
+        self.passed = all(self.checks.values())
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "reasons": self.reasons, "checks": self.checks, "numbers": self.numbers}
+
+
+def evaluate_gate(report: dict, parity: dict, gate: GateConfig,
+                  champion_comparison: dict | None = None) -> GateDecision:
+    """Apply the configured rules to a run's report; ``champion_comparison`` when a champion exists."""
+    decision = GateDecision(passed=True)
+    decision.add("onnx_parity", parity["passed"],
+                 f"onnx parity: max |ort - torch| = {parity['max_abs_diff']:.2e} "
+                 f"(tolerance {parity['tolerance']:.0e}) on {parity['windows']} real windows",
+                 parity_max_abs_diff=parity["max_abs_diff"])
+    tests = [fold["policy"]["test"] for fold in report["folds"]]
+    finite = all(t.get(k) is not None and math.isfinite(t[k]) for t in tests
+                 for k in ("total_return", "sharpe", "max_drawdown"))
+    decision.add("finite_test_metrics", finite, "test metrics finite on every fold")
+    if not gate.require_no_collapse:
+        decision.reasons.append("OFF no-collapse rule (disabled in the gate config)")
+    if not gate.require_beats_cash:
+        decision.reasons.append("OFF beats-cash rule (disabled in the gate config)")
+    if gate.require_no_collapse:
+        collapsed = [f["index"] for f in report["folds"] if f["policy"]["collapse"]["alarm"]]
+        decision.add("no_collapse", not collapsed,
+                     "no collapse alarm" if not collapsed else
+                     f"collapse alarm on fold(s) {collapsed}: the deterministic policy chose one exposure "
+                     f"on >= 98% of test bars")
+    if gate.require_beats_cash and finite:
+        mean_return = float(np.mean([t["total_return"] for t in tests]))
+        decision.add("beats_cash", mean_return > gate.cash_margin,
+                     f"mean test total return after costs {mean_return:+.2%} vs cash 0.00% "
+                     f"(margin {gate.cash_margin:+.2%})", mean_test_total_return=mean_return)
+    if champion_comparison is not None:
+        if champion_comparison.get("skipped"):
+            decision.add("beats_champion", False, f"cannot compare with champion: {champion_comparison['skipped']}")
+        else:
+            c, h = champion_comparison["challenger_sharpe"], champion_comparison["champion_sharpe"]
+            decision.add("beats_champion", c > h + gate.champion_margin,
+                         f"Sharpe {c:.2f} vs champion v{champion_comparison['champion_version']} {h:.2f} "
+                         f"(margin {gate.champion_margin:.2f}) on {champion_comparison['start']}.."
+                         f"{champion_comparison['end']}, unseen by both",
+                         challenger_sharpe=c, champion_sharpe=h)
+    return decision
+
+
+def onnx_decide(model_path: str | Path, ohlcv: np.ndarray, lookback: int):
+    """A backtest decision function that runs an exported model on raw windows."""
+    from ml.serving import create_session
+
+    session = create_session(model_path, prefer_gpu=False)
+
+    def decide(_features, position, t):
+        window = ohlcv[t - lookback + 1:t + 1][None].astype(np.float32)
+        pos = position.reshape(1, 1).cpu().numpy().astype(np.float32)
+        out = session.run(["target_exposure"], {"ohlcv": window, "position": pos})[0]
+        return torch.as_tensor(out.reshape(1))
+
+    return decide
+
+
+def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champion_version: str,
+                             champion_train_end: str, bars: pd.DataFrame, window: tuple[int, int],
+                             gap: int, config: PipelineConfig) -> dict:
+    """Backtest both exported models on the recent bars that neither trained on."""
+    from ml.serving import Policy
+
+    timestamps = bars["timestamp"].reset_index(drop=True)
+    first_unseen = int(timestamps.searchsorted(pd.Timestamp(champion_train_end), side="right")) + gap
+    first, last = max(window[0], first_unseen), window[1]
+    if last - first < 20:
+        return {"skipped": f"fewer than 20 bars after both training windows (champion trained to {champion_train_end})"}
+    from ml.market import prepare_series
+
+    series = prepare_series(bars, config.lookback, torch.device("cpu"))
+    ohlcv = series.ohlcv.numpy()
+    ppy = periods_per_year(config.data.interval, config.data.calendar)
+    sharpe = {}
+    for name, path in (("challenger", challenger_onnx), ("champion", champion_onnx)):
+        lookback = Policy(path, prefer_gpu=False).lookback
+        if first < lookback - 1:
+            return {"skipped": f"{name} needs {lookback} bars of history before the window"}
+        backtest = run_backtest(onnx_decide(path, ohlcv, lookback), series.ohlcv, series.features, (first, last),
+                                timestamps, config.costs, series.fill_at_open)
+        sharpe[name] = backtest.metrics(ppy)["sharpe"]
+    return {"challenger_sharpe": sharpe["challenger"], "champion_sharpe": sharpe["champion"],
+            "champion_version": champion_version, "start": timestamps.iloc[first].date().isoformat(),
+            "end": timestamps.iloc[last].date().isoformat(), "bars": last - first}
+
+
+@contextlib.contextmanager
+def registry_lock(tracking_uri: str, model_name: str):
+    """Serialize alias moves for one model (a file lock beside a local store, else in the temp dir).
+
+    With a remote tracking server, runs of one model must also be serialized by the
+    scheduler (the training DAG runs with max_active_runs=1).
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri[len("sqlite:///"):]).parent
+    elif tracking_uri.startswith("file:"):
+        folder = Path(tracking_uri[len("file:"):].lstrip("/")).parent
+    else:
+        folder = Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{model_name}.promotion.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
