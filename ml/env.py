@@ -71,6 +71,8 @@ class TradingEnv:
         self.close = ohlcv[:, 3].double()
         # Close-only series have no open: the order fills at the next close.
         self.fill_reference = (ohlcv[:, 0] if fill_at_open else ohlcv[:, 3]).double()
+        # One gather per step fetches both prices of the fill bar.
+        self._fill_bar = torch.stack([self.fill_reference, self.close], dim=1)
         self.features = features
         self.n_envs = n_envs
         self.costs = costs
@@ -82,54 +84,59 @@ class TradingEnv:
         self.steps = torch.zeros_like(self.t)
         self.cash, self.units, self.nav = zeros.clone(), zeros.clone(), zeros.clone()
         self.start_nav = zeros.clone()
+        self._position = torch.zeros(n_envs, dtype=torch.float32, device=self.device)
 
     def reset(self, starts: torch.Tensor, ends: torch.Tensor,
               mask: torch.Tensor | None = None, nav: float = 1.0) -> None:
         """(Re)start episodes at bar ``starts`` flat in cash; they end at bar ``ends``.
 
-        With ``mask`` only the selected episodes restart (autoreset).
+        With ``mask`` only the selected episodes restart (autoreset); ``starts`` and
+        ``ends`` are then read at the selected positions.
         """
-        if mask is None:
-            mask = torch.ones(self.n_envs, dtype=torch.bool, device=self.device)
-        self.t = torch.where(mask, starts, self.t)
-        self.end = torch.where(mask, ends, self.end)
-        self.steps = torch.where(mask, torch.zeros_like(self.steps), self.steps)
-        self.cash = torch.where(mask, torch.full_like(self.cash, nav), self.cash)
-        self.units = torch.where(mask, torch.zeros_like(self.units), self.units)
-        self.nav = torch.where(mask, torch.full_like(self.nav, nav), self.nav)
-        self.start_nav = torch.where(mask, torch.full_like(self.nav, nav), self.start_nav)
+        index = slice(None) if mask is None else mask.nonzero().squeeze(1)
+        self.t[index] = starts[index]
+        self.end[index] = ends[index]
+        self.steps[index] = 0
+        self.cash[index] = nav
+        self.units[index] = 0.0
+        self.nav[index] = nav
+        self.start_nav[index] = nav
+        self._position[index] = 0.0
 
     def position(self) -> torch.Tensor:
         """Current exposure: marked position value over NAV."""
-        return (self.units * self.close[self.t] / self.nav).float()
+        return self._position
 
     def observe(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features[self.t], self.position()
+        return self.features[self.t], self._position.clone()
 
     def step(self, target_exposure: torch.Tensor) -> StepResult:
         target = target_exposure.double().clamp(-1.0, 1.0)
-        nxt = self.t + 1
-        reference = self.fill_reference[nxt]
-        nav_at_fill = self.cash + self.units * reference
+        self.t += 1
+        prices = self._fill_bar[self.t]
+        reference, close = prices[:, 0], prices[:, 1]
+        nav_at_fill = self.units * reference + self.cash
         target_units = target * nav_at_fill / reference
         delta = target_units - self.units
-        fill_price = reference * (1.0 + torch.sign(delta) * self.costs.price_impact)
-        commission = delta.abs() * fill_price * self.costs.commission_bps * BPS
-        close = self.close[nxt]
-        borrow = torch.clamp(-target_units, min=0.0) * close * self.borrow_per_bar
-        self.cash = self.cash - delta * fill_price - commission - borrow
+        traded_value = delta.abs() * reference  # notional at the reference price
+        # Fill price is worse than the reference by the impact, in the trade's direction.
+        impact_paid = traded_value * self.costs.price_impact
+        commission = (traded_value + impact_paid) * (self.costs.commission_bps * BPS)
+        cost = impact_paid + commission
+        if self.borrow_per_bar > 0.0:
+            cost = cost + torch.clamp(-target_units, min=0.0) * close * self.borrow_per_bar
+        self.cash -= delta * reference + cost
         self.units = target_units
         nav_before = self.nav
-        self.nav = self.cash + self.units * close
-        cost = delta * (fill_price - reference) + commission + borrow
-        traded = (delta.abs() * reference / nav_at_fill.clamp(min=1e-12))
+        self.nav = self.units * close + self.cash
         reward = torch.log(self.nav.clamp(min=1e-12) / nav_before)
-        self.t = nxt
-        self.steps = self.steps + 1
+        self._position = (self.units * close / self.nav).float()
+        self.steps += 1
         terminated = (self.t >= self.end) | (self.nav <= self.config.ruin_fraction * self.start_nav)
         truncated = (self.steps >= self.config.episode_bars) & ~terminated
+        # Snapshots: a later in-place reset must not rewrite this step's result.
         return StepResult(
-            features=self.features[self.t], position=self.position(), reward=reward.float(),
+            features=self.features[self.t], position=self._position.clone(), reward=reward.float(),
             terminated=terminated, truncated=truncated, nav=self.nav.clone(),
-            cost=cost, traded=traded,
+            cost=cost, traded=traded_value / nav_at_fill.clamp(min=1e-12),
         )

@@ -168,13 +168,15 @@ def train_folds(run_dir: Path, device: str | None = None) -> dict:
             log_metrics(tracking["tracking_uri"], tracking["run_id"],
                         {prefix + k: v for k, v in metrics.items()}, step)
 
-        result = train_fold(series, fold, config, log_update)
+        result = train_fold(series, fold, config, log_update,
+                            checkpoint_path=checkpoint_path.with_name("train_state.pt"))
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(policy_checkpoint(result.agent, series.feature_module, config.ppo.hidden), checkpoint_path)
         summary = {"fold": fold.index, "best_update": result.best_update,
                    "validation_score": result.best_score, "selection_metric": config.selection_metric,
                    "steps_per_second": result.steps_per_second, "device": str(torch_device),
-                   "updates": len(result.history)}
+                   "updates": len(result.history), "resumed_from_update": result.resumed_from_update,
+                   "collapse_alarm": result.collapse_alarm}
         _write_json(checkpoint_path.with_name("training.json"), summary)
         _write_json(checkpoint_path.with_name("history.json"), result.history)
         log.info("fold %d trained: %s", fold.index, summary)

@@ -8,17 +8,23 @@ validation window and keep the best weights. Nothing here reads test data.
 from __future__ import annotations
 
 import copy
+import logging
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Categorical
+from tqdm import tqdm
 
 from ml.env import TradingEnv
 from ml.policy import ActorCritic
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +50,9 @@ class PPOConfig:
     hidden: tuple[int, ...] = (64, 64)
     exposure_levels: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
     eval_every: int = 4  # updates between validation scores
+    checkpoint_every: int = 5  # updates between resumable checkpoints (when a folder is given)
+    collapse_share: float = 0.98  # deterministic policy picking one level this often = collapsed
+    progress: bool = True
     seed: int = 1
     device: str = "auto"
     deterministic: bool = False
@@ -70,6 +79,8 @@ class TrainResult:
     best_score: float
     history: list[dict] = field(default_factory=list)
     steps_per_second: float = 0.0
+    resumed_from_update: int = 0
+    collapse_alarm: bool = False  # the kept deterministic policy picks one exposure (almost) always
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -79,10 +90,23 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write then rename, so a crash mid-write never leaves a corrupt checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
 def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[int, int],
           validate: Callable[[ActorCritic], float],
-          log: Callable[[dict, int], None] | None = None) -> TrainResult:
-    """Train on bars [segment[0], segment[1]] with random episode starts inside it."""
+          log: Callable[[dict, int], None] | None = None,
+          checkpoint_path: Path | None = None) -> TrainResult:
+    """Train on bars [segment[0], segment[1]] with random episode starts inside it.
+
+    With ``checkpoint_path``, state is saved every ``cfg.checkpoint_every`` updates and a
+    later call with the same path resumes after the last saved update (episodes restart).
+    """
     device = env.device
     seed_everything(cfg.seed, cfg.deterministic)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -109,15 +133,26 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
     next_done = torch.zeros(cfg.num_envs, device=device)
     best_state, best_score, best_update = copy.deepcopy(agent.state_dict()), -np.inf, 0
     history: list[dict] = []
-    start_time, global_step = time.perf_counter(), 0
+    start_time, global_step, first_update = time.perf_counter(), 0, 1
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        saved = torch.load(checkpoint_path, weights_only=False)
+        agent.load_state_dict(saved["agent"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        best_state, best_score, best_update = saved["best_state"], saved["best_score"], saved["best_update"]
+        history, global_step, first_update = saved["history"], saved["global_step"], saved["update"] + 1
+    resumed_from, steps_at_start = first_update - 1, global_step
+    bar = tqdm(total=cfg.num_updates, initial=first_update - 1, desc="ppo updates", unit="update",
+                    disable=not cfg.progress, mininterval=5.0, file=sys.stderr)
 
-    for update in range(1, cfg.num_updates + 1):
+    for update in range(first_update, cfg.num_updates + 1):
         progress = (update - 1) / cfg.num_updates
         if cfg.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - progress) * cfg.learning_rate
         ent_coef = cfg.ent_coef + progress * (cfg.ent_coef_final - cfg.ent_coef)
 
         # 1. Rollout: step all episodes together, restarting finished ones.
+        traded = torch.zeros((), device=device)
         for step in range(cfg.num_steps):
             global_step += cfg.num_envs
             obs_features[step], obs_position[step], dones[step] = next_features, next_position, next_done
@@ -134,11 +169,14 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
                     _, final_value = agent(result.features, result.position)
                 reward = reward + cfg.gamma * final_value * result.truncated.float()
             rewards[step] = reward
+            traded += result.traded.mean()
             done = result.terminated | result.truncated
             next_done = done.float()
             if done.any():
                 env.reset(random_starts(), ends, mask=done)
-            next_features, next_position = env.observe()
+                next_features, next_position = env.observe()
+            else:
+                next_features, next_position = result.features, result.position
 
         # 2. Generalized advantage estimation.
         with torch.no_grad():
@@ -198,13 +236,22 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
         variance = b_returns.var()
         explained_var = (1 - (b_returns - b_values).var() / variance).item() if variance > 0 else float("nan")
         counts = torch.bincount(b_actions, minlength=len(levels)).float() / b_actions.numel()
+        with torch.no_grad():
+            greedy = agent(b_features, b_position)[0].argmax(dim=-1)
+        greedy_counts = torch.bincount(greedy, minlength=len(levels)).float() / greedy.numel()
+        collapsed = greedy_counts.max().item() >= cfg.collapse_share
+        flat = (levels == 0).nonzero()
         metrics = {
             "loss/policy": pg_loss.item(), "loss/value": v_loss.item(), "loss/entropy": entropy.item(),
             "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
             "explained_variance": explained_var, "learning_rate": optimizer.param_groups[0]["lr"],
             "ent_coef": ent_coef, "mean_reward": rewards.mean().item() / cfg.reward_scale,
-            "steps_per_second": global_step / (time.perf_counter() - start_time),
+            "steps_per_second": (global_step - steps_at_start) / (time.perf_counter() - start_time),
+            "turnover_per_step": traded.item() / cfg.num_steps,
+            "flat_share": counts[flat[0, 0]].item() if len(flat) else 0.0,
+            "collapse_alarm": float(collapsed),
             **{f"sampled_action_share/{levels[i].item():+.2f}": counts[i].item() for i in range(len(levels))},
+            **{f"greedy_action_share/{levels[i].item():+.2f}": greedy_counts[i].item() for i in range(len(levels))},
         }
         if update % cfg.eval_every == 0 or update == cfg.num_updates:
             agent.eval()
@@ -215,8 +262,23 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
         history.append({"update": update, "global_step": global_step, **metrics})
         if log is not None:
             log(metrics, global_step)
+        if collapsed:
+            logger.warning("collapse alarm at update %d: deterministic policy picks %+.2f on %.0f%% of states",
+                           update, levels[greedy_counts.argmax()].item(), 100 * greedy_counts.max().item())
+        bar.update(1)
+        bar.set_postfix(sps=f"{metrics['steps_per_second']:,.0f}", val=f"{best_score:.2f}", refresh=False)
+        if checkpoint_path is not None and (update % cfg.checkpoint_every == 0 or update == cfg.num_updates):
+            _save_checkpoint(Path(checkpoint_path), {
+                "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "best_state": best_state, "best_score": best_score, "best_update": best_update,
+                "history": history, "global_step": global_step, "update": update})
+    bar.close()
 
     agent.load_state_dict(best_state)
     elapsed = time.perf_counter() - start_time
+    with torch.no_grad():  # the alarm concerns the weights we keep, on the states of the last rollout
+        greedy = agent(obs_features.reshape(-1, n_feat), obs_position.reshape(-1))[0].argmax(dim=-1)
+    kept_share = (torch.bincount(greedy, minlength=len(levels)).max() / greedy.numel()).item()
     return TrainResult(agent=agent.eval(), best_update=best_update, best_score=float(best_score),
-                       history=history, steps_per_second=global_step / elapsed)
+                       history=history, steps_per_second=(global_step - steps_at_start) / max(elapsed, 1e-9),
+                       resumed_from_update=resumed_from, collapse_alarm=kept_share >= cfg.collapse_share)

@@ -41,7 +41,7 @@ def selection_score(backtest: Backtest, config: PipelineConfig) -> float:
 
 
 def train_fold(series: MarketSeries, fold: Fold, config: PipelineConfig,
-               log: Callable[[dict, int], None] | None = None) -> TrainResult:
+               log: Callable[[dict, int], None] | None = None, checkpoint_path=None) -> TrainResult:
     ppo = config.ppo
     seed_everything(ppo.seed, ppo.deterministic)  # the initial weights are part of the seeded run
     agent = ActorCritic(series.feature_module.n_features, ppo.exposure_levels, ppo.hidden)
@@ -53,7 +53,7 @@ def train_fold(series: MarketSeries, fold: Fold, config: PipelineConfig,
     def validate(candidate: ActorCritic) -> float:
         return selection_score(backtest_policy(candidate, series, fold.validation, config), config)
 
-    return train(ppo, env, agent.to(series.device), fold.train, validate, log)
+    return train(ppo, env, agent.to(series.device), fold.train, validate, log, checkpoint_path)
 
 
 def collapse_check(backtest: Backtest) -> dict:

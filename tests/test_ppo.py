@@ -30,6 +30,9 @@ def test_ppo_learns_to_hold_a_steadily_rising_asset():
     exposure, share = test.dominant_decision()
     assert exposure == 1.0 and share > 0.9, test.decision
     assert test.nav[-1] > 1.2
+    # Holding +1 everywhere is exactly a collapse to one exposure: the alarm must say so.
+    assert result.collapse_alarm
+    assert result.history[-1]["greedy_action_share/+1.00"] >= 0.98
     assert result.history[-1]["steps_per_second"] > 0
     for key in ("loss/policy", "loss/value", "loss/entropy", "approx_kl", "clipfrac", "explained_variance"):
         assert key in result.history[-1]
@@ -60,3 +63,29 @@ def test_kept_weights_are_the_best_validation_score():
 
     rescored = selection_score(backtest_policy(result.agent, series, fold.validation, config), config)
     assert rescored == result.best_score
+
+
+def test_training_resumes_from_its_last_checkpoint(tmp_path):
+    """An interrupted run (an Airflow retry) continues after the last saved update."""
+    config, series, fold = _setup(drift=0.0005, timesteps=6 * 64 * 32)
+    config.ppo.checkpoint_every = 2
+    checkpoint = tmp_path / "train_state.pt"
+    calls = []
+
+    def crash_during_update_5(metrics, step):
+        calls.append(step)
+        if len(calls) == 5:  # after update 4 was checkpointed, before update 5 is
+            raise RuntimeError("worker lost")
+
+    import pytest
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        train_fold(series, fold, config, crash_during_update_5, checkpoint_path=checkpoint)
+    resumed = train_fold(series, fold, config, checkpoint_path=checkpoint)
+    assert resumed.resumed_from_update == 4
+    assert [h["update"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    assert resumed.history[-1]["global_step"] == 6 * 64 * 32
+    for key in ("greedy_action_share/+1.00", "sampled_action_share/-1.00", "turnover_per_step", "flat_share",
+                "collapse_alarm"):
+        assert key in resumed.history[-1]
+
