@@ -48,7 +48,9 @@ TRAINING_POOL = os.environ.get("ML_TRAINING_POOL", "default_pool")
         "num_steps": Param(None, type=["null", "integer"], minimum=8, maximum=4096,
                            description="Rollout length per update (default from config)."),
         "n_folds": Param(2, type="integer", minimum=1, maximum=20, description="Walk-forward folds."),
-        "seed": Param(1, type="integer", minimum=0, description="Training seed."),
+        "seeds": Param(None, type=["null", "array"], items={"type": "integer", "minimum": 0}, minItems=1,
+                       maxItems=16, description="PPO seeds per fold (default from config: [1]). Validation picks "
+                                                "one; the report shows the test spread across all."),
         "device": Param("auto", enum=["auto", "cpu", "cuda"], description="Training device; auto = CUDA if present."),
         "promote": Param(True, type="boolean", description="Set `champion` when the gate passes."),
         "config_file": Param(None, type=["null", "string"], description="Optional YAML/JSON pipeline config."),
@@ -77,15 +79,22 @@ def ppo_training():
         pipeline.start_tracking(run_dir, run_name=f"ppo_training/{run_id}")
         return run_dir
 
-    @task(execution_timeout=timedelta(hours=6), queue=TRAINING_QUEUE, pool=TRAINING_POOL)
-    def train(run_dir: str) -> str:
+    @task
+    def plan_folds(run_dir: str) -> list[int]:
         from ml import pipeline
 
-        pipeline.train_folds(run_dir)
-        return run_dir
+        return pipeline.plan_folds(run_dir)
+
+    @task(execution_timeout=timedelta(hours=6), queue=TRAINING_QUEUE, pool=TRAINING_POOL,
+          map_index_template="fold {{ task.op_kwargs['fold'] }}")
+    def train(run_dir: str, fold: int) -> int:
+        from ml import pipeline
+
+        pipeline.train_fold_seeds(run_dir, fold)
+        return fold
 
     @task
-    def evaluate(run_dir: str) -> str:
+    def evaluate(run_dir: str, trained_folds: list[int]) -> str:
         from ml import pipeline
 
         pipeline.evaluate(run_dir)
@@ -105,7 +114,9 @@ def ppo_training():
         result = pipeline.register(run_dir)
         return {"model_name": result["model_name"], "version": result["version"], "champion": result["champion"]}
 
-    register(export_onnx(evaluate(train(start_tracking(validate_data(load_data()))))))
+    run_dir = start_tracking(validate_data(load_data()))
+    trained = train.partial(run_dir=run_dir).expand(fold=plan_folds(run_dir))
+    register(export_onnx(evaluate(run_dir, trained)))
 
 
 ppo_training()

@@ -108,6 +108,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    """Print the effective config (defaults, or a file merged over them) as YAML."""
+    import yaml
+
+    from ml.config import load_config
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+
+    header = ("# Every pipeline setting with its default. A config file names only what it changes:\n"
+              "#   python -m ml pipeline --out runs/x --config my.yaml      (or the DAG Param config_file)\n"
+              "# Regenerate: python -m ml config > docs/example-config.yaml\n")
+    print(header + yaml.safe_dump(plain(load_config(args.file).to_dict()), sort_keys=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--model", required=True)
     summary.add_argument("--tracking-uri")
     summary.set_defaults(run=_summary)
+
+    config = commands.add_parser("config", help="print the effective pipeline config as YAML")
+    config.add_argument("file", nargs="?", help="config file to merge over the defaults")
+    config.set_defaults(run=_config)
 
     reg = commands.add_parser("registry", help="move the champion alias by hand").add_subparsers(
         dest="registry_command", required=True)

@@ -57,7 +57,8 @@ class RegistryConfig:
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lookback: int = 64
-    selection_metric: str = "sharpe"  # validation metric that picks the checkpoint
+    selection_metric: str = "sharpe"  # validation metric that picks the checkpoint (and the seed)
+    seeds: tuple[int, ...] = (1,)  # PPO seeds trained per fold; validation picks one, test shows the spread
     costs: CostConfig = field(default_factory=CostConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)

@@ -33,11 +33,12 @@ def config_from_params(params: dict) -> PipelineConfig:
         data["start"] = params["start"]
     overrides = {
         "data": data,
-        "ppo": {"total_timesteps": int(params["timesteps"]), "device": params["device"],
-                "seed": int(params["seed"])},
+        "ppo": {"total_timesteps": int(params["timesteps"]), "device": params["device"]},
         "splits": {"n_folds": int(params["n_folds"])},
         "registry": {"promote": bool(params["promote"])},
     }
+    if params.get("seeds"):
+        overrides["seeds"] = [int(seed) for seed in params["seeds"]]
     for key in ("num_envs", "num_steps"):
         if params.get(key):
             overrides["ppo"][key] = int(params[key])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -140,52 +141,87 @@ def start_tracking(run_dir: Path, run_name: str | None = None) -> dict:
 
 # 4. Train --------------------------------------------------------------------------------
 
-def fold_layout(run_dir: Path, config: PipelineConfig, bars: pd.DataFrame) -> list[Fold]:
+def plan_folds(run_dir: Path) -> list[int]:
+    """Lay out the walk-forward folds (folds.json); returns their indices, one training task each."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    bars = read_bars(run_dir)
     folds = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)
-    _write_json(Path(run_dir) / "folds.json", [f.as_dict() | f.dates(bars["timestamp"]) for f in folds])
-    return folds
+    _write_json(run_dir / "folds.json", [f.as_dict() | f.dates(bars["timestamp"]) for f in folds])
+    return [f.index for f in folds]
 
 
-def train_folds(run_dir: Path, device: str | None = None) -> dict:
-    """Train every fold; keep the validation-selected weights of each as a checkpoint."""
+def read_folds(run_dir: Path) -> list[Fold]:
+    return [Fold(index=f["index"], train=(f["train"]["first_bar"], f["train"]["last_bar"]),
+                 validation=(f["validation"]["first_bar"], f["validation"]["last_bar"]),
+                 test=(f["test"]["first_bar"], f["test"]["last_bar"]))
+            for f in _read_json(Path(run_dir) / "folds.json")]
+
+
+def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) -> dict:
+    """Train one fold once per seed; keep the seed with the best validation score.
+
+    Each seed's checkpoint is kept (the report shows the spread across seeds); a retry
+    skips seeds that finished and resumes the one that was interrupted.
+    """
+    from dataclasses import replace
+
     from ml.registry import log_metrics
     from ml.walkforward import train_fold
 
     run_dir = Path(run_dir)
+    fold_dir = run_dir / "folds" / f"fold_{fold_index}"
+    if (fold_dir / "training.json").exists():
+        return _read_json(fold_dir / "training.json")
     config = read_config(run_dir)
     tracking = _read_json(run_dir / "tracking.json")
-    bars = read_bars(run_dir)
+    fold = read_folds(run_dir)[fold_index]
     torch_device = resolve_device(device or config.ppo.device)
-    series = prepare_series(bars, config.lookback, torch_device)
-    summaries = []
-    for fold in fold_layout(run_dir, config, bars):
-        checkpoint_path = run_dir / "folds" / f"fold_{fold.index}" / "policy.pt"
-        if checkpoint_path.exists():  # a retry keeps folds that already finished
-            summaries.append(_read_json(checkpoint_path.with_name("training.json")))
-            continue
+    series = prepare_series(read_bars(run_dir), config.lookback, torch_device)
+    seeds = []
+    for seed in config.seeds:
+        seed_dir = fold_dir / f"seed_{seed}"
+        if not (seed_dir / "training.json").exists():
+            seed_config = replace(config, ppo=replace(config.ppo, seed=seed))
 
-        def log_update(metrics: dict, step: int, prefix: str = f"fold{fold.index}/") -> None:
-            log_metrics(tracking["tracking_uri"], tracking["run_id"],
-                        {prefix + k: v for k, v in metrics.items()}, step)
+            def log_update(metrics: dict, step: int, prefix: str = f"fold{fold_index}/seed{seed}/") -> None:
+                log_metrics(tracking["tracking_uri"], tracking["run_id"],
+                            {prefix + k: v for k, v in metrics.items()}, step)
 
-        result = train_fold(series, fold, config, log_update,
-                            checkpoint_path=checkpoint_path.with_name("train_state.pt"))
-        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(policy_checkpoint(result.agent, series.feature_module, config.ppo.hidden), checkpoint_path)
-        summary = {"fold": fold.index, "best_update": result.best_update,
-                   "validation_score": result.best_score, "selection_metric": config.selection_metric,
-                   "steps_per_second": result.steps_per_second, "device": str(torch_device),
-                   "updates": len(result.history), "resumed_from_update": result.resumed_from_update,
-                   "collapse_alarm": result.collapse_alarm}
-        _write_json(checkpoint_path.with_name("training.json"), summary)
-        _write_json(checkpoint_path.with_name("history.json"), result.history)
-        log.info("fold %d trained: %s", fold.index, summary)
-        summaries.append(summary)
-    return {"folds": len(summaries), "device": str(torch_device)}
+            result = train_fold(series, fold, seed_config, log_update, checkpoint_path=seed_dir / "train_state.pt")
+            torch.save(policy_checkpoint(result.agent, series.feature_module, config.ppo.hidden),
+                       seed_dir / "policy.pt")
+            _write_json(seed_dir / "history.json", result.history)
+            _write_json(seed_dir / "training.json", {
+                "seed": seed, "best_update": result.best_update, "validation_score": result.best_score,
+                "steps_per_second": result.steps_per_second, "updates": len(result.history),
+                "resumed_from_update": result.resumed_from_update, "collapse_alarm": result.collapse_alarm})
+        seeds.append(_read_json(seed_dir / "training.json"))
+    best = max(seeds, key=lambda s: s["validation_score"])
+    for name in ("policy.pt", "history.json"):
+        shutil.copyfile(fold_dir / f"seed_{best['seed']}" / name, fold_dir / name)
+    summary = {"fold": fold_index, "selected_seed": best["seed"], "best_update": best["best_update"],
+               "validation_score": best["validation_score"], "selection_metric": config.selection_metric,
+               "steps_per_second": float(np.mean([s["steps_per_second"] for s in seeds])),
+               "device": str(torch_device), "collapse_alarm": best["collapse_alarm"], "seeds": seeds}
+    _write_json(fold_dir / "training.json", summary)
+    log.info("fold %d trained: seed %s selected on validation (%.3f)", fold_index, best["seed"],
+             best["validation_score"])
+    return summary
 
 
-def load_agent(run_dir: Path, fold: int) -> tuple[ActorCritic, dict]:
-    checkpoint = torch.load(Path(run_dir) / "folds" / f"fold_{fold}" / "policy.pt", weights_only=True)
+def train_folds(run_dir: Path, device: str | None = None) -> dict:
+    """Every fold in turn (the DAG maps one task per fold instead)."""
+    summaries = [train_fold_seeds(run_dir, index, device) for index in plan_folds(run_dir)]
+    return {"folds": len(summaries), "device": summaries[0]["device"]}
+
+
+def load_agent(run_dir: Path, fold: int, seed: int | None = None) -> tuple[ActorCritic, dict]:
+    """The fold's selected policy, or one seed's."""
+    folder = Path(run_dir) / "folds" / f"fold_{fold}"
+    if seed is not None:
+        folder = folder / f"seed_{seed}"
+    checkpoint = torch.load(folder / "policy.pt", weights_only=True)
     return load_policy(checkpoint).actor_critic, checkpoint
 
 
@@ -203,16 +239,19 @@ def evaluate(run_dir: Path) -> dict:
     data = _read_json(run_dir / "data.json")
     bars = read_bars(run_dir)
     series = prepare_series(bars, config.lookback, torch.device("cpu"))
-    folds = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)
     fold_reports = []
     images = {}
-    for fold in folds:
+    for fold in read_folds(run_dir):
+        fold_dir = run_dir / "folds" / f"fold_{fold.index}"
+        training = _read_json(fold_dir / "training.json")
         agent, _ = load_agent(run_dir, fold.index)
-        history = _read_json(run_dir / "folds" / f"fold_{fold.index}" / "history.json")
-        trials = ([h["validation_score"] for h in history if "validation_score" in h]
-                  if config.selection_metric == "sharpe" else None)
-        report, test, baselines = evaluate_fold(agent, series, fold, config, trials)
-        report["training"] = _read_json(run_dir / "folds" / f"fold_{fold.index}" / "training.json")
+        # Every validation score any seed's selection looked at is a trial for the deflated Sharpe.
+        trials = [h["validation_score"] for s in training["seeds"]
+                  for h in _read_json(fold_dir / f"seed_{s['seed']}" / "history.json") if "validation_score" in h]
+        report, test, baselines = evaluate_fold(agent, series, fold, config,
+                                                trials if config.selection_metric == "sharpe" else None)
+        report["training"] = training
+        report["seeds"] = seed_spread(run_dir, fold, series, config, training)
         equity = test.frame()
         equity.to_csv(run_dir / f"fold_{fold.index}_test_equity.csv", index=False)
         curves = pd.DataFrame({"timestamp": test.timestamps, "policy": test.nav,
@@ -247,6 +286,25 @@ def evaluate(run_dir: Path) -> dict:
                  for k, v in report["aggregate"]["baselines"]["buy_and_hold"].items()})
     log_metrics(tracking["tracking_uri"], tracking["run_id"], flat)
     return {"report": str(run_dir / "report.json"), "collapse_alarm": report["aggregate"]["collapse_alarm"]}
+
+
+def seed_spread(run_dir: Path, fold: Fold, series, config: PipelineConfig, training: dict) -> dict:
+    """Each seed's test result (reported, never used for selection) and their spread."""
+    from ml.evaluation.metrics import periods_per_year
+    from ml.walkforward import backtest_policy
+
+    ppy = periods_per_year(config.data.interval, config.data.calendar)
+    per_seed = []
+    for seed in training["seeds"]:
+        agent, _ = load_agent(run_dir, fold.index, seed["seed"])
+        metrics = backtest_policy(agent, series, fold.test, config).metrics(ppy)
+        per_seed.append({"seed": seed["seed"], "validation_score": seed["validation_score"],
+                         "selected": seed["seed"] == training["selected_seed"],
+                         **{k: metrics[k] for k in ("total_return", "sharpe", "max_drawdown")}})
+    spread = {k: {"mean": float(np.mean([s[k] for s in per_seed])), "std": float(np.std([s[k] for s in per_seed])),
+                  "min": float(np.min([s[k] for s in per_seed])), "max": float(np.max([s[k] for s in per_seed]))}
+              for k in ("total_return", "sharpe")}
+    return {"per_seed": per_seed, "test_spread": spread}
 
 
 # 6. Export -------------------------------------------------------------------------------

@@ -49,10 +49,11 @@ def test_dag_folder_imports_without_errors(airflow_env, monkeypatch):
     assert bag.import_errors == {}
     dag = bag.dags["ppo_training"]
     assert [t.task_id for t in dag.topological_sort()] == [
-        "load_data", "validate_data", "start_tracking", "train", "evaluate", "export_onnx", "register"]
+        "load_data", "validate_data", "start_tracking", "plan_folds", "train", "evaluate", "export_onnx", "register"]
+    assert "MappedOperator" in type(dag.get_task("train")).__name__  # one task per fold
     assert dag.schedule == "0 2 * * *" or str(dag.timetable.summary) == "0 2 * * *"
     params = dag.params
-    for name in ("source", "symbol", "interval", "timesteps", "device", "n_folds", "promote"):
+    for name in ("source", "symbol", "interval", "timesteps", "device", "n_folds", "seeds", "promote"):
         assert params.get_param(name).description, name
     params.validate()  # defaults satisfy their own schema
 
@@ -79,7 +80,7 @@ def test_bad_params_are_refused_before_a_run(airflow_env):
 def test_airflow_dags_test_trains_registers_and_promotes(airflow_env, tmp_path):
     config_file = tmp_path / "tiny.json"
     config_file.write_text(json.dumps(TINY_CONFIG))
-    conf = {"source": "sample", "symbol": "GSPC", "start": "2009-01-01", "timesteps": 4096,
+    conf = {"source": "sample", "symbol": "GSPC", "start": "2009-01-01", "timesteps": 4096, "seeds": [1, 2],
             "config_file": str(config_file)}
     proc = subprocess.run([AIRFLOW, "dags", "test", "ppo_training", "-c", json.dumps(conf)],
                           env=airflow_env, capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
@@ -101,6 +102,7 @@ def test_airflow_dags_test_trains_registers_and_promotes(airflow_env, tmp_path):
     run_dir = run_dirs[0]
     report = json.loads((run_dir / "report.json").read_text())
     assert len(report["folds"]) == 2
+    assert all(len(fold["seeds"]["per_seed"]) == 2 for fold in report["folds"])
     assert json.loads((run_dir / "config.json").read_text())["ppo"]["total_timesteps"] == 4096
 
     policy = Policy.load("models:/ppo_GSPC_1d@champion", tracking_uri=uri)

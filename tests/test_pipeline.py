@@ -53,6 +53,14 @@ def test_report_has_folds_baselines_and_aggregate(pipeline_run):
         # The reported total return is the curve's, not a number from elsewhere.
         assert fold["policy"]["test"]["total_return"] == pytest.approx(curve["nav"].iloc[-1] - 1.0)
     assert "folds_beating" in report["aggregate"]
+    for fold in report["folds"]:
+        assert [s["seed"] for s in fold["seeds"]["per_seed"]] == [1]
+        assert fold["seeds"]["per_seed"][0]["selected"] and fold["training"]["selected_seed"] == 1
+        assert fold["policy"]["test"]["sharpe"] == pytest.approx(fold["seeds"]["per_seed"][0]["sharpe"])
+        assert fold["policy"]["test"]["sharpe_ci_low"] <= fold["policy"]["test"]["sharpe"] \
+            <= fold["policy"]["test"]["sharpe_ci_high"]
+        assert 0.0 <= fold["policy"]["test"]["psr"] <= 1.0
+    assert (out / "report.html").stat().st_size > 10_000
 
 
 def test_registry_holds_a_champion_whose_onnx_runs(pipeline_run):
@@ -83,7 +91,7 @@ def test_run_logged_params_metrics_and_report(pipeline_run):
     run = client.get_run(result["run_id"])
     assert run.data.tags["dataset_hash"]
     assert "test/mean/policy/sharpe" in run.data.metrics and "test/mean/buy_and_hold/sharpe" in run.data.metrics
-    assert any(k.startswith("fold0/loss/") for k in run.data.metrics)
+    assert any(k.startswith("fold0/seed1/loss/") for k in run.data.metrics)
     assert run.data.params["ppo.total_timesteps"] == "4096"
     artifacts = {a.path for a in client.list_artifacts(result["run_id"], "report")}
     assert "report/report.json" in artifacts
