@@ -1,7 +1,8 @@
 """
 ### PPO training pipeline
 
-Nightly: load bars -> Great Expectations gate -> walk-forward PPO training ->
+Nightly, and whenever `market_data` updates the curated lake: load bars -> Great Expectations gate ->
+walk-forward PPO training (one mapped task per fold) ->
 test backtests beside baselines -> ONNX export with parity check -> MLflow
 registration (`challenger`, and `champion` when the gate passes).
 
@@ -16,7 +17,7 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 
 # Where training runs: the Docker/Celery stack sets these to its `gpu` queue and pool. The
@@ -27,7 +28,10 @@ TRAINING_POOL = os.environ.get("ML_TRAINING_POOL", "default_pool")
 
 @dag(
     dag_id="ppo_training",
-    schedule="0 2 * * *",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
+        assets=Asset("market_data_curated"),
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -35,10 +39,12 @@ TRAINING_POOL = os.environ.get("ML_TRAINING_POOL", "default_pool")
     doc_md=__doc__,
     default_args={"retries": 1, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True},
     params={
-        "source": Param("sample", enum=["sample", "file", "yfinance"],
-                        description="Where bars come from: the bundled sample, a CSV/parquet file, or yfinance."),
+        "source": Param("sample", enum=["sample", "file", "yfinance", "lake"],
+                        description="Where bars come from: the bundled sample, a CSV/parquet file, yfinance, "
+                                    "or the curated data lake (runs triggered by market_data use the lake)."),
         "symbol": Param("GSPC", type="string", minLength=1, description="Ticker (yfinance) or sample name."),
-        "data_path": Param(None, type=["null", "string"], description="CSV/parquet path when source is 'file'."),
+        "data_path": Param(None, type=["null", "string"],
+                           description="CSV/parquet path when source is 'file'; lake root when source is 'lake'."),
         "interval": Param("1d", enum=["1d", "1h", "30m", "15m", "5m"], description="Bar interval."),
         "start": Param(None, type=["null", "string"], format="date", description="First date to use (YYYY-MM-DD)."),
         "timesteps": Param(500_000, type="integer", minimum=1024, maximum=1_000_000_000,
@@ -58,11 +64,12 @@ TRAINING_POOL = os.environ.get("ML_TRAINING_POOL", "default_pool")
 )
 def ppo_training():
     @task
-    def load_data(params=None, run_id=None, dag=None) -> str:
+    def load_data(params=None, run_id=None, dag=None, triggering_asset_events=None) -> str:
         from ml import orchestration, pipeline
 
         run_dir = orchestration.run_dir_for(dag.dag_id, run_id)
-        pipeline.load_data(run_dir, orchestration.config_from_params(params))
+        event = orchestration.newest_asset_event(triggering_asset_events)
+        pipeline.load_data(run_dir, orchestration.config_from_params(params, event))
         return str(run_dir)
 
     @task

@@ -2,6 +2,7 @@
 
     pipeline       run every stage in-process on a file, the sample or yfinance
     data validate  run the quality gate on one file (exit 0 = passes)
+    data ingest    pull symbols into the versioned lake (raw -> gate -> curated or quarantine)
     data build-suites  rewrite the committed GX suites from their definitions
     summary        what the registry holds for a model: versions, aliases, gate, metrics
     registry promote | rollback   move `champion` by hand (only to versions that passed their gate)
@@ -51,6 +52,17 @@ def _validate(args: argparse.Namespace) -> int:
     result = validate_bars(bars, str(args.path), ValidationConfig(calendar=args.calendar))
     print(("PASSED " if result.success else "FAILED ") + result.describe())
     return 0 if result.success else 1
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    """Pull symbols into the lake through the gate; exit 1 when any symbol was not curated."""
+    from ml.data.ingest import ingest_many
+
+    results = ingest_many(args.lake, args.symbols, interval=args.interval, source=args.source,
+                          start=args.start, path=args.path)
+    for result in results:
+        print(json.dumps(result, default=str))
+    return 0 if all(r["status"] in ("updated", "unchanged") for r in results) else 1
 
 
 def _build_suites(_args: argparse.Namespace) -> int:
@@ -147,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--interval", default="1d")
     validate.add_argument("--calendar", default="equity", choices=["equity", "crypto"])
     validate.set_defaults(run=_validate)
+    ingest = data.add_parser("ingest", help="pull symbols into the data lake (raw -> gate -> curated)")
+    ingest.add_argument("symbols", nargs="+")
+    ingest.add_argument("--lake", help="lake root: a folder or s3://bucket/prefix (default $ML_LAKE_ROOT)")
+    ingest.add_argument("--source", default="sample", choices=["sample", "file", "yfinance"])
+    ingest.add_argument("--path", help="for --source file: a folder of SYMBOL.csv files or a {symbol} pattern")
+    ingest.add_argument("--interval", default="1d")
+    ingest.add_argument("--start")
+    ingest.set_defaults(run=_ingest)
     suites = data.add_parser("build-suites", help="write the GX suites into great_expectations/")
     suites.set_defaults(run=_build_suites)
 

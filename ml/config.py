@@ -21,10 +21,10 @@ from ml.ppo import PPOConfig
 
 @dataclass
 class DataConfig:
-    source: str = "sample"  # sample | file | yfinance
+    source: str = "sample"  # sample | file | yfinance | lake
     symbol: str = "GSPC"
     interval: str = "1d"
-    path: str | None = None  # for source=file
+    path: str | None = None  # the file for source=file; the lake root for source=lake
     start: str | None = None
     end: str | None = None
     auto_adjust: bool = True  # yfinance: adjusted prices (recorded with the data)

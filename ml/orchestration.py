@@ -24,11 +24,27 @@ def run_dir_for(dag_id: str, run_id: str) -> Path:
     return runs_root() / dag_id / safe
 
 
-def config_from_params(params: dict) -> PipelineConfig:
-    """Map the DAG's Params onto the pipeline config (a config file, then explicit Params)."""
+def newest_asset_event(events) -> dict | None:
+    """``extra`` of the newest event among those that triggered a run (events coalesce)."""
+    flat = [event for group in (events or {}).values() for event in group]
+    if not flat:
+        return None
+    return dict(max(flat, key=lambda event: event.timestamp).extra or {})
+
+
+def config_from_params(params: dict, asset_event: dict | None = None) -> PipelineConfig:
+    """Map the DAG's Params onto the pipeline config (a config file, then explicit Params).
+
+    A run triggered by the curated-data asset trains on the lake partition that changed.
+    """
     data = {"source": params["source"], "symbol": params["symbol"], "interval": params["interval"]}
     if params.get("data_path"):
         data["path"] = params["data_path"]
+    if asset_event and asset_event.get("symbol"):
+        data.update(source="lake", symbol=asset_event["symbol"],
+                    interval=asset_event.get("interval", data["interval"]))
+        if asset_event.get("lake_root"):
+            data["path"] = asset_event["lake_root"]
     if params.get("start"):
         data["start"] = params["start"]
     overrides = {

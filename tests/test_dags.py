@@ -51,7 +51,9 @@ def test_dag_folder_imports_without_errors(airflow_env, monkeypatch):
     assert [t.task_id for t in dag.topological_sort()] == [
         "load_data", "validate_data", "start_tracking", "plan_folds", "train", "evaluate", "export_onnx", "register"]
     assert "MappedOperator" in type(dag.get_task("train")).__name__  # one task per fold
-    assert dag.schedule == "0 2 * * *" or str(dag.timetable.summary) == "0 2 * * *"
+    # Nightly, and whenever the curated market data changes.
+    assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
+    assert "0 2 * * *" in repr(dag.timetable.timetable) and "market_data_curated" in str(dag.timetable.asset_condition)
     params = dag.params
     for name in ("source", "symbol", "interval", "timesteps", "device", "n_folds", "seeds", "promote"):
         assert params.get_param(name).description, name

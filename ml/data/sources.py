@@ -111,7 +111,13 @@ def load_yfinance(
 def load_bars(source: str, *, symbol: str, interval: str = "1d", path: str | None = None,
               start: str | None = None, end: str | None = None,
               auto_adjust: bool = True) -> pd.DataFrame:
-    """Dispatch on the configured source name: ``sample``, ``file`` or ``yfinance``."""
+    """Dispatch on the configured source name: ``sample``, ``file``, ``yfinance`` or ``lake``.
+
+    ``lake`` reads the curated partition of the data lake (``path`` = lake root, default
+    ``$ML_LAKE_ROOT``), i.e. only batches that passed the gate.
+    """
+    if source == "lake":
+        return load_lake(symbol, interval=interval, root=path, start=start, end=end)
     if source == "sample":
         bars = load_sample(symbol, interval)
     elif source == "file":
@@ -122,7 +128,24 @@ def load_bars(source: str, *, symbol: str, interval: str = "1d", path: str | Non
         return load_yfinance(symbol, interval=interval, start=start, end=end,
                              auto_adjust=auto_adjust)
     else:
-        raise DataError(f"unknown data source '{source}' (expected sample, file or yfinance)")
+        raise DataError(f"unknown data source '{source}' (expected sample, file, yfinance or lake)")
+    if start:
+        bars = bars[bars["timestamp"] >= pd.Timestamp(start, tz="UTC")]
+    if end:
+        bars = bars[bars["timestamp"] < pd.Timestamp(end, tz="UTC")]
+    return bars.reset_index(drop=True)
+
+
+def load_lake(symbol: str, *, interval: str = "1d", root: str | None = None, start: str | None = None,
+              end: str | None = None, version: str | None = None) -> pd.DataFrame:
+    """Curated bars from the data lake (``ml.data.lake``; root defaults to ``$ML_LAKE_ROOT``).
+
+    ``version`` pins a curated content hash, so a training run can be repeated
+    on exactly the data it saw.
+    """
+    from ml.data.lake import Lake
+
+    bars = Lake(root).read_curated(symbol, interval, version)
     if start:
         bars = bars[bars["timestamp"] >= pd.Timestamp(start, tz="UTC")]
     if end:

@@ -1,0 +1,189 @@
+"""Our batched PPO against Stable-Baselines3 PPO on the Gymnasium wrapper, in one run.
+
+    .venv/bin/python benchmarks/sb3_comparison.py [--sb3-steps 20480] [--ppo-steps 1048576]
+
+Both learn on the bundled GSPC sample with the default costs, 5 exposure levels,
+rollout length 64, 4 epochs x 4 minibatches, lr 3e-4, and 64x64 tanh MLPs:
+ours is one shared backbone with actor and critic heads, SB3's ``MlpPolicy``
+default is separate 64x64 networks for policy and value (SB3 2.x has no shared
+layers option), so SB3 does about twice the MLP work per sample. SB3 runs on CPU
+with ``DummyVecEnv`` (sequential, in-process) over ``TradingGymEnv``, which
+steps one ``TradingEnv`` episode per instance. Ours runs ``train_fold`` with
+4096 parallel episodes on CPU; validation runs once, after the last update,
+and is inside the timing.
+
+The env-only rows step random exposure levels without any learner.
+Prints Markdown tables with machine, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+import torch
+
+from ml.config import config_from_dict
+from ml.data.sources import load_sample
+from ml.env import CostConfig, EnvConfig, TradingEnv
+from ml.evaluation.splits import walk_forward_folds
+from ml.gym_env import DEFAULT_LEVELS, TradingGymEnv
+from ml.market import prepare_series
+from ml.ppo import PPOConfig
+from ml.walkforward import train_fold
+
+DATA = "sample:GSPC"
+LOOKBACK = 64
+
+
+def make_vec_env(n_envs: int, window: tuple[int, int], seed: int):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    # Episodes confined to the same training window our PPO learns on.
+    vec = DummyVecEnv([lambda: TradingGymEnv(DATA, train_window=window) for _ in range(n_envs)])
+    vec.seed(seed)
+    return vec
+
+
+def sb3_ppo(n_envs: int, timesteps: int, window: tuple[int, int]) -> tuple[float, float]:
+    from stable_baselines3 import PPO
+
+    cfg = PPOConfig()
+    vec = make_vec_env(n_envs, window, seed=cfg.seed)
+    n_steps = cfg.num_steps
+    model = PPO(
+        "MlpPolicy", vec, n_steps=n_steps, batch_size=n_steps * n_envs // cfg.num_minibatches,
+        n_epochs=cfg.update_epochs, learning_rate=cfg.learning_rate, gamma=cfg.gamma,
+        gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_coef, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
+        max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl,
+        policy_kwargs={"net_arch": list(cfg.hidden), "activation_fn": torch.nn.Tanh},
+        device="cpu", seed=cfg.seed, verbose=0,
+    )
+    start = time.perf_counter()
+    model.learn(total_timesteps=timesteps)
+    elapsed = time.perf_counter() - start
+    return model.num_timesteps, elapsed
+
+
+def our_ppo(bars, series, n_envs: int, timesteps: int) -> tuple[float, float]:
+    ppo = {"num_envs": n_envs, "num_steps": 64, "total_timesteps": timesteps,
+           "eval_every": 10**9, "device": "cpu"}
+    if "progress" in {f.name for f in dataclasses.fields(PPOConfig)}:
+        ppo["progress"] = False
+    config = config_from_dict({"ppo": ppo})
+    fold = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)[-1]
+    start = time.perf_counter()
+    result = train_fold(series, fold, config)
+    elapsed = time.perf_counter() - start
+    return result.history[-1]["global_step"], elapsed
+
+
+def wrapper_env_rate(window: tuple[int, int], steps: int) -> float:
+    """One wrapper instance through the plain Gymnasium API."""
+    env = TradingGymEnv(DATA, train_window=window)
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, env.action_space.n, size=steps)
+    env.reset(seed=0)
+    start = time.perf_counter()
+    for action in actions:
+        _, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            env.reset()
+    return steps / (time.perf_counter() - start)
+
+
+def dummy_vec_env_rate(n_envs: int, window: tuple[int, int], steps: int) -> float:
+    """What SB3 sees: DummyVecEnv of wrappers, autoreset included."""
+    vec = make_vec_env(n_envs, window, seed=0)
+    vec.reset()
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, len(DEFAULT_LEVELS), size=(steps // n_envs, n_envs))
+    start = time.perf_counter()
+    for batch in actions:
+        vec.step(batch)
+    return actions.size / (time.perf_counter() - start)
+
+
+def batched_env_rate(series, n_envs: int, window: tuple[int, int], steps: int) -> float:
+    """Our batched TradingEnv with the same random discrete levels and autoreset."""
+    lo, hi = window
+    env = TradingEnv(series.ohlcv, series.features, n_envs, CostConfig(), EnvConfig(), series.fill_at_open)
+    generator = torch.Generator().manual_seed(0)
+    ends = torch.full((n_envs,), hi)
+    levels = torch.tensor(DEFAULT_LEVELS, dtype=torch.float64)
+    env.reset(torch.randint(lo, hi, (n_envs,), generator=generator), ends)
+    actions = torch.randint(0, len(levels), (steps, n_envs), generator=generator)
+
+    def run(count: int) -> None:
+        for k in range(count):
+            result = env.step(levels[actions[k]])
+            done = result.terminated | result.truncated
+            if done.any():
+                env.reset(torch.randint(lo, hi, (n_envs,), generator=generator), ends, mask=done)
+            env.observe()
+
+    run(10)  # warm-up
+    start = time.perf_counter()
+    run(steps)
+    return n_envs * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sb3-envs", type=int, default=8)
+    parser.add_argument("--sb3-steps", type=int, default=20_480)
+    parser.add_argument("--ppo-envs", type=int, default=4096)
+    parser.add_argument("--ppo-steps", type=int, default=4096 * 64 * 4)
+    parser.add_argument("--env-steps", type=int, default=10_000, help="env-only steps for the wrapper")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    bars = load_sample("GSPC")
+    series = prepare_series(bars, LOOKBACK, torch.device("cpu"))
+    config = config_from_dict({})
+    window = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)[-1].train
+
+    sb3_steps, sb3_seconds = sb3_ppo(args.sb3_envs, args.sb3_steps, window)
+    our_steps, our_seconds = our_ppo(bars, series, args.ppo_envs, args.ppo_steps)
+    wrapper_rate = wrapper_env_rate(window, args.env_steps)
+    dummy_rate = dummy_vec_env_rate(args.sb3_envs, window, args.env_steps)
+    batched_rate = batched_env_rate(series, args.ppo_envs, window, 500)
+
+    import gymnasium
+    import stable_baselines3
+
+    sb3_rate, our_rate = sb3_steps / sb3_seconds, our_steps / our_seconds
+    print(f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads, CPU only")
+    print(f"date: {datetime.date.today().isoformat()}; python {platform.python_version()}, torch {torch.__version__}, "
+          f"stable-baselines3 {stable_baselines3.__version__}, gymnasium {gymnasium.__version__}")
+    # The machine may be shared: the load average tells whether the cores were busy elsewhere.
+    print("1-min load average: {:.2f} at start, {:.2f} at end".format(load_before[0], os.getloadavg()[0]))
+    print(f"data: bundled GSPC, last fold's train window bars {window[0]}..{window[1]}, default costs")
+    print()
+    print("| trainer | parallel episodes | env steps | wall s | train steps/s |")
+    print("|---|---|---|---|---|")
+    print(f"| SB3 PPO, DummyVecEnv of TradingGymEnv | {args.sb3_envs} | {sb3_steps:,} | {sb3_seconds:.1f} "
+          f"| {sb3_rate:,.0f} |")
+    print(f"| ml.ppo via train_fold, batched TradingEnv | {args.ppo_envs} | {our_steps:,} | {our_seconds:.1f} "
+          f"| {our_rate:,.0f} |")
+    print(f"| ratio (ours / SB3) | | | | {our_rate / sb3_rate:,.0f}x |")
+    print()
+    print("| environment only (random levels) | parallel episodes | env steps/s |")
+    print("|---|---|---|")
+    print(f"| TradingGymEnv, plain Gymnasium loop | 1 | {wrapper_rate:,.0f} |")
+    print(f"| DummyVecEnv of TradingGymEnv (what SB3 steps) | {args.sb3_envs} | {dummy_rate:,.0f} |")
+    print(f"| batched TradingEnv | {args.ppo_envs} | {batched_rate:,.0f} |")
+    print(f"| ratio (batched / DummyVecEnv) | | {batched_rate / dummy_rate:,.0f}x |")
+
+
+if __name__ == "__main__":
+    main()

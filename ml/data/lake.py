@@ -1,0 +1,410 @@
+"""A versioned market-data lake of parquet partitions, on local disk or S3.
+
+Layout under the root (a folder, or ``s3://bucket/prefix``)::
+
+    raw/interval=1d/symbol=SPY/<pull_id>.parquet          every pull, exactly as pulled
+    curated/interval=1d/symbol=SPY/bars.parquet           the validated series (current)
+    curated/interval=1d/symbol=SPY/_versions/<hash>.parquet   every curated version, by content hash
+    curated/interval=1d/symbol=SPY/_manifest.json         history of curated versions
+    quarantine/interval=1d/symbol=SPY/<pull_id>/bars.parquet + validation.json
+
+Names starting with ``_`` or ``.`` are skipped by parquet dataset readers, so
+``pd.read_parquet(ROOT + "/curated", partitioning=None)`` reads every current
+series at once (the files carry symbol and interval as columns already).
+
+Writes never leave a half-written object: a local file is written to a temp
+file and renamed over the target; an S3 PUT is atomic by itself (readers see
+the old object or the new one). Curated writes are compare-and-swap against
+the version that was read (S3 ``If-Match``, a directory lock locally), so two
+writers cannot silently drop each other's bars; raw, version and quarantine
+objects are create-only, so nothing stored is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ml.data.schema import BAR_COLUMNS, DataError, content_hash
+from ml.data.validation import DataValidationError, ValidationConfig, ValidationResult, validate_bars
+
+LAKE_ROOT_ENV = "ML_LAKE_ROOT"
+_ANY = object()  # write(): no precondition
+_NAME_RE = re.compile(r"^[A-Za-z0-9^._=-]+$")  # tickers like ^GSPC, BRK-B, EURUSD=X
+
+
+class LakeConflictError(RuntimeError):
+    """A conditional write lost: the object exists, or changed since it was read."""
+
+
+class QuarantinedError(DataValidationError):
+    """A batch failed the gate and was stored under ``location`` instead of curated."""
+
+    def __init__(self, result: ValidationResult, location: str, curated_hash: str | None):
+        super().__init__(result)
+        self.location = location
+        self.curated_hash = curated_hash
+
+
+def new_pull_id() -> str:
+    """Sortable by time and unique per pull, so raw pulls are never overwritten."""
+    return f"{pd.Timestamp.now(tz='UTC'):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:6]}"
+
+
+def default_root() -> str:
+    """``$ML_LAKE_ROOT``, else ``lake/`` in the project checkout."""
+    return os.environ.get(LAKE_ROOT_ENV) or str(Path(__file__).resolve().parents[2] / "lake")
+
+
+# Storage backends: bytes by key, with create-only and compare-and-swap writes ---------------
+
+class _LocalStore:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def url(self, key: str) -> str:
+        return str(self.root / key)
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            with open(self.root / key, "rb") as handle:
+                return handle.read(), self._token(os.fstat(handle.fileno()))
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _token(stat: os.stat_result) -> str:
+        # os.replace gives the target a new inode, so this changes on every write.
+        return f"{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"
+
+    def write(self, key: str, data: bytes, expect=_ANY) -> str:
+        import fcntl
+
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                fcntl.flock(directory, fcntl.LOCK_EX)  # check-then-rename must not interleave
+                try:
+                    current = self._token(os.stat(path))
+                except FileNotFoundError:
+                    current = None
+                if expect is not _ANY and current != expect:
+                    raise LakeConflictError(
+                        f"{path}: {'already exists' if expect is None else 'changed since it was read'}")
+                os.replace(tmp, path)
+                os.fsync(directory)  # make the rename itself durable
+                return self._token(os.stat(path))
+            finally:
+                os.close(directory)  # also releases the lock
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
+                      if p.is_file() and not p.name.startswith("."))
+
+
+class _S3Store:
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None):
+        import boto3
+        from botocore.config import Config
+
+        # MinIO and other S3-compatible servers want path-style addressing.
+        config = Config(retries={"mode": "standard", "max_attempts": 5},
+                        s3={"addressing_style": "path"} if endpoint_url else {})
+        self._s3 = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        self.bucket, self.prefix = bucket, prefix
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self._s3.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None
+            raise
+        return response["Body"].read(), response["ETag"]
+
+    def write(self, key: str, data: bytes, expect=_ANY) -> str:
+        from botocore.exceptions import ClientError
+
+        condition = {} if expect is _ANY else {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
+        try:
+            response = self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+        except ClientError as exc:
+            code = exc.response["Error"]["Code"]
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409"):
+                raise LakeConflictError(f"{self.url(key)}: conditional write refused ({code})") from exc
+            raise
+        return response["ETag"]
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix).rstrip("/") + "/"
+        strip = len(self._key(""))
+        keys = []
+        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            keys += [item["Key"][strip:] for item in page.get("Contents", [])]
+        return sorted(keys)
+
+
+# The lake -------------------------------------------------------------------------------------
+
+@dataclass
+class CurateResult:
+    symbol: str
+    interval: str
+    status: str  # updated | unchanged
+    rows: int  # curated rows after this batch
+    rows_added: int  # bars at new timestamps
+    rows_revised: int  # stored bars whose values the batch replaced
+    curated_hash: str
+    previous_hash: str | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _to_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _conform(frame: pd.DataFrame) -> pd.DataFrame:
+    """Schema column order and the timestamp unit, so hashes do not depend on how a frame was made."""
+    frame = frame.loc[:, list(BAR_COLUMNS)].copy()
+    frame["timestamp"] = frame["timestamp"].astype("datetime64[ns, UTC]")
+    return frame.reset_index(drop=True)
+
+
+def _single(bars: pd.DataFrame, column: str) -> str:
+    values = bars[column].unique()
+    if len(values) != 1:
+        raise DataError(f"a lake batch holds one {column}; got {list(values)[:5]}")
+    return str(values[0])  # Lake.partition checks it can name a folder
+
+
+def merge_bars(existing: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
+    """Stored bars plus a batch; the batch wins where timestamps repeat (revisions)."""
+    if existing is None or existing.empty:
+        return new.reset_index(drop=True)
+    kept = existing[~existing["timestamp"].isin(new["timestamp"])]
+    merged = pd.concat([kept, new], ignore_index=True)
+    # A batch that is itself out of order is left so, for the gate to report it.
+    if new["timestamp"].is_monotonic_increasing:
+        merged = merged.sort_values("timestamp", kind="stable")
+    return merged.reset_index(drop=True)
+
+
+def _revised(existing: pd.DataFrame | None, new: pd.DataFrame) -> int:
+    if existing is None or existing.empty:
+        return 0
+    fields = ["timestamp", "open", "high", "low", "close", "volume"]
+    both = existing[fields].merge(new[fields], on="timestamp", suffixes=("_old", "_new"))
+    changed = pd.Series(False, index=both.index)
+    for field in fields[1:]:
+        old, new_ = both[f"{field}_old"], both[f"{field}_new"]
+        changed |= ~((old == new_) | (old.isna() & new_.isna()))
+    return int(changed.sum())
+
+
+class Lake:
+    """Raw, curated and quarantined bars by symbol and interval; see the module docstring."""
+
+    def __init__(self, root: str | Path | None = None, endpoint_url: str | None = None):
+        root = str(root or default_root())
+        if root.startswith("s3://"):
+            bucket, _, prefix = root[len("s3://"):].partition("/")
+            endpoint_url = (endpoint_url or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+                            or os.environ.get("AWS_ENDPOINT_URL") or None)
+            self._store = _S3Store(bucket, prefix.strip("/"), endpoint_url)
+        else:
+            self._store = _LocalStore(Path(root).expanduser().resolve())
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"Lake({self.root!r})"
+
+    # Keys
+    @staticmethod
+    def partition(zone: str, symbol: str, interval: str) -> str:
+        for value in (symbol, interval):
+            if not _NAME_RE.match(value) or value.startswith("."):
+                raise DataError(f"'{value}' cannot name a lake partition (rule: {_NAME_RE.pattern})")
+        return f"{zone}/interval={interval}/symbol={symbol}"
+
+    def _curated(self, symbol: str, interval: str, name: str = "bars.parquet") -> str:
+        return f"{self.partition('curated', symbol, interval)}/{name}"
+
+    def url(self, key: str) -> str:
+        return self._store.url(key)
+
+    # Frames
+    def _read_frame(self, key: str) -> tuple[pd.DataFrame | None, str | None]:
+        found = self._store.read(key)
+        if found is None:
+            return None, None
+        data, token = found
+        return _conform(pd.read_parquet(io.BytesIO(data))), token
+
+    def _read_json(self, key: str) -> dict | None:
+        found = self._store.read(key)
+        return json.loads(found[0]) if found else None
+
+    def _write_json(self, key: str, payload: dict, expect=_ANY) -> None:
+        self._store.write(key, json.dumps(payload, indent=2, default=str).encode(), expect)
+
+    # Raw
+    def write_raw(self, bars: pd.DataFrame, pull_id: str) -> str:
+        """Store a pull as it came; a repeated pull id is fine only with the same content."""
+        key = f"{self.partition('raw', _single(bars, 'symbol'), _single(bars, 'interval'))}/{pull_id}.parquet"
+        try:
+            self._store.write(key, _to_bytes(bars.reset_index(drop=True)), expect=None)
+        except LakeConflictError:
+            stored, _ = self._read_frame(key)
+            if stored is None or content_hash(stored) != content_hash(_conform(bars)):
+                raise LakeConflictError(f"{self.url(key)}: pull id reused for different bars") from None
+        return key
+
+    def raw_pulls(self, symbol: str, interval: str) -> list[str]:
+        keys = self._store.list(self.partition("raw", symbol, interval))
+        return [Path(k).stem for k in keys if k.endswith(".parquet")]
+
+    def read_raw(self, symbol: str, interval: str, pull_id: str) -> pd.DataFrame:
+        data = self._store.read(f"{self.partition('raw', symbol, interval)}/{pull_id}.parquet")
+        if data is None:
+            raise DataError(f"{self.root}: no raw pull '{pull_id}' for {symbol} {interval}")
+        return pd.read_parquet(io.BytesIO(data[0]))
+
+    # Curated
+    def timestamps(self, symbol: str, interval: str) -> pd.Series:
+        """Curated bar times, oldest first (empty when nothing is curated yet)."""
+        found = self._store.read(self._curated(symbol, interval))
+        if found is None:
+            return pd.Series([], dtype="datetime64[ns, UTC]")
+        frame = pd.read_parquet(io.BytesIO(found[0]), columns=["timestamp"])
+        return frame["timestamp"].astype("datetime64[ns, UTC]").reset_index(drop=True)
+
+    def last_timestamp(self, symbol: str, interval: str) -> pd.Timestamp | None:
+        times = self.timestamps(symbol, interval)
+        return None if times.empty else times.iloc[-1]
+
+    def read_curated(self, symbol: str, interval: str, version: str | None = None) -> pd.DataFrame:
+        return self.snapshot(symbol, interval, version)[0]
+
+    def snapshot(self, symbol: str, interval: str, version: str | None = None) -> tuple[pd.DataFrame, str]:
+        """Current curated bars (or the version with that content hash) and their content hash."""
+        if version and not re.fullmatch(r"[0-9a-f]{64}", version):
+            raise DataError(f"'{version}' is not a content hash (64 hex digits)")
+        key = self._curated(symbol, interval, f"_versions/{version}.parquet" if version else "bars.parquet")
+        frame, _ = self._read_frame(key)
+        if frame is None:
+            what = f"version {version}" if version else "curated data"
+            raise DataError(f"{self.root}: no {what} for {symbol} {interval}")
+        digest = content_hash(frame)
+        if version and digest != version:
+            raise DataError(f"{self.url(key)}: content hash {digest} does not match its name")
+        return frame, digest
+
+    def manifest(self, symbol: str, interval: str) -> dict:
+        return self._read_json(self._curated(symbol, interval, "_manifest.json")) or {
+            "symbol": symbol, "interval": interval, "current": None, "history": []}
+
+    def symbols(self, interval: str, zone: str = "curated") -> list[str]:
+        keys = self._store.list(f"{zone}/interval={interval}")
+        return sorted({k.split("symbol=", 1)[1].split("/", 1)[0] for k in keys if "symbol=" in k})
+
+    def curate(self, bars: pd.DataFrame, config: ValidationConfig | None = None, *,
+               pull_id: str | None = None) -> CurateResult:
+        """Merge a batch into curated after the whole merged series passes the gate.
+
+        The merged series is validated (not just the batch) because the
+        multi-row rules (jumps, gaps) must also hold at the seam. On failure
+        the batch and its validation result go to quarantine, curated is not
+        touched, and QuarantinedError (a DataValidationError) is raised.
+        """
+        symbol, interval = _single(bars, "symbol"), _single(bars, "interval")
+        bars, pull_id = _conform(bars), pull_id or new_pull_id()
+        key = self._curated(symbol, interval)
+        existing, token = self._read_frame(key)
+        previous = content_hash(existing) if existing is not None else None
+        merged = merge_bars(existing, bars)
+        digest = content_hash(merged)
+        known = set(existing["timestamp"]) if existing is not None else set()
+        outcome = CurateResult(symbol, interval, "updated", len(merged),
+                               int((~bars["timestamp"].isin(known)).sum()), _revised(existing, bars),
+                               digest, previous)
+        if digest == previous:
+            # Nothing new: leave curated (and its ingestion times) exactly as it is.
+            return CurateResult(symbol, interval, "unchanged", len(existing), 0, 0, previous, previous)
+
+        result = validate_bars(merged, f"{self.url(key)} + pull {pull_id}", config or ValidationConfig())
+        if not result.success:
+            raise QuarantinedError(result, self._quarantine(bars, result, pull_id, previous), previous)
+
+        data = _to_bytes(merged)
+        try:  # content-addressed, so an existing version is this very content
+            self._store.write(self._curated(symbol, interval, f"_versions/{digest}.parquet"), data, expect=None)
+        except LakeConflictError:
+            pass
+        self._store.write(key, data, expect=token)  # token None: create-only
+        manifest = self.manifest(symbol, interval)
+        entry = {"hash": digest, "rows": len(merged), "first": str(merged["timestamp"].iloc[0]),
+                 "last": str(merged["timestamp"].iloc[-1]), "pull_id": pull_id,
+                 "rows_added": outcome.rows_added, "rows_revised": outcome.rows_revised,
+                 "curated_at": pd.Timestamp.now(tz="UTC").isoformat()}
+        manifest["current"] = entry
+        manifest["history"].append(entry)
+        self._write_json(self._curated(symbol, interval, "_manifest.json"), manifest)
+        return outcome
+
+    # Quarantine
+    def _quarantine(self, bars: pd.DataFrame, result: ValidationResult, pull_id: str,
+                    curated_hash: str | None) -> str:
+        prefix = f"{self.partition('quarantine', _single(bars, 'symbol'), _single(bars, 'interval'))}/{pull_id}"
+        report = {"pull_id": pull_id, "quarantined_at": pd.Timestamp.now(tz="UTC").isoformat(),
+                  "batch_rows": len(bars), "checked_rows": result.rows, "curated_hash": curated_hash,
+                  "failed_rules": [rule.rule for rule in result.failed], "validation": result.as_dict()}
+        for name, data in (("bars.parquet", _to_bytes(bars)),
+                           ("validation.json", json.dumps(report, indent=2, default=str).encode())):
+            try:
+                self._store.write(f"{prefix}/{name}", data, expect=None)
+            except LakeConflictError:
+                pass  # this pull was quarantined before; keep the first record
+        return self.url(prefix)
+
+    def quarantined(self, symbol: str, interval: str) -> list[str]:
+        keys = self._store.list(self.partition("quarantine", symbol, interval))
+        return sorted({k.rsplit("/", 2)[-2] for k in keys})
+
+    def read_quarantine(self, symbol: str, interval: str, pull_id: str) -> tuple[pd.DataFrame, dict]:
+        prefix = f"{self.partition('quarantine', symbol, interval)}/{pull_id}"
+        data = self._store.read(f"{prefix}/bars.parquet")
+        report = self._read_json(f"{prefix}/validation.json")
+        if data is None or report is None:
+            raise DataError(f"{self.url(prefix)}: no quarantined batch")
+        return pd.read_parquet(io.BytesIO(data[0])), report

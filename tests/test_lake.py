@@ -1,0 +1,324 @@
+"""The market-data lake on local disk and on a real S3 endpoint (moto_server on loopback),
+incremental ingestion, and the `market_data` DAG's structure."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml.data.ingest import ingest_many, ingest_symbol, pull_incremental
+from ml.data.lake import Lake, LakeConflictError
+from ml.data.schema import DataError, content_hash
+from ml.data.sources import load_lake
+from ml.data.validation import DataValidationError
+from tests.conftest import ROOT, synthetic_bars
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET = "market-lake"
+GLITCH_RULE = "no abnormal one-bar jump"
+
+
+# S3 endpoint and lake roots ----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 HTTP endpoint: `moto_server` on a free loopback port, with one bucket."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start on {url}")
+                time.sleep(0.2)
+        import boto3
+
+        boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(params=["local", "s3"])
+def lake_root(request, tmp_path, monkeypatch) -> str:
+    """The same tests on a folder and on s3://bucket/<fresh prefix> (endpoint from the environment)."""
+    if request.param == "local":
+        return str(tmp_path / "lake")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    for key, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/lake"
+
+
+# Fake feeds ------------------------------------------------------------------------------------
+
+def make_bars(symbol: str, n: int = 250, seed: int = 0) -> pd.DataFrame:
+    return synthetic_bars(n=n, seed=seed, start="2024-01-02").assign(symbol=symbol)
+
+
+class FakeFeed:
+    """Serves `bars` from the requested start date on; records every request and what it served."""
+
+    def __init__(self, bars: pd.DataFrame):
+        self.bars = bars
+        self.starts: list[str | None] = []
+        self.served: list[pd.DataFrame] = []
+
+    def __call__(self, *, symbol, interval, start=None, end=None) -> pd.DataFrame:
+        self.starts.append(start)
+        bars = self.bars if start is None else self.bars[self.bars["timestamp"] >= pd.Timestamp(start, tz="UTC")]
+        bars = bars.assign(ingested_at=pd.Timestamp.now(tz="UTC")).reset_index(drop=True)
+        self.served.append(bars)
+        return bars
+
+
+def glitch(bars: pd.DataFrame, row: int) -> pd.DataFrame:
+    """The classic bad tick: one bar's prices x100."""
+    bars = bars.copy()
+    bars.loc[row, ["open", "high", "low", "close"]] *= 100
+    return bars
+
+
+# Lake behaviour, on both backends ----------------------------------------------------------------
+
+def test_raw_is_kept_as_pulled_and_curated_holds_the_validated_series(lake_root):
+    bars = make_bars("AAA", 200)
+    feed = FakeFeed(bars)
+    out = ingest_symbol(lake_root, "AAA", "1d", feed)
+    assert out["status"] == "updated" and out["rows_added"] == 200, out
+    json.dumps(out)  # the DAG passes it through XCom
+
+    lake = Lake(lake_root)
+    pd.testing.assert_frame_equal(lake.read_raw("AAA", "1d", out["pull_id"]), feed.served[0])
+    curated, digest = lake.snapshot("AAA", "1d")
+    assert digest == out["curated_hash"] == content_hash(bars)
+    assert len(curated) == 200 and curated["timestamp"].is_unique
+    assert lake.quarantined("AAA", "1d") == [] and lake.symbols("1d") == ["AAA"]
+    # Every curated version stays readable by its content hash.
+    assert lake.snapshot("AAA", "1d", version=digest)[1] == digest
+    assert lake.manifest("AAA", "1d")["current"]["hash"] == digest
+    # What training reads (a future `source: lake`): the curated series, optionally cut by date.
+    pd.testing.assert_frame_equal(load_lake("AAA", root=lake_root), curated)
+    assert len(load_lake("AAA", root=lake_root, start=str(bars["timestamp"].iloc[150].date()))) == 50
+    if not lake_root.startswith("s3://"):
+        assert not list(Path(lake_root).rglob("*.tmp"))
+
+
+def test_corrupted_batch_is_quarantined_and_curated_is_untouched(lake_root):
+    bars = make_bars("AAA", 230)
+    feed = FakeFeed(bars.iloc[:200])
+    ingest_symbol(lake_root, "AAA", "1d", feed)
+    lake = Lake(lake_root)
+    before = lake.snapshot("AAA", "1d")[1]
+
+    feed.bars = glitch(bars, 215)
+    with pytest.raises(DataValidationError, match=GLITCH_RULE) as info:
+        pull_incremental(lake, "AAA", "1d", feed, pull_id="glitch-1")
+    assert info.value.location.endswith("quarantine/interval=1d/symbol=AAA/glitch-1")
+
+    assert lake.snapshot("AAA", "1d")[1] == before
+    assert len(lake.read_curated("AAA", "1d")) == 200
+    assert lake.quarantined("AAA", "1d") == ["glitch-1"]
+    batch, report = lake.read_quarantine("AAA", "1d", "glitch-1")
+    assert len(batch) == 35  # 5 overlap bars + 30 new, as pulled
+    assert report["failed_rules"] == [GLITCH_RULE] and report["curated_hash"] == before
+    assert report["validation"]["success"] is False
+    failed = [r for r in report["validation"]["rules"] if not r["success"]]
+    assert failed[0]["examples"], "the quarantine record shows the offending rows"
+    assert len(lake.raw_pulls("AAA", "1d")) == 2  # the bad pull is kept raw too
+
+
+def test_incremental_pull_fetches_only_after_the_last_bar_and_reruns_change_nothing(lake_root):
+    bars = make_bars("AAA", 230)
+    feed = FakeFeed(bars.iloc[:200])
+    first = ingest_symbol(lake_root, "AAA", "1d", feed, start="2024-01-01")
+    assert feed.starts == ["2024-01-01"] and first["rows_added"] == 200
+
+    feed.bars = bars.iloc[:220]
+    second = ingest_symbol(lake_root, "AAA", "1d", feed, overlap_bars=5)
+    overlap_start = bars["timestamp"].iloc[195]  # the 5th-last stored bar
+    assert feed.starts[1] == overlap_start.strftime("%Y-%m-%d")
+    assert second["rows_pulled"] == 25 and second["rows_added"] == 20 and second["rows_revised"] == 0
+    assert second["curated_hash"] == content_hash(bars.iloc[:220])
+
+    again = ingest_symbol(lake_root, "AAA", "1d", feed, overlap_bars=5)
+    assert again["status"] == "unchanged" and again["rows_added"] == 0
+    assert again["curated_hash"] == second["curated_hash"]
+    curated = Lake(lake_root).read_curated("AAA", "1d")
+    assert len(curated) == 220 and curated["timestamp"].is_unique
+    assert len(Lake(lake_root).manifest("AAA", "1d")["history"]) == 2
+
+
+def test_revised_bars_in_the_overlap_replace_stored_values(lake_root):
+    bars = make_bars("AAA", 200)
+    feed = FakeFeed(bars)
+    ingest_symbol(lake_root, "AAA", "1d", feed)
+
+    revised = bars.copy()
+    revised.loc[198, "close"] *= 1.002
+    revised.loc[198, "high"] = max(revised.loc[198, "high"], revised.loc[198, "close"])
+    revised.loc[100, "volume"] += 1  # older than the overlap: not fetched again
+    feed.bars = revised
+    out = ingest_symbol(lake_root, "AAA", "1d", feed, overlap_bars=5)
+    assert out["status"] == "updated" and out["rows_revised"] == 1 and out["rows_added"] == 0, out
+
+    curated, digest = Lake(lake_root).snapshot("AAA", "1d")
+    assert len(curated) == 200 and curated["timestamp"].is_unique
+    assert curated.loc[198, "close"] == revised.loc[198, "close"]
+    assert curated.loc[100, "volume"] == bars.loc[100, "volume"]
+    assert digest == out["curated_hash"] != out["previous_hash"]
+
+
+def test_one_failing_symbol_does_not_affect_another(lake_root):
+    feeds = {"GOOD": FakeFeed(make_bars("GOOD", 200, seed=1)),
+             "BAD": FakeFeed(glitch(make_bars("BAD", 200, seed=2), 150))}
+
+    def feed(*, symbol, **kwargs):
+        if symbol == "DOWN":
+            raise ConnectionError("connection reset by peer")
+        return feeds[symbol](symbol=symbol, **kwargs)
+
+    results = {r["symbol"]: r for r in ingest_many(lake_root, ["BAD", "DOWN", "GOOD"], source=feed)}
+    json.dumps(results)
+    assert results["BAD"]["status"] == "quarantined" and results["BAD"]["failed_rules"] == [GLITCH_RULE]
+    assert results["DOWN"]["status"] == "failed" and results["DOWN"]["retryable"] is True
+    assert "connection reset" in results["DOWN"]["error"]
+    assert results["GOOD"]["status"] == "updated"
+
+    lake = Lake(lake_root)
+    assert lake.symbols("1d") == ["GOOD"]
+    assert lake.snapshot("GOOD", "1d")[1] == content_hash(make_bars("GOOD", 200, seed=1))
+    with pytest.raises(DataError, match="no curated data for BAD"):
+        lake.read_curated("BAD", "1d")
+    assert len(lake.quarantined("BAD", "1d")) == 1
+
+
+def test_writes_are_create_only_or_compare_and_swap(lake_root):
+    lake = Lake(lake_root)
+    store = lake._store
+    store.write("scratch/x.bin", b"first", expect=None)
+    with pytest.raises(LakeConflictError):
+        store.write("scratch/x.bin", b"second", expect=None)  # create-only never overwrites
+    data, token = store.read("scratch/x.bin")
+    store.write("scratch/x.bin", b"second", expect=token)
+    with pytest.raises(LakeConflictError):
+        store.write("scratch/x.bin", b"third", expect=token)  # a stale read loses
+    assert store.read("scratch/x.bin")[0] == b"second"
+
+    bars = make_bars("AAA", 20)
+    key = lake.write_raw(bars, "pull-1")
+    assert lake.write_raw(bars, "pull-1") == key  # the same pull again is a no-op
+    with pytest.raises(LakeConflictError, match="pull id reused"):
+        lake.write_raw(glitch(bars, 5), "pull-1")
+
+
+# Local specifics -------------------------------------------------------------------------------
+
+def test_a_crash_during_a_curated_write_leaves_the_old_file(tmp_path, monkeypatch):
+    root = tmp_path / "lake"
+    bars = make_bars("AAA", 220)
+    feed = FakeFeed(bars.iloc[:200])
+    ingest_symbol(root, "AAA", "1d", feed)
+    before = Lake(root).snapshot("AAA", "1d")[1]
+
+    def crash(src, dst):
+        if str(dst).endswith("bars.parquet"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", crash)
+    feed.bars = bars
+    out = ingest_symbol(root, "AAA", "1d", feed)
+    assert out["status"] == "failed" and "disk full" in out["error"]
+    monkeypatch.undo()
+    assert Lake(root).snapshot("AAA", "1d")[1] == before
+    assert not list(root.rglob("*.tmp"))
+    assert ingest_symbol(root, "AAA", "1d", feed)["rows_added"] == 20  # the next run catches up
+
+
+def yfinance_download(calls: list, n: int = 260):
+    """Shaped like yfinance 1.x `download`; serves bars from `start` on and records the call."""
+    index = pd.DatetimeIndex(pd.bdate_range("2024-01-02", periods=n, tz="America/New_York"), name="Date")
+    close = 50 * np.exp(np.cumsum(0.01 * np.random.default_rng(3).standard_normal(n)))
+
+    def download(ticker, **kwargs):
+        calls.append(kwargs)
+        frame = pd.DataFrame({("Close", ticker): close, ("High", ticker): close * 1.01,
+                              ("Low", ticker): close * 0.99, ("Open", ticker): close * 1.001,
+                              ("Volume", ticker): np.full(n, 1e6)}, index=index)
+        frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=["Price", "Ticker"])
+        start = pd.Timestamp(kwargs["start"], tz="America/New_York") if kwargs.get("start") else None
+        return frame if start is None else frame[frame.index >= start]
+
+    return download
+
+
+def test_yfinance_pulls_resume_from_the_lake(tmp_path, monkeypatch):
+    import yfinance
+
+    calls: list[dict] = []
+    monkeypatch.setattr(yfinance, "download", yfinance_download(calls))
+    first = ingest_symbol(tmp_path, "MSFT", "1d", "yfinance", start="2024-01-01")
+    assert first["status"] == "updated" and calls[0]["start"] == "2024-01-01"
+    last = Lake(tmp_path).timestamps("MSFT", "1d")
+    again = ingest_symbol(tmp_path, "MSFT", "1d", "yfinance", overlap_bars=3)
+    assert calls[1]["start"] == last.iloc[-3].strftime("%Y-%m-%d")
+    assert again["status"] == "unchanged" and again["rows_pulled"] == 3
+
+
+# The DAG ---------------------------------------------------------------------------------------
+
+def test_market_data_dag_parses_with_one_mapped_task_per_symbol(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{tmp_path}/airflow.db")
+    from airflow.dag_processing.dagbag import BundleDagBag
+    from airflow.sdk import AssetAlias
+    from airflow.sdk.exceptions import ParamValidationError
+
+    bag = BundleDagBag(dag_folder=str(ROOT / "dags"), bundle_path=ROOT / "dags", bundle_name="dags-folder")
+    assert bag.import_errors == {}
+    dag = bag.dags["market_data"]
+    assert dag.catchup is False and dag.schedule == "30 21 * * 1-5"
+    ingest = dag.get_task("ingest")
+    assert ingest.is_mapped and "symbol" in ingest.map_index_template
+    assert [type(o) for o in ingest.outlets] == [AssetAlias]
+    dag.params.validate()
+    for key, bad in (("symbols", []), ("symbols", ["a/b"]), ("start", "2024-13-01"), ("source", "ftp")):
+        with pytest.raises(ParamValidationError, match=key):
+            copy.deepcopy(dag.params)[key] = bad
+
+    # Parsing imports nothing heavy: only the tasks import `ml` (pandas, GX, boto3), when they run.
+    tree = ast.parse((ROOT / "dags" / "market_data.py").read_text())
+    top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert top_level <= {"__future__", "os", "datetime", "pathlib", "pendulum", "airflow"}, top_level
