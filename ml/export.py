@@ -2,7 +2,8 @@
 
 Contract (single asset): inputs ``ohlcv`` float32 [batch, lookback, 5] raw
 bars oldest first and ``position`` float32 [batch, 1]; outputs
-``target_exposure`` float32 [batch, 1], ``action_probs`` [batch, levels] and
+``target_exposure`` float32 [batch, 1], then ``action_probs`` [batch, levels]
+(discrete policies) or ``action_std`` [batch, 1] (continuous policies), then
 ``value`` [batch, 1].
 """
 
@@ -20,6 +21,11 @@ from ml.policy import TradingPolicy
 
 INPUT_NAMES = ["ohlcv", "position"]
 OUTPUT_NAMES = ["target_exposure", "action_probs", "value"]
+CONTINUOUS_OUTPUT_NAMES = ["target_exposure", "action_std", "value"]
+
+
+def output_names(policy: TradingPolicy) -> list[str]:
+    return CONTINUOUS_OUTPUT_NAMES if policy.actor_critic.mode == "continuous" else OUTPUT_NAMES
 
 
 def export_onnx(policy: TradingPolicy, path: str | Path, metadata: dict[str, str]) -> Path:
@@ -32,7 +38,7 @@ def export_onnx(policy: TradingPolicy, path: str | Path, metadata: dict[str, str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            policy, example, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            policy, example, input_names=INPUT_NAMES, output_names=output_names(policy),
             dynamic_shapes={"ohlcv": {0: batch}, "position": {0: batch}},
             dynamo=True, external_data=False, verbose=False,
         )
@@ -73,7 +79,7 @@ def check_parity(policy: TradingPolicy, onnx_path: str | Path, windows: np.ndarr
     from ml.serving import create_session
 
     session = create_session(onnx_path)
-    got = session.run(OUTPUT_NAMES, {"ohlcv": windows, "position": positions})
+    got = session.run(output_names(policy), {"ohlcv": windows, "position": positions})
     with torch.no_grad():
         want = [t.numpy() for t in policy.cpu().eval()(torch.from_numpy(windows), torch.from_numpy(positions))]
     diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))

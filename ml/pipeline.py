@@ -326,7 +326,10 @@ def export_model(run_dir: Path) -> dict:
         "feature_set_version": FEATURE_SET_VERSION,
         "features": ",".join(policy.features.names),
         "action_semantics": "target_exposure: fraction of NAV held in the asset after the next bar's open, "
-                            f"in [-1, 1]; levels {list(config.ppo.exposure_levels)}",
+                            f"in [{config.ppo.min_exposure}, {config.ppo.max_exposure}]; "
+                            + (f"levels {list(config.ppo.exposure_levels)}" if config.ppo.action_mode == "discrete"
+                               else "continuous"),
+        "action_mode": config.ppo.action_mode,
         "close_only": str(data["close_only"]).lower(),
         "training_window": f"{latest['train']['start']}/{latest['train']['end']}",
         "validation_window": f"{latest['validation']['start']}/{latest['validation']['end']}",

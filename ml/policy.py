@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.distributions import Categorical, Independent, Normal
 
 from ml.features import FeatureModule
 
@@ -24,21 +25,39 @@ def layer_init(layer: nn.Linear, std: float = float(np.sqrt(2)), bias: float = 0
 
 
 class ActorCritic(nn.Module):
-    """Shared tanh backbone with an actor head (logits over levels) and a critic head."""
+    """Shared tanh backbone with an actor head and a critic head.
 
-    def __init__(self, n_features: int, exposure_levels: tuple[float, ...], hidden: tuple[int, ...] = (64, 64)):
+    ``discrete``: the actor gives logits over ``exposure_levels``; levels outside
+    [``min_exposure``, ``max_exposure``] are masked (e.g. long-only = min 0).
+    ``continuous``: the actor gives the mean of a Gaussian over the target exposure
+    (state-independent learned std); the exposure is the sample clamped to the range.
+    The mask and the range live in the module, so the exported graph obeys them too.
+    """
+
+    def __init__(self, n_features: int, exposure_levels: tuple[float, ...], hidden: tuple[int, ...] = (64, 64),
+                 mode: str = "discrete", min_exposure: float = -1.0, max_exposure: float = 1.0):
         super().__init__()
+        if mode not in ("discrete", "continuous"):
+            raise ValueError(f"unknown action mode '{mode}' (expected discrete or continuous)")
+        self.mode = mode
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
-        self.register_buffer("levels", torch.tensor(exposure_levels, dtype=torch.float32))
+        levels = torch.tensor(exposure_levels, dtype=torch.float32)
+        self.register_buffer("levels", levels)
+        allowed = (levels >= min_exposure - 1e-9) & (levels <= max_exposure + 1e-9)
+        if mode == "discrete" and not allowed.any():
+            raise ValueError(f"no exposure level inside [{min_exposure}, {max_exposure}]")
+        self.register_buffer("allowed", allowed)
+        self.register_buffer("exposure_range", torch.tensor([min_exposure, max_exposure]))
         layers: list[nn.Module] = []
         width = n_features + 1  # features + current position
         for size in hidden:
             layers += [layer_init(nn.Linear(width, size)), nn.Tanh()]
             width = size
         self.backbone = nn.Sequential(*layers)
-        self.actor = layer_init(nn.Linear(width, len(exposure_levels)), std=0.01)
+        self.actor = layer_init(nn.Linear(width, len(exposure_levels) if mode == "discrete" else 1), std=0.01)
         self.critic = layer_init(nn.Linear(width, 1), std=1.0)
+        self.log_std = nn.Parameter(torch.full((1,), -0.5)) if mode == "continuous" else None
 
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Statistics fitted on the training window only."""
@@ -46,19 +65,40 @@ class ActorCritic(nn.Module):
         self.feature_std.copy_(torch.clamp(std, min=1e-6))
 
     def forward(self, features: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked logits [B, K] or Gaussian mean [B, 1]), value [B]."""
         normalized = torch.clamp((features - self.feature_mean) / self.feature_std, -NORM_CLIP, NORM_CLIP)
         hidden = self.backbone(torch.cat([normalized, position.reshape(-1, 1)], dim=-1))
-        return self.actor(hidden), self.critic(hidden).squeeze(-1)
+        actor = self.actor(hidden)
+        if self.mode == "discrete":
+            actor = torch.where(self.allowed, actor, torch.full_like(actor, -1e9))
+        return actor, self.critic(hidden).squeeze(-1)
+
+    def distribution(self, actor: torch.Tensor):
+        if self.mode == "discrete":
+            return Categorical(logits=actor)
+        return Independent(Normal(actor, self.log_std.exp().expand_as(actor)), 1)
+
+    def exposure(self, action: torch.Tensor) -> torch.Tensor:
+        """Target exposure of a sampled action."""
+        if self.mode == "discrete":
+            return self.levels[action]
+        return action.squeeze(-1).clamp(self.exposure_range[0], self.exposure_range[1])
+
+    def greedy(self, actor: torch.Tensor) -> torch.Tensor:
+        """Deterministic target exposure: most probable level, or the clamped mean."""
+        if self.mode == "discrete":
+            return self.levels[actor.argmax(dim=-1)]
+        return actor.squeeze(-1).clamp(self.exposure_range[0], self.exposure_range[1])
 
     @torch.no_grad()
     def decide(self, features: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Deterministic target exposure (most probable level)."""
-        logits, _ = self(features, position)
-        return self.levels[logits.argmax(dim=-1)]
+        actor, _ = self(features, position)
+        return self.greedy(actor)
 
 
 class TradingPolicy(nn.Module):
-    """ohlcv [B, L, 5] + position [B, 1] -> target_exposure [B, 1], action_probs [B, K], value [B, 1]."""
+    """ohlcv [B, L, 5] + position [B, 1] -> target_exposure [B, 1], action_probs [B, K] (discrete)
+    or action_std [B, 1] (continuous), value [B, 1]."""
 
     def __init__(self, feature_module: FeatureModule, actor_critic: ActorCritic):
         super().__init__()
@@ -66,13 +106,15 @@ class TradingPolicy(nn.Module):
         self.actor_critic = actor_critic
 
     def forward(self, ohlcv: torch.Tensor, position: torch.Tensor):
-        logits, value = self.actor_critic(self.features(ohlcv), position)
-        probs = torch.softmax(logits, dim=-1)
-        levels = self.actor_critic.levels
+        ac = self.actor_critic
+        actor, value = ac(self.features(ohlcv), position)
+        if ac.mode == "continuous":
+            target = actor.clamp(ac.exposure_range[0], ac.exposure_range[1])
+            return target, ac.log_std.exp().expand_as(actor), value.unsqueeze(-1)
         # One-hot of the argmax times the levels: exports to plain ONNX ops.
-        chosen = torch.nn.functional.one_hot(logits.argmax(dim=-1), levels.shape[0]).to(levels.dtype)
-        target = (chosen * levels).sum(dim=-1, keepdim=True)
-        return target, probs, value.unsqueeze(-1)
+        chosen = torch.nn.functional.one_hot(actor.argmax(dim=-1), ac.levels.shape[0]).to(ac.levels.dtype)
+        target = (chosen * ac.levels).sum(dim=-1, keepdim=True)
+        return target, torch.softmax(actor, dim=-1), value.unsqueeze(-1)
 
 
 def policy_checkpoint(actor_critic: ActorCritic, feature_module: FeatureModule,
@@ -82,6 +124,8 @@ def policy_checkpoint(actor_critic: ActorCritic, feature_module: FeatureModule,
         "n_features": feature_module.n_features,
         "levels": actor_critic.levels.tolist(),
         "hidden": list(hidden),
+        "mode": actor_critic.mode,
+        "exposure_range": actor_critic.exposure_range.tolist(),
         "lookback": feature_module.lookback,
         "use_range": feature_module.use_range,
         "use_volume": feature_module.use_volume,
@@ -90,6 +134,8 @@ def policy_checkpoint(actor_critic: ActorCritic, feature_module: FeatureModule,
 
 def load_policy(checkpoint: dict) -> TradingPolicy:
     features = FeatureModule(checkpoint["lookback"], checkpoint["use_range"], checkpoint["use_volume"])
-    actor_critic = ActorCritic(checkpoint["n_features"], tuple(checkpoint["levels"]), tuple(checkpoint["hidden"]))
+    low, high = checkpoint.get("exposure_range", (-1.0, 1.0))
+    actor_critic = ActorCritic(checkpoint["n_features"], tuple(checkpoint["levels"]), tuple(checkpoint["hidden"]),
+                               checkpoint.get("mode", "discrete"), low, high)
     actor_critic.load_state_dict(checkpoint["state_dict"])
     return TradingPolicy(features, actor_critic).eval()

@@ -18,7 +18,6 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Categorical
 from tqdm import tqdm
 
 from ml.env import TradingEnv
@@ -48,7 +47,10 @@ class PPOConfig:
     target_kl: float | None = 0.05
     reward_scale: float = 100.0  # log returns are ~1e-2; scale for the value loss only
     hidden: tuple[int, ...] = (64, 64)
+    action_mode: str = "discrete"  # discrete: one of exposure_levels; continuous: any exposure in range
     exposure_levels: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
+    min_exposure: float = -1.0  # 0.0 = long-only (levels below are masked, continuous actions clamped)
+    max_exposure: float = 1.0
     eval_every: int = 4  # updates between validation scores
     checkpoint_every: int = 5  # updates between resumable checkpoints (when a folder is given)
     collapse_share: float = 0.98  # deterministic policy picking one level this often = collapsed
@@ -81,6 +83,18 @@ class TrainResult:
     steps_per_second: float = 0.0
     resumed_from_update: int = 0
     collapse_alarm: bool = False  # the kept deterministic policy picks one exposure (almost) always
+
+
+def level_shares(exposure: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Share of exposures nearest to each level (exact counts in discrete mode)."""
+    nearest = (exposure.reshape(-1, 1) - levels.reshape(1, -1)).abs().argmin(dim=1)
+    return torch.bincount(nearest, minlength=levels.numel()).float() / max(nearest.numel(), 1)
+
+
+def dominant_share(exposure: torch.Tensor) -> float:
+    """Share of the most frequent exposure (to 0.01): near 1 means the policy ignores its input."""
+    _, counts = torch.unique(torch.round(exposure * 100), return_counts=True)
+    return (counts.max() / exposure.numel()).item()
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -122,7 +136,9 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
     n_feat = env.features.shape[1]
     obs_features = torch.zeros((cfg.num_steps, cfg.num_envs, n_feat), device=device)
     obs_position = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
-    actions = torch.zeros((cfg.num_steps, cfg.num_envs), dtype=torch.long, device=device)
+    discrete = agent.mode == "discrete"
+    actions = torch.zeros((cfg.num_steps, cfg.num_envs) + (() if discrete else (1,)),
+                          dtype=torch.long if discrete else torch.float32, device=device)
     logprobs = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
     rewards = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
     dones = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
@@ -157,11 +173,11 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
             global_step += cfg.num_envs
             obs_features[step], obs_position[step], dones[step] = next_features, next_position, next_done
             with torch.no_grad():
-                logits, value = agent(next_features, next_position)
-                dist = Categorical(logits=logits)
+                actor, value = agent(next_features, next_position)
+                dist = agent.distribution(actor)
                 action = dist.sample()
             values[step], actions[step], logprobs[step] = value, action, dist.log_prob(action)
-            result = env.step(levels[action])
+            result = env.step(agent.exposure(action))
             reward = result.reward * cfg.reward_scale
             if result.truncated.any():
                 # Truncation is not an end of the task: bootstrap from the value of the last state.
@@ -193,7 +209,7 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
 
         # 3. Optimize the clipped surrogate over shuffled minibatches.
         b_features = obs_features.reshape(-1, n_feat)
-        b_position, b_actions = obs_position.reshape(-1), actions.reshape(-1)
+        b_position, b_actions = obs_position.reshape(-1), actions.reshape((-1,) + actions.shape[2:])
         b_logprobs, b_advantages = logprobs.reshape(-1), advantages.reshape(-1)
         b_returns, b_values = returns.reshape(-1), values.reshape(-1)
         minibatch_size = cfg.batch_size // cfg.num_minibatches
@@ -202,8 +218,8 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
             order = torch.randperm(cfg.batch_size, device=device, generator=generator)
             for begin in range(0, cfg.batch_size, minibatch_size):
                 idx = order[begin:begin + minibatch_size]
-                logits, new_value = agent(b_features[idx], b_position[idx])
-                dist = Categorical(logits=logits)
+                actor, new_value = agent(b_features[idx], b_position[idx])
+                dist = agent.distribution(actor)
                 new_logprob = dist.log_prob(b_actions[idx])
                 entropy = dist.entropy().mean()
                 log_ratio = new_logprob - b_logprobs[idx]
@@ -235,11 +251,11 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
         # 4. Diagnostics, and checkpoint selection on validation only.
         variance = b_returns.var()
         explained_var = (1 - (b_returns - b_values).var() / variance).item() if variance > 0 else float("nan")
-        counts = torch.bincount(b_actions, minlength=len(levels)).float() / b_actions.numel()
         with torch.no_grad():
-            greedy = agent(b_features, b_position)[0].argmax(dim=-1)
-        greedy_counts = torch.bincount(greedy, minlength=len(levels)).float() / greedy.numel()
-        collapsed = greedy_counts.max().item() >= cfg.collapse_share
+            sampled_exposure = agent.exposure(b_actions)
+            greedy_exposure = agent.greedy(agent(b_features, b_position)[0])
+        counts, greedy_counts = level_shares(sampled_exposure, levels), level_shares(greedy_exposure, levels)
+        collapsed = dominant_share(greedy_exposure) >= cfg.collapse_share
         flat = (levels == 0).nonzero()
         metrics = {
             "loss/policy": pg_loss.item(), "loss/value": v_loss.item(), "loss/entropy": entropy.item(),
@@ -263,8 +279,8 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
         if log is not None:
             log(metrics, global_step)
         if collapsed:
-            logger.warning("collapse alarm at update %d: deterministic policy picks %+.2f on %.0f%% of states",
-                           update, levels[greedy_counts.argmax()].item(), 100 * greedy_counts.max().item())
+            logger.warning("collapse alarm at update %d: deterministic policy picks one exposure on %.0f%% of states",
+                           update, 100 * dominant_share(greedy_exposure))
         bar.update(1)
         bar.set_postfix(sps=f"{metrics['steps_per_second']:,.0f}", val=f"{best_score:.2f}", refresh=False)
         if checkpoint_path is not None and (update % cfg.checkpoint_every == 0 or update == cfg.num_updates):
@@ -277,8 +293,7 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
     agent.load_state_dict(best_state)
     elapsed = time.perf_counter() - start_time
     with torch.no_grad():  # the alarm concerns the weights we keep, on the states of the last rollout
-        greedy = agent(obs_features.reshape(-1, n_feat), obs_position.reshape(-1))[0].argmax(dim=-1)
-    kept_share = (torch.bincount(greedy, minlength=len(levels)).max() / greedy.numel()).item()
+        kept_share = dominant_share(agent.decide(obs_features.reshape(-1, n_feat), obs_position.reshape(-1)))
     return TrainResult(agent=agent.eval(), best_update=best_update, best_score=float(best_score),
                        history=history, steps_per_second=(global_step - steps_at_start) / max(elapsed, 1e-9),
                        resumed_from_update=resumed_from, collapse_alarm=kept_share >= cfg.collapse_share)

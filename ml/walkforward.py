@@ -44,7 +44,8 @@ def train_fold(series: MarketSeries, fold: Fold, config: PipelineConfig,
                log: Callable[[dict, int], None] | None = None, checkpoint_path=None) -> TrainResult:
     ppo = config.ppo
     seed_everything(ppo.seed, ppo.deterministic)  # the initial weights are part of the seeded run
-    agent = ActorCritic(series.feature_module.n_features, ppo.exposure_levels, ppo.hidden)
+    agent = ActorCritic(series.feature_module.n_features, ppo.exposure_levels, ppo.hidden,
+                        ppo.action_mode, ppo.min_exposure, ppo.max_exposure)
     mean, std = series.feature_stats(fold.train)
     agent.set_normalization(mean.cpu(), std.cpu())
     env_config = replace(config.env, periods_per_year=periods_per_year(config.data.interval, config.data.calendar))
@@ -103,7 +104,7 @@ def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: 
 
 
 def _histogram(decisions: np.ndarray) -> dict[str, float]:
-    values, counts = np.unique(np.round(decisions, 6), return_counts=True)
+    values, counts = np.unique(np.round(decisions, 1), return_counts=True)
     return {f"{v:+.2f}": float(c / counts.sum()) for v, c in zip(values, counts)}
 
 

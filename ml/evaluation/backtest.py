@@ -37,8 +37,8 @@ class Backtest:
                              "position": self.position})
 
     def dominant_decision(self) -> tuple[float, float]:
-        """The most frequent decision and its share of all decisions."""
-        values, counts = np.unique(np.round(self.decision, 6), return_counts=True)
+        """The most frequent decision (to 0.01) and its share of all decisions."""
+        values, counts = np.unique(np.round(self.decision, 2), return_counts=True)
         best = int(np.argmax(counts))
         return float(values[best]), float(counts[best] / counts.sum())
 
