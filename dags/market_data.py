@@ -23,6 +23,8 @@ folder or `s3://bucket/prefix`, with `MLFLOW_S3_ENDPOINT_URL` or
 
 from __future__ import annotations
 
+import logging
+
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -41,6 +43,14 @@ DEFAULT_SOURCE = os.environ.get("ML_MARKET_SOURCE", "sample")
 DEFAULT_LAKE_ROOT = os.environ.get("ML_LAKE_ROOT") or str(Path(__file__).resolve().parents[1] / "lake")
 
 
+def log_failure(context) -> None:
+    """One line per failed symbol: which ingest, which run, which attempt, what broke."""
+    ti = context["task_instance"]
+    logging.getLogger(__name__).error(
+        "market_data FAILED: task=%s map_index=%s run_id=%s try=%s error=%r",
+        ti.task_id, getattr(ti, "map_index", -1), context["run_id"], ti.try_number, context.get("exception"))
+
+
 @dag(
     dag_id="market_data",
     schedule="30 21 * * 1-5",  # 21:30 UTC: after the 16:00 New York close, summer and winter
@@ -49,7 +59,8 @@ DEFAULT_LAKE_ROOT = os.environ.get("ML_LAKE_ROOT") or str(Path(__file__).resolve
     max_active_runs=1,  # one writer per curated partition
     tags=["ml", "data"],
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True,
+                  "execution_timeout": timedelta(minutes=30), "on_failure_callback": log_failure},
     params={
         "symbols": Param(DEFAULT_SYMBOLS, type="array", minItems=1, uniqueItems=True,
                          items={"type": "string", "minLength": 1, "pattern": r"^[A-Za-z0-9^._=-]+$"},

@@ -13,6 +13,7 @@ form to change the symbol, source, budget or folds.
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
@@ -26,6 +27,20 @@ TRAINING_QUEUE = os.environ.get("ML_TRAINING_QUEUE", "default")
 TRAINING_POOL = os.environ.get("ML_TRAINING_POOL", "default_pool")
 
 
+log = logging.getLogger(__name__)
+
+
+def log_failure(context) -> None:
+    """One line a person can act on: which task, which run, which attempt, what broke, where the files are."""
+    from ml.orchestration import run_dir_for
+
+    ti = context["task_instance"]
+    run_dir = run_dir_for("ppo_training", context["run_id"])
+    log.error("ppo_training FAILED: task=%s map_index=%s run_id=%s try=%s error=%r run_folder=%s",
+              ti.task_id, getattr(ti, "map_index", -1), context["run_id"], ti.try_number,
+              context.get("exception"), run_dir)
+
+
 @dag(
     dag_id="ppo_training",
     schedule=AssetOrTimeSchedule(
@@ -37,7 +52,8 @@ TRAINING_POOL = os.environ.get("ML_TRAINING_POOL", "default_pool")
     max_active_runs=1,
     tags=["ml", "ppo", "training"],
     doc_md=__doc__,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
+                  "execution_timeout": timedelta(hours=1), "on_failure_callback": log_failure},
     params={
         "source": Param("sample", enum=["sample", "file", "yfinance", "lake"],
                         description="Where bars come from: the bundled sample, a CSV/parquet file, yfinance, "
