@@ -313,7 +313,7 @@ def test_celery_settings_are_consistent():
     assert broker.scheme == "redis" and broker.hostname == "redis" and broker.hostname in SERVICES
     assert (broker.port or 6379) == 6379
     backend = urlsplit(env["AIRFLOW__CELERY__RESULT_BACKEND"])
-    assert backend.scheme == "db+postgresql" and backend.hostname == "postgres"
+    assert backend.scheme.startswith("db+postgresql") and backend.hostname == "postgres"
     metadata = urlsplit(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
     assert metadata.scheme.startswith("postgresql") and metadata.hostname == "postgres"
     assert backend.path == metadata.path, "result backend and metadata should share the database"

@@ -157,6 +157,46 @@ def test_corrupted_batch_is_quarantined_and_curated_is_untouched(lake_root):
     assert len(lake.raw_pulls("AAA", "1d")) == 2  # the bad pull is kept raw too
 
 
+def test_a_quarantined_batch_gets_a_readable_html_report_beside_its_validation_json(lake_root):
+    bars = make_bars("AAA", 230)
+    feed = FakeFeed(bars.iloc[:200])
+    ingest_symbol(lake_root, "AAA", "1d", feed)
+    feed.bars = glitch(bars, 215)
+    out = ingest_symbol(lake_root, "AAA", "1d", feed, pull_id="glitch-1")
+    assert out["status"] == "quarantined" and out["report"] == out["quarantine"] + "/validation.html"
+
+    lake = Lake(lake_root)
+    key = "quarantine/interval=1d/symbol=AAA/glitch-1/validation.html"
+    page = lake._store.read(key)[0].decode()
+    _, report = lake.read_quarantine("AAA", "1d", "glitch-1")
+    rules = report["validation"]["rules"]
+    failed = [r for r in rules if not r["success"]]
+    assert f"1 of {len(rules)} rules failed" in page
+    assert page.count('<tr class="failed">') == 1 and page.count('<tr class="passed">') == len(rules) - 1
+    # The failed rule with its count and the offending rows (the x100 bar and the one after it).
+    row = page[page.index('<tr class="failed">'):page.index('<tr class="passed">')]
+    assert GLITCH_RULE in row and "FAIL" in row and f"<td>{failed[0]['unexpected_count']}</td>" in row
+    assert all(example["timestamp"] in row for example in failed[0]["examples"])
+    assert report["curated_hash"] in page and "glitch-1" in page
+    assert "<script" not in page and "<link" not in page and "src=" not in page  # one self-contained file
+    assert lake.quarantined("AAA", "1d") == ["glitch-1"]
+    if lake_root.startswith("s3://"):
+        head = lake._store._s3.head_object(Bucket=lake._store.bucket, Key=lake._store._key(key))
+        assert head["ContentType"].startswith("text/html")  # a browser renders it from the bucket
+    else:
+        assert Path(out["report"]).is_file() and Path(out["quarantine"], "validation.json").is_file()
+
+
+def test_the_html_report_escapes_what_it_shows():
+    from ml.data.report import render_validation_html
+
+    page = render_validation_html({"pull_id": "p<1>", "validation": {"origin": "<b>x</b>", "suite": "s", "rules": [
+        {"rule": "a <script>", "success": False, "unexpected_count": 2,
+         "examples": [{"row": 1, "timestamp": "t", "close": "<img src=x>"}]}]}})
+    assert "<script>" not in page and "<img" not in page and "<b>x" not in page
+    assert "a &lt;script&gt;" in page and "&lt;img src=x&gt;" in page and "p&lt;1&gt;" in page
+
+
 def test_incremental_pull_fetches_only_after_the_last_bar_and_reruns_change_nothing(lake_root):
     bars = make_bars("AAA", 230)
     feed = FakeFeed(bars.iloc[:200])
@@ -321,4 +361,4 @@ def test_market_data_dag_parses_with_one_mapped_task_per_symbol(tmp_path, monkey
     tree = ast.parse((ROOT / "dags" / "market_data.py").read_text())
     top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
     top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert top_level <= {"__future__", "os", "datetime", "pathlib", "pendulum", "airflow"}, top_level
+    assert top_level <= {"__future__", "logging", "os", "datetime", "pathlib", "pendulum", "airflow"}, top_level
