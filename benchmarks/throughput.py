@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import time
 
@@ -28,9 +29,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def env_steps_per_second(series, n_envs: int, steps: int) -> float:
+def env_steps_per_second(series, n_envs: int, steps: int, compiled: bool = False) -> float:
     device = series.device
-    env = TradingEnv(series.ohlcv, series.features, n_envs, CostConfig(), EnvConfig(episode_bars=256))
+    env = TradingEnv(series.ohlcv, series.features, n_envs, CostConfig(),
+                     EnvConfig(episode_bars=256, compile=compiled))
     lo, hi = 100, series.ohlcv.shape[0] - 1
     generator = torch.Generator(device=device).manual_seed(0)
     ends = torch.full((n_envs,), hi, device=device)
@@ -75,16 +77,20 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads available, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
-    print(f"date: {datetime.date.today().isoformat()}, torch {torch.__version__}")
+    print(f"date: {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+          f"1-min load average at start: {os.getloadavg()[0]:.2f}")
     print()
-    print("| device | threads | parallel episodes | env steps/s | PPO train steps/s |")
-    print("|---|---|---|---|---|")
+    print("| device | threads | parallel episodes | env steps/s (eager) | env steps/s (compiled) | PPO train steps/s |")
+    print("|---|---|---|---|---|---|")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for n_envs in args.envs:
             env_rate = env_steps_per_second(series, n_envs, args.env_steps)
+            compiled_rate = env_steps_per_second(series, n_envs, args.env_steps, compiled=True)
             ppo_rate = ppo_steps_per_second(series, bars, n_envs, n_envs * 64 * args.ppo_updates, args.device)
-            print(f"| {device.type} | {threads} | {n_envs} | {env_rate:,.0f} | {ppo_rate:,.0f} |", flush=True)
+            print(f"| {device.type} | {threads} | {n_envs} | {env_rate:,.0f} | {compiled_rate:,.0f} | "
+                  f"{ppo_rate:,.0f} |", flush=True)
+    print(f"\n1-min load average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
