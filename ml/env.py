@@ -44,6 +44,10 @@ class EnvConfig:
     ruin_fraction: float = 0.5  # terminate when NAV falls below this share of the start
     periods_per_year: float = 252.0  # for the borrow cost per bar
     compile: bool = False  # fuse the accounting with torch.compile (pays a one-off compile, ~30 s on CPU)
+    # Reward shaping, added to the log-NAV reward and reported term by term (0 = off):
+    drawdown_penalty: float = 0.0  # x fall of NAV below the episode's peak
+    volatility_penalty: float = 0.0  # x squared log return of the step
+    turnover_penalty: float = 0.0  # x traded notional over NAV
 
 
 def settle(cash: torch.Tensor, units: torch.Tensor, nav_before: torch.Tensor, target: torch.Tensor,
@@ -71,7 +75,8 @@ def settle(cash: torch.Tensor, units: torch.Tensor, nav_before: torch.Tensor, ta
 class StepResult:
     features: torch.Tensor  # [N, F] features of the bar the next decision is made on
     position: torch.Tensor  # [N] exposure held after this step (mark-to-market at close)
-    reward: torch.Tensor  # [N] log NAV change after costs
+    reward: torch.Tensor  # [N] log NAV change after costs, plus the shaping terms
+    shaping: dict[str, torch.Tensor]  # [N] each shaping term (already included in reward)
     terminated: torch.Tensor  # [N] bool
     truncated: torch.Tensor  # [N] bool
     nav: torch.Tensor  # [N] NAV at this bar's close (before any reset)
@@ -106,6 +111,7 @@ class TradingEnv:
         self.steps = torch.zeros_like(self.t)
         self.cash, self.units, self.nav = zeros.clone(), zeros.clone(), zeros.clone()
         self.start_nav = zeros.clone()
+        self.peak_nav = zeros.clone()
         self._position = torch.zeros(n_envs, dtype=torch.float32, device=self.device)
         self._settle = torch.compile(settle, dynamic=False) if config.compile else settle
 
@@ -124,6 +130,7 @@ class TradingEnv:
         self.units[index] = 0.0
         self.nav[index] = nav
         self.start_nav[index] = nav
+        self.peak_nav[index] = nav
         self._position[index] = 0.0
 
     def position(self) -> torch.Tensor:
@@ -142,12 +149,26 @@ class TradingEnv:
             self.cash, self.units, nav_before, target, prices[:, 0], prices[:, 1],
             self.costs.price_impact, self.costs.commission_bps * BPS, self.borrow_per_bar)
         self._position = (self.units * prices[:, 1] / self.nav).float()
+        self.peak_nav = torch.maximum(self.peak_nav, self.nav)
+        shaping = self._shaping(reward, traded)
+        for term in shaping.values():
+            reward = reward + term
         self.steps += 1
         terminated = (self.t >= self.end) | (self.nav <= self.config.ruin_fraction * self.start_nav)
         truncated = (self.steps >= self.config.episode_bars) & ~terminated
         # Snapshots: a later in-place reset must not rewrite this step's result.
         return StepResult(
             features=self.features[self.t], position=self._position.clone(), reward=reward.float(),
-            terminated=terminated, truncated=truncated, nav=self.nav.clone(),
+            shaping=shaping, terminated=terminated, truncated=truncated, nav=self.nav.clone(),
             cost=cost, traded=traded,
         )
+
+    def _shaping(self, log_return: torch.Tensor, traded: torch.Tensor) -> dict[str, torch.Tensor]:
+        config, terms = self.config, {}
+        if config.drawdown_penalty:
+            terms["drawdown"] = -config.drawdown_penalty * (1.0 - self.nav / self.peak_nav)
+        if config.volatility_penalty:
+            terms["volatility"] = -config.volatility_penalty * log_return ** 2
+        if config.turnover_penalty:
+            terms["turnover"] = -config.turnover_penalty * traded
+        return {name: term.float() for name, term in terms.items()}

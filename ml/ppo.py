@@ -169,6 +169,7 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
 
         # 1. Rollout: step all episodes together, restarting finished ones.
         traded = torch.zeros((), device=device)
+        shaping_sums: dict[str, torch.Tensor] = {}
         for step in range(cfg.num_steps):
             global_step += cfg.num_envs
             obs_features[step], obs_position[step], dones[step] = next_features, next_position, next_done
@@ -186,6 +187,8 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
                 reward = reward + cfg.gamma * final_value * result.truncated.float()
             rewards[step] = reward
             traded += result.traded.mean()
+            for name, term in result.shaping.items():
+                shaping_sums[name] = shaping_sums.get(name, 0.0) + term.mean()
             done = result.terminated | result.truncated
             next_done = done.float()
             if done.any():
@@ -264,6 +267,7 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
             "ent_coef": ent_coef, "mean_reward": rewards.mean().item() / cfg.reward_scale,
             "steps_per_second": (global_step - steps_at_start) / (time.perf_counter() - start_time),
             "turnover_per_step": traded.item() / cfg.num_steps,
+            **{f"shaping/{name}": float(total) / cfg.num_steps for name, total in shaping_sums.items()},
             "flat_share": counts[flat[0, 0]].item() if len(flat) else 0.0,
             "collapse_alarm": float(collapsed),
             **{f"sampled_action_share/{levels[i].item():+.2f}": counts[i].item() for i in range(len(levels))},

@@ -221,3 +221,25 @@ def test_compiled_accounting_equals_eager(series):
         navs = [env.step(targets[k]).nav for k in range(steps)]
         books.append(torch.stack(navs))
     torch.testing.assert_close(books[1], books[0], rtol=1e-12, atol=1e-12)
+
+
+def test_shaping_terms_are_added_to_the_reward_and_reported_apart(series):
+    plain_env = make_env(series, 4)
+    config = EnvConfig(episode_bars=10_000, drawdown_penalty=2.0, volatility_penalty=50.0, turnover_penalty=0.01)
+    shaped_env = TradingEnv(series.ohlcv, series.features, 4, CostConfig(), config)
+    starts, ends = torch.tensor([100, 200, 300, 400]), torch.full((4,), 599)
+    plain_env.reset(starts, ends)
+    shaped_env.reset(starts, ends)
+    peak = torch.ones(4, dtype=torch.float64)
+    for k in range(25):
+        target = torch.tensor([1.0, -1.0, 0.5, 0.0]) * (1 if k % 3 else -1)
+        plain, shaped = plain_env.step(target), shaped_env.step(target)
+        torch.testing.assert_close(shaped.nav, plain.nav, rtol=0, atol=0)  # shaping never touches money
+        peak = torch.maximum(peak, plain.nav)
+        want = {"drawdown": -2.0 * (1 - plain.nav / peak), "volatility": -50.0 * plain.reward.double() ** 2,
+                "turnover": -0.01 * plain.traded}
+        assert set(shaped.shaping) == set(want)
+        for name, value in want.items():
+            torch.testing.assert_close(shaped.shaping[name], value.float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(shaped.reward, plain.reward + sum(shaped.shaping.values()), rtol=1e-5, atol=1e-7)
+    assert plain.shaping == {}
