@@ -6,7 +6,7 @@ Layout under the root (a folder, or ``s3://bucket/prefix``)::
     curated/interval=1d/symbol=SPY/bars.parquet           the validated series (current)
     curated/interval=1d/symbol=SPY/_versions/<hash>.parquet   every curated version, by content hash
     curated/interval=1d/symbol=SPY/_manifest.json         history of curated versions
-    quarantine/interval=1d/symbol=SPY/<pull_id>/bars.parquet + validation.json
+    quarantine/interval=1d/symbol=SPY/<pull_id>/bars.parquet + validation.json + validation.html
 
 Names starting with ``_`` or ``.`` are skipped by parquet dataset readers, so
 ``pd.read_parquet(ROOT + "/curated", partitioning=None)`` reads every current
@@ -32,24 +32,23 @@ from pathlib import Path
 
 import pandas as pd
 
+from ml.data.report import render_validation_html
 from ml.data.schema import BAR_COLUMNS, DataError, content_hash
+from ml.data.storage import ANY, LakeConflictError, LocalStore, S3Store
 from ml.data.validation import DataValidationError, ValidationConfig, ValidationResult, validate_bars
 
 LAKE_ROOT_ENV = "ML_LAKE_ROOT"
-_ANY = object()  # write(): no precondition
 _NAME_RE = re.compile(r"^[A-Za-z0-9^._=-]+$")  # tickers like ^GSPC, BRK-B, EURUSD=X
 
 
-class LakeConflictError(RuntimeError):
-    """A conditional write lost: the object exists, or changed since it was read."""
-
-
 class QuarantinedError(DataValidationError):
-    """A batch failed the gate and was stored under ``location`` instead of curated."""
+    """A batch failed the gate and was stored under ``location`` instead of curated;
+    ``report_url`` is the human-readable page of the failed rules."""
 
     def __init__(self, result: ValidationResult, location: str, curated_hash: str | None):
         super().__init__(result)
         self.location = location
+        self.report_url = f"{location}/validation.html"
         self.curated_hash = curated_hash
 
 
@@ -61,114 +60,6 @@ def new_pull_id() -> str:
 def default_root() -> str:
     """``$ML_LAKE_ROOT``, else ``lake/`` in the project checkout."""
     return os.environ.get(LAKE_ROOT_ENV) or str(Path(__file__).resolve().parents[2] / "lake")
-
-
-# Storage backends: bytes by key, with create-only and compare-and-swap writes ---------------
-
-class _LocalStore:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def url(self, key: str) -> str:
-        return str(self.root / key)
-
-    def read(self, key: str) -> tuple[bytes, str] | None:
-        try:
-            with open(self.root / key, "rb") as handle:
-                return handle.read(), self._token(os.fstat(handle.fileno()))
-        except FileNotFoundError:
-            return None
-
-    @staticmethod
-    def _token(stat: os.stat_result) -> str:
-        # os.replace gives the target a new inode, so this changes on every write.
-        return f"{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"
-
-    def write(self, key: str, data: bytes, expect=_ANY) -> str:
-        import fcntl
-
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            directory = os.open(path.parent, os.O_RDONLY)
-            try:
-                fcntl.flock(directory, fcntl.LOCK_EX)  # check-then-rename must not interleave
-                try:
-                    current = self._token(os.stat(path))
-                except FileNotFoundError:
-                    current = None
-                if expect is not _ANY and current != expect:
-                    raise LakeConflictError(
-                        f"{path}: {'already exists' if expect is None else 'changed since it was read'}")
-                os.replace(tmp, path)
-                os.fsync(directory)  # make the rename itself durable
-                return self._token(os.stat(path))
-            finally:
-                os.close(directory)  # also releases the lock
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def list(self, prefix: str) -> list[str]:
-        base = self.root / prefix
-        if not base.is_dir():
-            return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith("."))
-
-
-class _S3Store:
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None):
-        import boto3
-        from botocore.config import Config
-
-        # MinIO and other S3-compatible servers want path-style addressing.
-        config = Config(retries={"mode": "standard", "max_attempts": 5},
-                        s3={"addressing_style": "path"} if endpoint_url else {})
-        self._s3 = boto3.client("s3", endpoint_url=endpoint_url, config=config)
-        self.bucket, self.prefix = bucket, prefix
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def url(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self._key(key)}"
-
-    def read(self, key: str) -> tuple[bytes, str] | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            response = self._s3.get_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                return None
-            raise
-        return response["Body"].read(), response["ETag"]
-
-    def write(self, key: str, data: bytes, expect=_ANY) -> str:
-        from botocore.exceptions import ClientError
-
-        condition = {} if expect is _ANY else {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
-        try:
-            response = self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
-        except ClientError as exc:
-            code = exc.response["Error"]["Code"]
-            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409"):
-                raise LakeConflictError(f"{self.url(key)}: conditional write refused ({code})") from exc
-            raise
-        return response["ETag"]
-
-    def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix).rstrip("/") + "/"
-        strip = len(self._key(""))
-        keys = []
-        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-            keys += [item["Key"][strip:] for item in page.get("Contents", [])]
-        return sorted(keys)
 
 
 # The lake -------------------------------------------------------------------------------------
@@ -241,9 +132,9 @@ class Lake:
             bucket, _, prefix = root[len("s3://"):].partition("/")
             endpoint_url = (endpoint_url or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
                             or os.environ.get("AWS_ENDPOINT_URL") or None)
-            self._store = _S3Store(bucket, prefix.strip("/"), endpoint_url)
+            self._store = S3Store(bucket, prefix.strip("/"), endpoint_url)
         else:
-            self._store = _LocalStore(Path(root).expanduser().resolve())
+            self._store = LocalStore(Path(root).expanduser().resolve())
         self.root = root
 
     def __repr__(self) -> str:
@@ -275,7 +166,7 @@ class Lake:
         found = self._store.read(key)
         return json.loads(found[0]) if found else None
 
-    def _write_json(self, key: str, payload: dict, expect=_ANY) -> None:
+    def _write_json(self, key: str, payload: dict, expect=ANY) -> None:
         self._store.write(key, json.dumps(payload, indent=2, default=str).encode(), expect)
 
     # Raw
@@ -389,10 +280,12 @@ class Lake:
         report = {"pull_id": pull_id, "quarantined_at": pd.Timestamp.now(tz="UTC").isoformat(),
                   "batch_rows": len(bars), "checked_rows": result.rows, "curated_hash": curated_hash,
                   "failed_rules": [rule.rule for rule in result.failed], "validation": result.as_dict()}
-        for name, data in (("bars.parquet", _to_bytes(bars)),
-                           ("validation.json", json.dumps(report, indent=2, default=str).encode())):
+        files = (("bars.parquet", _to_bytes(bars), None),
+                 ("validation.json", json.dumps(report, indent=2, default=str).encode(), "application/json"),
+                 ("validation.html", render_validation_html(report).encode(), "text/html; charset=utf-8"))
+        for name, data, content_type in files:
             try:
-                self._store.write(f"{prefix}/{name}", data, expect=None)
+                self._store.write(f"{prefix}/{name}", data, expect=None, content_type=content_type)
             except LakeConflictError:
                 pass  # this pull was quarantined before; keep the first record
         return self.url(prefix)

@@ -5,6 +5,7 @@ Every loader returns a frame in the normalized bar schema (``ml.data.schema``).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pandas as pd
 from ml.data.schema import DataError, normalize_bars
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
+log = logging.getLogger(__name__)
 
 
 def sample_path(symbol: str) -> Path:
@@ -56,17 +58,79 @@ def load_sample(symbol: str = "GSPC", interval: str = "1d") -> pd.DataFrame:
     return load_file(sample_path(symbol), symbol=symbol, interval=interval, source="sample")
 
 
+# How far back Yahoo serves each intraday interval, and the longest span one request
+# may cover; daily and longer intervals have neither limit.
+YAHOO_HISTORY_DAYS = {"1m": 30, "2m": 60, "5m": 60, "15m": 60, "30m": 60, "90m": 60, "60m": 730, "1h": 730}
+YAHOO_REQUEST_DAYS = {"1m": 8}
+YAHOO_INTERVALS = ("1m", "2m", "5m", "15m", "30m", "60m", "90m", "1h", "1d", "5d", "1wk", "1mo", "3mo")
+# Words in yfinance's per-ticker error log that no retry will fix.
+_PERMANENT_ERRORS = ("delisted", "YFInvalidPeriodError", "YFTzMissingError", "not found")
+
+
+def yahoo_window(interval: str, start: str | None, end: str | None = None,
+                 now: pd.Timestamp | None = None) -> str | None:
+    """The start to request, after checking it against Yahoo's history limits.
+
+    A start older than the interval's history (e.g. 5m bars before the last 60
+    days) raises DataError naming the interval, the limit and the start. No
+    start means "as much as Yahoo serves": for limited intervals the start is
+    set to the oldest date one request can get (with a warning, since it is
+    not the whole series); daily and longer keep yfinance's default.
+    """
+    if interval not in YAHOO_INTERVALS:
+        raise DataError(f"yfinance: unknown interval '{interval}' (expected one of {', '.join(YAHOO_INTERVALS)})")
+    if interval not in YAHOO_HISTORY_DAYS:
+        return start
+    now = now or pd.Timestamp.now(tz="UTC")
+    history, span = YAHOO_HISTORY_DAYS[interval], YAHOO_REQUEST_DAYS.get(interval)
+    earliest = now - pd.Timedelta(days=history)
+    stop = _utc(end) if end else now
+    if stop <= earliest:
+        raise DataError(f"yfinance: {interval} bars reach back only {history} days (to {earliest:%Y-%m-%d %H:%M} "
+                        f"UTC); requested end {end} is older")
+    if start is None:
+        # One request's worth, in whole days inside the window, so the exchange's timezone
+        # (yfinance reads dates in it) cannot push the start past the limit.
+        first = max(earliest, stop - pd.Timedelta(days=span or history)) + pd.Timedelta(days=1)
+        log.warning("yfinance: no start given for %s bars; Yahoo keeps %d days of them%s, so fetching from %s",
+                    interval, history, f" and serves {span} days per request" if span else "", f"{first:%Y-%m-%d}")
+        return f"{first:%Y-%m-%d}"
+    if _utc(start) < earliest:
+        raise DataError(
+            f"yfinance: {interval} bars reach back only {history} days (to {earliest:%Y-%m-%d %H:%M} UTC); "
+            f"requested start {start} is older. Use a start on or after "
+            f"{earliest + pd.Timedelta(days=1):%Y-%m-%d}, or a daily interval")
+    if span and stop - _utc(start) > pd.Timedelta(days=span):
+        raise DataError(
+            f"yfinance: {interval} bars are served at most {span} days per request; requested start {start} "
+            f"to {end or 'now'} is longer. Pull in windows of up to {span} days")
+    return start
+
+
+def _utc(value) -> pd.Timestamp:
+    stamp = pd.Timestamp(value)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
 def _yfinance_frame_for(raw: pd.DataFrame, ticker: str) -> pd.DataFrame:
     """Pick one ticker out of yfinance's (field, ticker) MultiIndex columns."""
     if isinstance(raw.columns, pd.MultiIndex):
+        # yfinance upper-cases tickers in its columns.
+        names = {ticker, ticker.upper()}
         level = next(
-            (i for i in range(raw.columns.nlevels) if ticker in raw.columns.get_level_values(i)),
+            (i for i in range(raw.columns.nlevels) if names & set(raw.columns.get_level_values(i))),
             None,
         )
         if level is None:
             raise DataError(f"yfinance: no columns for ticker '{ticker}' in the download")
-        raw = raw.xs(ticker, axis=1, level=level)
+        present = ticker if ticker in raw.columns.get_level_values(level) else ticker.upper()
+        raw = raw.xs(present, axis=1, level=level)
     return raw.dropna(how="all")
+
+
+def _backoff(attempt: int, backoff_seconds: float) -> None:
+    """Exponential backoff with jitter, so parallel clients do not retry in step."""
+    time.sleep(backoff_seconds * 2**attempt * (1 + random.random()))
 
 
 def load_yfinance(
@@ -81,11 +145,15 @@ def load_yfinance(
 ) -> pd.DataFrame:
     """Download one ticker with retries (exponential backoff with jitter).
 
+    ``start`` is checked against Yahoo's history limit for ``interval``
+    (``yahoo_window``): too old raises DataError at once; None fetches what
+    Yahoo keeps (intraday) or yfinance's default (daily and longer).
     ``auto_adjust`` is explicit and recorded in ``source`` so the adjustment
     choice travels with the data.
     """
     import yfinance as yf
 
+    start = yahoo_window(interval, start, end)
     last_error: Exception | None = None
     for attempt in range(retries):
         try:
@@ -104,8 +172,94 @@ def load_yfinance(
         except Exception as exc:  # network and rate-limit errors are retried
             last_error = exc
         if attempt + 1 < retries:
-            time.sleep(backoff_seconds * 2**attempt * (1 + random.random()))
+            _backoff(attempt, backoff_seconds)
     raise DataError(f"yfinance: '{symbol}' failed after {retries} attempts: {last_error}")
+
+
+class _YFinanceErrors(logging.Handler):
+    """Collects yfinance's per-ticker error log lines: a batched download logs a
+    failed ticker (rate limited, delisted) instead of raising."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def reason(self, ticker: str) -> str | None:
+        return next((line for line in self.lines if f"'{ticker.upper()}'" in line), None)
+
+
+def load_yfinance_many(
+    symbols: list[str],
+    *,
+    interval: str = "1d",
+    start: str | None = None,
+    end: str | None = None,
+    auto_adjust: bool = True,
+    retries: int = 4,
+    backoff_seconds: float = 2.0,
+    threads: bool | int = True,
+) -> dict[str, pd.DataFrame | DataError]:
+    """Download many tickers in one ``yf.download`` call and split them per ticker.
+
+    Returns ``{symbol: bars}`` with a DataError in place of the bars for each
+    ticker that came back empty or missing, so one bad ticker never fails the
+    others. A raised error (network, ``YFRateLimitError``) retries the call; a
+    ticker yfinance logged as failed is retried too (rate limits hit tickers
+    one by one inside a batch), unless its error is permanent (delisted, no
+    timezone). Each retry downloads only the tickers still missing, after an
+    exponential backoff with jitter. A ``start`` beyond Yahoo's limits raises
+    DataError for the whole request (``yahoo_window``).
+    """
+    import yfinance as yf
+
+    start = yahoo_window(interval, start, end)
+    pending = list(dict.fromkeys(symbols))
+    results: dict[str, pd.DataFrame | DataError] = {}
+    source = f"yfinance(auto_adjust={auto_adjust})"
+    last_error: Exception | None = None
+    for attempt in range(retries):
+        errors = _YFinanceErrors()
+        yf_log = logging.getLogger("yfinance")
+        yf_log.addHandler(errors)
+        try:
+            raw = yf.download(pending, start=start, end=end, interval=interval, auto_adjust=auto_adjust,
+                              group_by="column", multi_level_index=True, progress=False, threads=threads)
+        except Exception as exc:  # network and rate-limit errors: retry the whole call
+            raw, last_error = None, exc
+        finally:
+            yf_log.removeHandler(errors)
+        if raw is not None:
+            retry = []
+            for symbol in pending:
+                try:
+                    frame = _yfinance_frame_for(raw, symbol)  # all-NaN rows dropped
+                    if frame.empty:
+                        raise DataError(f"yfinance: no bars for '{symbol}' in the batched download "
+                                        f"({interval}, {start}..{end})")
+                except DataError as exc:  # missing: retried unless yfinance logged a permanent reason
+                    reason = errors.reason(symbol)
+                    results[symbol] = DataError(f"{exc}: {reason}" if reason else str(exc))
+                    if not (reason and any(word in reason for word in _PERMANENT_ERRORS)):
+                        retry.append(symbol)
+                    continue
+                try:  # bars that came but break the schema will not improve on a retry
+                    results[symbol] = normalize_bars(frame, symbol=symbol, interval=interval, source=source,
+                                                     origin=f"yfinance:{symbol}")
+                except DataError as exc:
+                    results[symbol] = exc
+            pending = retry
+        if not pending:
+            break
+        if attempt + 1 < retries:
+            log.info("yfinance: retrying %d of %d tickers (attempt %d)", len(pending), len(symbols), attempt + 2)
+            _backoff(attempt, backoff_seconds)
+    for symbol in pending:
+        why = results.get(symbol) or last_error
+        results[symbol] = DataError(f"yfinance: '{symbol}' failed after {retries} attempts: {why}")
+    return {symbol: results[symbol] for symbol in dict.fromkeys(symbols)}
 
 
 def load_bars(source: str, *, symbol: str, interval: str = "1d", path: str | None = None,

@@ -25,14 +25,50 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 GX_ROOT = Path(os.environ.get("ML_GX_ROOT", Path(__file__).resolve().parents[2] / "great_expectations"))
 SUITE_OHLCV, SUITE_CLOSE_ONLY = "bars_ohlcv", "bars_close_only"
 DAILY_INTERVALS = ("1d", "5d", "1wk", "1mo", "3mo")
+CALENDARS = ("equity", "crypto")
 
 
 @dataclass(frozen=True)
 class ValidationConfig:
+    """Thresholds of the gate. How gaps are counted depends on the interval family:
+
+    * daily and longer: missing sessions, in business days (``equity``) or
+      calendar days (``crypto``: trades every day; FX daily bars also fit,
+      a weekend being two missing days); at most ``max_gap_sessions``.
+    * intraday ``crypto``: one continuous series; at most ``max_gap_bars``
+      missing bars anywhere.
+    * intraday ``equity``: counted within a session (one UTC date, which holds
+      a whole session for the US, European and most Asian exchanges): at most
+      ``max_gap_bars`` missing bars. Between sessions, up to
+      ``max_gap_sessions`` missing business days pass (holidays are not in the
+      business-day calendar); a longer hole counts as all the bars it lacks.
+
+    ``max_gap_bars`` None: a hole must be shorter than an hour (0 missing
+    1h bars, 11 missing 5m bars, 59 missing 1m bars).
+    """
+
     max_abs_log_return: float = 1.0  # one-bar |log return| above this is an abnormal jump (x100 glitch: 4.6)
-    max_gap_sessions: int = 5  # missing sessions (daily, business days) or bar intervals (intraday)
+    max_gap_sessions: int = 5  # missing sessions (daily bars; whole sessions of intraday equity bars)
     max_stale_bars: int = 10  # longest run of identical closes
-    calendar: str = "equity"  # equity: gaps counted in business days; crypto: continuous
+    calendar: str = "equity"  # equity: sessions on business days; crypto: continuous
+    max_gap_bars: int | None = None  # missing intraday bars; None: less than an hour's worth
+
+    def __post_init__(self):
+        if self.calendar not in CALENDARS:
+            raise ValueError(f"unknown calendar '{self.calendar}' (expected one of {CALENDARS})")
+
+    def gap_limit(self, interval: str) -> int:
+        """The most missing units the gap rule allows for bars of this interval."""
+        if interval in DAILY_INTERVALS:
+            return self.max_gap_sessions
+        if self.max_gap_bars is not None:
+            return self.max_gap_bars
+        return max(int(3600 // interval_seconds(interval)) - 1, 0)
+
+
+def interval_seconds(interval: str) -> float:
+    """Length of an intraday bar: '5m' -> 300, '1h' -> 3600 (yfinance spellings)."""
+    return pd.Timedelta(interval.replace("m", "min") if interval.endswith("m") else interval).total_seconds()
 
 
 class DataValidationError(ValueError):
@@ -160,36 +196,45 @@ def rule_columns(bars: pd.DataFrame, config: ValidationConfig) -> pd.DataFrame:
     frame["abs_log_return"] = log_return.replace([np.inf], np.nan).fillna(0.0)
     now = pd.Timestamp.now(tz="UTC")
     frame["future_seconds"] = (frame["timestamp"] - now).dt.total_seconds()
-    frame["gap_sessions"] = _gap_sessions(frame["timestamp"], str(frame["interval"].iloc[0]), config.calendar)
+    frame["gap_sessions"] = _gap_sessions(frame["timestamp"], str(frame["interval"].iloc[0]), config)
     same = close.diff().eq(0)
     run_id = (~same).cumsum()
     frame["stale_run"] = same.groupby(run_id).cumsum() + 1
     return frame
 
 
-def _gap_sessions(timestamps: pd.Series, interval: str, calendar: str) -> np.ndarray:
-    """Sessions (or bars, intraday) missing between consecutive timestamps; 0 when none."""
+def _gap_sessions(timestamps: pd.Series, interval: str, config: ValidationConfig) -> np.ndarray:
+    """Sessions (daily) or bars (intraday) missing before each timestamp; 0 when none.
+
+    See ValidationConfig for how each interval family and calendar counts.
+    """
     gaps = np.zeros(len(timestamps))
     if len(timestamps) < 2:
         return gaps
     values = timestamps.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()
+    days = values.astype("datetime64[D]")
     if interval in DAILY_INTERVALS:
-        days = values.astype("datetime64[D]")
         step = {"1d": 1, "5d": 5, "1wk": 5, "1mo": 21, "3mo": 63}[interval]
-        if calendar == "equity":
+        if config.calendar == "equity":
             missing = np.busday_count(days[:-1], days[1:]) - step
         else:
             missing = (days[1:] - days[:-1]).astype("int64") - step
         # Weekly/monthly bars land on varying weekdays: allow one step of slack.
         gaps[1:] = np.maximum(missing, 0) / step if step > 1 else np.maximum(missing, 0)
-    else:
-        seconds = pd.Timedelta(interval.replace("m", "min") if interval.endswith("m") else interval).total_seconds()
-        elapsed = (values[1:] - values[:-1]).astype("timedelta64[s]").astype("int64")
-        if calendar == "equity":
-            # Intraday equity bars pause overnight and at weekends; count gaps inside a day only.
-            same_day = values[1:].astype("datetime64[D]") == values[:-1].astype("datetime64[D]")
-            elapsed = np.where(same_day, elapsed, seconds)
-        gaps[1:] = np.maximum(np.round(elapsed / seconds) - 1, 0)
+        return gaps
+    seconds = interval_seconds(interval)
+    elapsed = (values[1:] - values[:-1]).astype("timedelta64[s]").astype("int64")
+    missing = np.maximum(np.round(elapsed / seconds) - 1, 0)
+    if config.calendar == "equity":
+        # Overnight and weekend pauses are not gaps; whole missing sessions are, beyond the
+        # holiday allowance, and then count as every bar a session would have had.
+        new_session = days[1:] != days[:-1]
+        missing_days = np.maximum(np.busday_count(days[:-1], days[1:]) - 1, 0)
+        _, bars_per_day = np.unique(days, return_counts=True)
+        per_session = float(np.median(bars_per_day))
+        long_hole = missing_days > config.max_gap_sessions
+        missing = np.where(new_session, np.where(long_hole, missing_days * per_session, 0), missing)
+    gaps[1:] = missing
     return gaps
 
 
@@ -208,7 +253,8 @@ def validate_bars(bars: pd.DataFrame, origin: str, config: ValidationConfig = Va
              .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame}))
     outcome = batch.validate(suite, result_format="COMPLETE", expectation_parameters={
         "max_abs_log_return": config.max_abs_log_return,
-        "max_gap_sessions": config.max_gap_sessions,
+        # One suite for every interval: the limit is resolved here for this interval family.
+        "max_gap_sessions": config.gap_limit(str(bars["interval"].iloc[0])),
         "max_stale_bars": config.max_stale_bars,
     })
     rules = []
