@@ -125,16 +125,16 @@ def ppo_training():
 
     @task
     def export_onnx(run_dir: str) -> str:
-        from ml import pipeline
+        from ml import release
 
-        pipeline.export_model(run_dir)
+        release.export_model(run_dir)
         return run_dir
 
     @task
     def register(run_dir: str) -> dict:
-        from ml import pipeline
+        from ml import release
 
-        result = pipeline.register(run_dir)
+        result = release.register(run_dir)
         return {"model_name": result["model_name"], "version": result["version"], "champion": result["champion"]}
 
     run_dir = start_tracking(validate_data(load_data()))

@@ -1,6 +1,7 @@
 """The training pipeline as stages that hand over through files in one run directory.
 
-    load -> validate -> start tracking -> train folds -> evaluate -> export ONNX -> register
+    load -> validate -> start tracking -> plan folds -> train (per fold) -> evaluate
+    -> export ONNX -> register   (the last two in ``ml.release``)
 
 Each stage reads what earlier stages wrote into ``run_dir`` and returns a
 small JSON-able reference, so the Airflow tasks call these same functions and
@@ -9,68 +10,27 @@ pass only paths and ids through XCom. ``run_pipeline`` runs them in-process.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ml.config import PipelineConfig, config_from_dict
+from ml.config import PipelineConfig
 from ml.data.schema import content_hash
 from ml.data.sources import load_bars
 from ml.data.validation import ValidationConfig, require_valid
 from ml.evaluation.splits import Fold, walk_forward_folds
-from ml.features import FEATURE_SET_VERSION
 from ml.market import prepare_series
-from ml.policy import ActorCritic, load_policy, policy_checkpoint
+from ml.policy import policy_checkpoint
 from ml.ppo import resolve_device
+from ml.rundir import (code_version, load_agent, read_bars, read_config, read_folds, read_json, save_config,
+                       write_json)
 
 log = logging.getLogger(__name__)
 REPORT_SCHEMA_VERSION = "1.0"
-
-
-def _write_json(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(data), indent=2, sort_keys=False, default=str))
-    return path
-
-
-def _read_json(path: Path):
-    return json.loads(Path(path).read_text())
-
-
-def _finite(value):
-    """JSON has no NaN/Infinity: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def code_version() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def save_config(run_dir: Path, config: PipelineConfig) -> Path:
-    return _write_json(Path(run_dir) / "config.json", config.to_dict())
-
-
-def read_config(run_dir: Path) -> PipelineConfig:
-    return config_from_dict(_read_json(Path(run_dir) / "config.json"))
 
 
 # 1. Load ---------------------------------------------------------------------------------
@@ -90,12 +50,8 @@ def load_data(run_dir: Path, config: PipelineConfig) -> dict:
         "last": bars["timestamp"].iloc[-1].isoformat(), "dataset_hash": content_hash(bars),
         "close_only": bool(bars["open"].isna().all()),
     }
-    _write_json(run_dir / "data.json", summary)
+    write_json(run_dir / "data.json", summary)
     return summary
-
-
-def read_bars(run_dir: Path) -> pd.DataFrame:
-    return pd.read_parquet(Path(run_dir) / "bars.parquet")
 
 
 # 2. Validate -----------------------------------------------------------------------------
@@ -111,9 +67,9 @@ def validate_data(run_dir: Path) -> dict:
     except Exception as exc:
         failed = getattr(exc, "result", None)
         if failed is not None:
-            _write_json(run_dir / "validation.json", failed.as_dict())
+            write_json(run_dir / "validation.json", failed.as_dict())
         raise
-    _write_json(run_dir / "validation.json", result.as_dict())
+    write_json(run_dir / "validation.json", result.as_dict())
     return {"suite": result.suite, "rows": result.rows, "rules": len(result.rules)}
 
 
@@ -126,16 +82,16 @@ def start_tracking(run_dir: Path, run_name: str | None = None) -> dict:
     run_dir = Path(run_dir)
     existing = run_dir / "tracking.json"
     if existing.exists():  # a retried task continues the same MLflow run
-        return _read_json(existing)
+        return read_json(existing)
     config = read_config(run_dir)
-    data = _read_json(run_dir / "data.json")
+    data = read_json(run_dir / "data.json")
     uri, artifact_root = resolve_tracking(config.registry.tracking_uri, config.registry.artifact_root, run_dir)
     run_id = start_run(uri, artifact_root, config.registry.experiment, run_name or run_dir.name,
                        params=flatten(config.to_dict()),
                        tags={"dataset_hash": data["dataset_hash"], "code_version": code_version(),
                              "symbol": data["symbol"], "interval": data["interval"]})
     tracking = {"tracking_uri": uri, "run_id": run_id}
-    _write_json(existing, tracking)
+    write_json(existing, tracking)
     return tracking
 
 
@@ -147,15 +103,8 @@ def plan_folds(run_dir: Path) -> list[int]:
     config = read_config(run_dir)
     bars = read_bars(run_dir)
     folds = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)
-    _write_json(run_dir / "folds.json", [f.as_dict() | f.dates(bars["timestamp"]) for f in folds])
+    write_json(run_dir / "folds.json", [f.as_dict() | f.dates(bars["timestamp"]) for f in folds])
     return [f.index for f in folds]
-
-
-def read_folds(run_dir: Path) -> list[Fold]:
-    return [Fold(index=f["index"], train=(f["train"]["first_bar"], f["train"]["last_bar"]),
-                 validation=(f["validation"]["first_bar"], f["validation"]["last_bar"]),
-                 test=(f["test"]["first_bar"], f["test"]["last_bar"]))
-            for f in _read_json(Path(run_dir) / "folds.json")]
 
 
 def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) -> dict:
@@ -172,9 +121,9 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
     run_dir = Path(run_dir)
     fold_dir = run_dir / "folds" / f"fold_{fold_index}"
     if (fold_dir / "training.json").exists():
-        return _read_json(fold_dir / "training.json")
+        return read_json(fold_dir / "training.json")
     config = read_config(run_dir)
-    tracking = _read_json(run_dir / "tracking.json")
+    tracking = read_json(run_dir / "tracking.json")
     fold = read_folds(run_dir)[fold_index]
     torch_device = resolve_device(device or config.ppo.device)
     series = prepare_series(read_bars(run_dir), config.lookback, torch_device)
@@ -191,12 +140,12 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
             result = train_fold(series, fold, seed_config, log_update, checkpoint_path=seed_dir / "train_state.pt")
             torch.save(policy_checkpoint(result.agent, series.feature_module, config.ppo.hidden),
                        seed_dir / "policy.pt")
-            _write_json(seed_dir / "history.json", result.history)
-            _write_json(seed_dir / "training.json", {
+            write_json(seed_dir / "history.json", result.history)
+            write_json(seed_dir / "training.json", {
                 "seed": seed, "best_update": result.best_update, "validation_score": result.best_score,
                 "steps_per_second": result.steps_per_second, "updates": len(result.history),
                 "resumed_from_update": result.resumed_from_update, "collapse_alarm": result.collapse_alarm})
-        seeds.append(_read_json(seed_dir / "training.json"))
+        seeds.append(read_json(seed_dir / "training.json"))
     best = max(seeds, key=lambda s: s["validation_score"])
     for name in ("policy.pt", "history.json"):
         shutil.copyfile(fold_dir / f"seed_{best['seed']}" / name, fold_dir / name)
@@ -204,7 +153,7 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
                "validation_score": best["validation_score"], "selection_metric": config.selection_metric,
                "steps_per_second": float(np.mean([s["steps_per_second"] for s in seeds])),
                "device": str(torch_device), "collapse_alarm": best["collapse_alarm"], "seeds": seeds}
-    _write_json(fold_dir / "training.json", summary)
+    write_json(fold_dir / "training.json", summary)
     log.info("fold %d trained: seed %s selected on validation (%.3f)", fold_index, best["seed"],
              best["validation_score"])
     return summary
@@ -214,15 +163,6 @@ def train_folds(run_dir: Path, device: str | None = None) -> dict:
     """Every fold in turn (the DAG maps one task per fold instead)."""
     summaries = [train_fold_seeds(run_dir, index, device) for index in plan_folds(run_dir)]
     return {"folds": len(summaries), "device": summaries[0]["device"]}
-
-
-def load_agent(run_dir: Path, fold: int, seed: int | None = None) -> tuple[ActorCritic, dict]:
-    """The fold's selected policy, or one seed's."""
-    folder = Path(run_dir) / "folds" / f"fold_{fold}"
-    if seed is not None:
-        folder = folder / f"seed_{seed}"
-    checkpoint = torch.load(folder / "policy.pt", weights_only=True)
-    return load_policy(checkpoint).actor_critic, checkpoint
 
 
 # 5. Evaluate -----------------------------------------------------------------------------
@@ -236,18 +176,18 @@ def evaluate(run_dir: Path) -> dict:
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    data = _read_json(run_dir / "data.json")
+    data = read_json(run_dir / "data.json")
     bars = read_bars(run_dir)
     series = prepare_series(bars, config.lookback, torch.device("cpu"))
     fold_reports = []
     images = {}
     for fold in read_folds(run_dir):
         fold_dir = run_dir / "folds" / f"fold_{fold.index}"
-        training = _read_json(fold_dir / "training.json")
+        training = read_json(fold_dir / "training.json")
         agent, _ = load_agent(run_dir, fold.index)
         # Every validation score any seed's selection looked at is a trial for the deflated Sharpe.
         trials = [h["validation_score"] for s in training["seeds"]
-                  for h in _read_json(fold_dir / f"seed_{s['seed']}" / "history.json") if "validation_score" in h]
+                  for h in read_json(fold_dir / f"seed_{s['seed']}" / "history.json") if "validation_score" in h]
         report, test, baselines = evaluate_fold(agent, series, fold, config,
                                                 trials if config.selection_metric == "sharpe" else None)
         report["training"] = training
@@ -269,13 +209,13 @@ def evaluate(run_dir: Path) -> dict:
         "exposure_levels": list(config.ppo.exposure_levels), "selection_metric": config.selection_metric,
         "folds": fold_reports, "aggregate": aggregate(fold_reports),
     }
-    _write_json(run_dir / "report.json", report)
+    write_json(run_dir / "report.json", report)
     images["Test Sharpe per fold"] = plot_fold_bars(report, run_dir / "plots" / "fold_sharpe.png")
     images["Test total return per fold"] = plot_fold_bars(report, run_dir / "plots" / "fold_return.png",
                                                           metric="total_return")
     images["Decisions on test bars"] = plot_exposure_histogram(report, run_dir / "plots" / "exposure.png")
     render_html_report(run_dir, report, images)
-    tracking = _read_json(run_dir / "tracking.json")
+    tracking = read_json(run_dir / "tracking.json")
     flat = {}
     for fold in fold_reports:
         flat.update({f"test/fold{fold['index']}/policy/{k}": v for k, v in fold["policy"]["test"].items()})
@@ -307,124 +247,10 @@ def seed_spread(run_dir: Path, fold: Fold, series, config: PipelineConfig, train
     return {"per_seed": per_seed, "test_spread": spread}
 
 
-# 6. Export -------------------------------------------------------------------------------
-
-def export_model(run_dir: Path) -> dict:
-    """ONNX of the most recent fold's policy, checked against torch on real windows."""
-    from ml.export import check_parity, export_onnx, real_windows
-
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    data = _read_json(run_dir / "data.json")
-    tracking = _read_json(run_dir / "tracking.json")
-    folds = _read_json(run_dir / "folds.json")
-    latest = folds[-1]
-    agent, checkpoint = load_agent(run_dir, latest["index"])
-    policy = load_policy(checkpoint)
-    metadata = {
-        "lookback": config.lookback, "interval": data["interval"], "symbol": data["symbol"],
-        "feature_set_version": FEATURE_SET_VERSION,
-        "features": ",".join(policy.features.names),
-        "action_semantics": "target_exposure: fraction of NAV held in the asset after the next bar's open, "
-                            f"in [{config.ppo.min_exposure}, {config.ppo.max_exposure}]; "
-                            + (f"levels {list(config.ppo.exposure_levels)}" if config.ppo.action_mode == "discrete"
-                               else "continuous"),
-        "action_mode": config.ppo.action_mode,
-        "close_only": str(data["close_only"]).lower(),
-        "training_window": f"{latest['train']['start']}/{latest['train']['end']}",
-        "validation_window": f"{latest['validation']['start']}/{latest['validation']['end']}",
-        "dataset_hash": data["dataset_hash"], "mlflow_run_id": tracking["run_id"],
-        "code_version": code_version(),
-    }
-    path = export_onnx(policy, run_dir / "model.onnx", metadata)
-    ohlcv = np.asarray(prepare_series(read_bars(run_dir), config.lookback, torch.device("cpu")).ohlcv)
-    first, last = latest["test"]["first_bar"], latest["test"]["last_bar"]
-    windows, positions = real_windows(ohlcv, config.lookback, first, last, config.gate.parity_windows,
-                                      list(config.ppo.exposure_levels))
-    parity = check_parity(policy, path, windows, positions, config.gate.parity_tolerance)
-    np.savez(run_dir / "parity_windows.npz", ohlcv=windows[:4], position=positions[:4])
-    _write_json(run_dir / "parity.json", parity.as_dict())
-    return {"onnx": str(path), "parity": parity.as_dict()}
-
-
-# 7. Register -----------------------------------------------------------------------------
-
-def register(run_dir: Path) -> dict:
-    """Log artifacts, register the ONNX version, apply the gate, move aliases under the registry lock."""
-    from mlflow.tracking import MlflowClient
-
-    from ml import registry
-    from ml.promotion import compare_on_unseen_window, evaluate_gate, registry_lock
-
-    run_dir = Path(run_dir)
-    done = run_dir / "registration.json"
-    if done.exists():  # a retry never registers or promotes twice
-        return _read_json(done)
-    config = read_config(run_dir)
-    data = _read_json(run_dir / "data.json")
-    tracking = _read_json(run_dir / "tracking.json")
-    report = _read_json(run_dir / "report.json")
-    parity = _read_json(run_dir / "parity.json")
-    uri, run_id, name = tracking["tracking_uri"], tracking["run_id"], config.model_name
-
-    client = MlflowClient(uri)
-    for artifact in ["report.json", "report.html", "config.json", "data.json", "validation.json", "folds.json",
-                     "parity.json", *sorted(p.name for p in run_dir.glob("fold_*_test_*.csv"))]:
-        client.log_artifact(run_id, str(run_dir / artifact), artifact_path="report")
-    client.log_artifacts(run_id, str(run_dir / "plots"), artifact_path="report/plots")
-    example = np.load(run_dir / "parity_windows.npz")
-    version = registry.register_onnx(uri, run_id, name, run_dir / "model.onnx",
-                                     {"ohlcv": example["ohlcv"], "position": example["position"]},
-                                     tags={"dataset_hash": data["dataset_hash"], "code_version": code_version()})
-
-    with registry_lock(uri, name):
-        champion = registry.alias_version(uri, name, registry.CHAMPION)
-        comparison = None
-        if champion and champion != version and config.gate.compare_with_champion:
-            comparison = _compare_with_champion(run_dir, config, uri, name, champion, compare_on_unseen_window)
-        decision = evaluate_gate(report, parity, config.gate, comparison).as_dict()
-        policy, hold = report["aggregate"]["policy"], report["aggregate"]["baselines"]["buy_and_hold"]
-        description = (
-            f"Gate {'PASSED' if decision['passed'] else 'FAILED'}: " + "; ".join(decision["reasons"])
-            + f". Mean test Sharpe {policy['sharpe']:.2f} vs buy-and-hold {hold['sharpe']:.2f}; "
-            f"total return {policy['total_return']:+.2%} vs {hold['total_return']:+.2%}."
-        )
-        registry.record_decision(uri, name, version, decision, description)
-        client.set_registered_model_alias(name, registry.CHALLENGER, version)
-        promoted = bool(decision["passed"] and config.registry.promote)
-        if promoted:
-            registry.move_champion(uri, name, version, "passed the promotion gate")
-    client.set_tag(run_id, "gate.passed", str(decision["passed"]).lower())
-    client.set_terminated(run_id)
-    result = {"model_name": name, "version": version, "champion": promoted,
-              "champion_version": registry.alias_version(uri, name, registry.CHAMPION),
-              "previous_champion": champion, "gate": decision, "champion_comparison": comparison,
-              "tracking_uri": uri, "run_id": run_id, "promote_requested": config.registry.promote}
-    _write_json(done, result)
-    return result
-
-
-def _compare_with_champion(run_dir: Path, config: PipelineConfig, uri: str, name: str, champion: str,
-                           compare) -> dict:
-    """Both models on the latest test window, cut to the bars the champion never trained on."""
-    from ml import registry
-    from ml.serving import Policy
-
-    champion_path = registry.download_model(uri, name, champion)
-    metadata = Policy(champion_path, prefer_gpu=False).metadata
-    # The champion was selected on its validation window: that counts as seen too.
-    seen_until = metadata.get("validation_window") or metadata.get("training_window", "")
-    if "/" not in seen_until:
-        return {"skipped": f"champion v{champion} records no training window"}
-    latest = _read_json(run_dir / "folds.json")[-1]
-    window = (latest["test"]["first_bar"], latest["test"]["last_bar"])
-    gap = latest["test"]["first_bar"] - latest["validation"]["last_bar"]
-    return compare(run_dir / "model.onnx", champion_path, champion, seen_until.split("/")[1],
-                   read_bars(run_dir), window, gap, config)
-
-
 def run_pipeline(config: PipelineConfig, out_dir: Path) -> dict:
     """All stages in-process (``python -m ml pipeline``); same functions as the DAG tasks."""
+    from ml.release import export_model, register
+
     out_dir = Path(out_dir)
     load_data(out_dir, config)
     validate_data(out_dir)

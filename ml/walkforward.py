@@ -10,7 +10,6 @@ from dataclasses import replace
 from typing import Callable
 
 import numpy as np
-import torch
 
 from ml.config import PipelineConfig
 from ml.env import TradingEnv
