@@ -17,9 +17,29 @@ MIN_LOOKBACK = max(max(RETURN_HORIZONS), SLOW_WINDOW) + 1
 _EPS = 1e-8
 
 
-def _std(x: torch.Tensor) -> torch.Tensor:
-    mean = x.mean(dim=-1, keepdim=True)
-    return ((x - mean) ** 2).mean(dim=-1).sqrt()
+def _window_weights(lookback: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Constant matrices that turn the log-price window into features with a few matmuls.
+
+    With prices relative to the last close, log_close[-1] = 0, so
+    - the log return over h bars is -log_close[-1-h], a trend is -mean(log_close[-n:]);
+    - the one-bar returns of the last SLOW_WINDOW bars are differences of neighbours;
+    - window means of returns (and of squared, positive and absolute returns) are averages.
+    Few large ops instead of many small ones keep the exported graph fast in onnxruntime.
+    """
+    linear = torch.zeros(lookback, len(RETURN_HORIZONS) + 2)
+    for j, h in enumerate(RETURN_HORIZONS):
+        linear[lookback - 1 - h, j] = -1.0
+    linear[lookback - FAST_WINDOW:, len(RETURN_HORIZONS)] = -1.0 / FAST_WINDOW
+    linear[lookback - SLOW_WINDOW:, len(RETURN_HORIZONS) + 1] = -1.0 / SLOW_WINDOW
+    differences = torch.zeros(lookback, SLOW_WINDOW)
+    for i in range(SLOW_WINDOW):
+        bar = lookback - SLOW_WINDOW + i
+        differences[bar, i], differences[bar - 1, i] = 1.0, -1.0
+    averages = torch.zeros(SLOW_WINDOW, 3)
+    averages[SLOW_WINDOW - FAST_WINDOW:, 0] = 1.0 / FAST_WINDOW
+    averages[:, 1] = 1.0 / SLOW_WINDOW
+    averages[SLOW_WINDOW - OSCILLATOR_WINDOW:, 2] = 1.0  # sums for the oscillator
+    return linear, differences, averages
 
 
 class FeatureModule(nn.Module):
@@ -36,6 +56,14 @@ class FeatureModule(nn.Module):
         self.lookback = lookback
         self.use_range = use_range
         self.use_volume = use_volume
+        linear, differences, averages = _window_weights(lookback)
+        # Constants derived from lookback: not part of the state dict.
+        self.register_buffer("linear", linear, persistent=False)
+        self.register_buffer("differences", differences, persistent=False)
+        self.register_buffer("averages", averages, persistent=False)
+        tail = torch.zeros(FAST_WINDOW, 2)
+        tail[-1, 0], tail[:, 1] = 1.0, 1.0 / FAST_WINDOW  # last value, mean over the fast window
+        self.register_buffer("tail", tail, persistent=False)
 
     @property
     def names(self) -> list[str]:
@@ -53,31 +81,39 @@ class FeatureModule(nn.Module):
         return len(self.names)
 
     def forward(self, ohlcv: torch.Tensor) -> torch.Tensor:
+        # One-wide slices, not index selects: onnxruntime runs Slice several times faster than
+        # the scalar Gather an index select exports to.
+        close = ohlcv[:, :, 3:4].squeeze(-1)
         # Prices relative to the last close before any log: the ratios are near 1, so
         # float32 logs stay accurate and torch and onnxruntime agree to ~1e-7.
-        relative = ohlcv[:, :, :4] / ohlcv[:, -1:, 3:4]
-        log_close = torch.log(relative[:, :, 3])
-        returns = log_close[:, 1:] - log_close[:, :-1]
-        columns = [-log_close[:, -1 - h] for h in RETURN_HORIZONS]  # log(c[-1] / c[-1-h])
-        fast_vol = _std(returns[:, -FAST_WINDOW:])
-        slow_vol = _std(returns[:, -SLOW_WINDOW:])
-        recent = returns[:, -OSCILLATOR_WINDOW:]
-        gains = torch.clamp(recent, min=0.0).sum(dim=-1)
-        columns += [
+        log_close = torch.log(close / close[:, -1:])
+        linear = log_close @ self.linear  # [B, 6]: log returns over each horizon, trend 20 and 60
+        returns = log_close @ self.differences  # [B, SLOW_WINDOW] one-bar log returns
+        means = returns @ self.averages[:, :2]  # fast and slow window means
+        variances = (returns * returns) @ self.averages[:, :2] - means * means
+        vols = torch.sqrt(torch.clamp(variances, min=0.0))  # population std, fast and slow
+        fast_vol, slow_vol = vols[:, 0:1], vols[:, 1:2]
+        gains = torch.clamp(returns, min=0.0) @ self.averages[:, 2:3]
+        moves = returns.abs() @ self.averages[:, 2:3]
+        columns = [
+            linear[:, :len(RETURN_HORIZONS)],
             fast_vol,
             torch.log((fast_vol + _EPS) / (slow_vol + _EPS)),
-            -log_close[:, -FAST_WINDOW:].mean(dim=-1),
-            -log_close[:, -SLOW_WINDOW:].mean(dim=-1),
-            gains / (recent.abs().sum(dim=-1) + _EPS) - 0.5,
+            linear[:, len(RETURN_HORIZONS):],
+            gains / (moves + _EPS) - 0.5,
         ]
         if self.use_range:
-            bar_range = torch.log(relative[:, :, 1] / relative[:, :, 2])
-            columns += [bar_range[:, -1], bar_range[:, -FAST_WINDOW:].mean(dim=-1)]
+            recent = ohlcv[:, -FAST_WINDOW:]
+            bar_range = torch.log(recent[:, :, 1:2].squeeze(-1) / recent[:, :, 2:3].squeeze(-1))
+            columns.append(bar_range @ self.tail)  # last bar's range, mean range
         if self.use_volume:
-            volume = ohlcv[:, -FAST_WINDOW:, 4]
+            volume = ohlcv[:, -FAST_WINDOW:, 4:5].squeeze(-1)
             log_volume = torch.log((volume + 1.0) / (volume.mean(dim=-1, keepdim=True) + 1.0))
-            columns.append((log_volume[:, -1] - log_volume.mean(dim=-1)) / (_std(log_volume) + 1e-3))
-        return torch.stack(columns, dim=-1)
+            stats = log_volume @ self.tail  # last, mean
+            spread = torch.sqrt(torch.clamp((log_volume * log_volume) @ self.tail[:, 1:2] - stats[:, 1:2] ** 2,
+                                            min=0.0))
+            columns.append((stats[:, 0:1] - stats[:, 1:2]) / (spread + 1e-3))
+        return torch.cat(columns, dim=-1)
 
 
 @torch.no_grad()
