@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,13 +26,6 @@ import requests
 
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 MARKER_ENV = "RLTRADE_TEST_CLUSTER"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 1.0,

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.airflow_services import Api, Cluster, free_port, wait_for_http, wait_until, write_simple_auth_passwords
+from tests.airflow_services import Api, Cluster, wait_for_http, wait_until, write_simple_auth_passwords
 from tests.conftest import ROOT
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 

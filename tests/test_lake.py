@@ -7,11 +7,6 @@ import ast
 import copy
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -25,6 +20,7 @@ from ml.data.schema import DataError, content_hash
 from ml.data.sources import load_lake
 from ml.data.validation import DataValidationError
 from tests.conftest import ROOT, synthetic_bars
+from tests.servers import moto_s3
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                   "AWS_DEFAULT_REGION": "us-east-1"}
@@ -37,32 +33,12 @@ GLITCH_RULE = "no abnormal one-bar jump"
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A real S3 HTTP endpoint: `moto_server` on a free loopback port, with one bucket."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start on {url}")
-                time.sleep(0.2)
-        import boto3
+    import boto3
 
+    with moto_s3(tmp_path_factory.mktemp("moto") / "moto.log") as url:
         boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
                      region_name="us-east-1").create_bucket(Bucket=BUCKET)
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture(params=["local", "s3"])

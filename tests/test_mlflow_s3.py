@@ -4,12 +4,7 @@ tracking store, and behind a real `mlflow server` that proxies artifacts to S3."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,49 +17,20 @@ from ml.data.sources import load_sample
 from ml.pipeline import run_pipeline
 from ml.registry import CHAMPION, alias_version
 from ml.serving import Policy
+from tests.servers import BIN, free_port, moto_s3, stop, wait_until_up
 from tests.test_pipeline import TINY
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "mlflow-artifacts"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_up(url: str, server: subprocess.Popen, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"{what} did not start on {url}")
-            time.sleep(0.2)
-
-
-def stop(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A real S3 HTTP endpoint with one bucket; the S3 settings MLflow reads are in the environment."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     folder = tmp_path_factory.mktemp("moto")
-    with pytest.MonkeyPatch.context() as env, open(folder / "moto.log", "wb") as log:
+    with moto_s3(folder / "moto.log") as url, pytest.MonkeyPatch.context() as env:
         for key, value in S3_ENV.items():
             env.setenv(key, value)
         env.setenv("MLFLOW_S3_ENDPOINT_URL", url)
@@ -72,17 +38,11 @@ def s3(tmp_path_factory):
         env.setenv("AWS_CONFIG_FILE", str(folder / "no-aws-config"))  # no developer profile leaks in
         env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(folder / "no-aws-credentials"))
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until_up(url, server, "moto_server", timeout=30)
-            import boto3
+        import boto3
 
-            client = boto3.client("s3", endpoint_url=url, region_name=S3_ENV["AWS_DEFAULT_REGION"])
-            client.create_bucket(Bucket=BUCKET)
-            yield SimpleNamespace(url=url, client=client)
-        finally:
-            stop(server)
+        client = boto3.client("s3", endpoint_url=url, region_name=S3_ENV["AWS_DEFAULT_REGION"])
+        client.create_bucket(Bucket=BUCKET)
+        yield SimpleNamespace(url=url, client=client)
 
 
 def bucket_keys(s3, prefix: str) -> set[str]:
