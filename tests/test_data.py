@@ -162,6 +162,9 @@ def test_each_corruption_is_rejected_by_its_rule(gspc_bars, kind, rule):
 
 
 def test_committed_suites_match_their_definitions():
+    import great_expectations as gx
+
+    gx.get_context(mode="ephemeral")  # serializing a suite needs an active context
     for name, suite in suite_definitions().items():
         committed = json.loads((GX_ROOT / "gx" / "expectations" / f"{name}.json").read_text())
         want = [(e["type"], e["kwargs"], e["meta"]) for e in suite.to_json_dict()["expectations"]]
@@ -201,3 +204,12 @@ def test_sample_source_filters_dates():
 def test_normalize_refuses_empty_frame():
     with pytest.raises(DataError, match="no rows"):
         normalize_bars(pd.DataFrame(), symbol="X", interval="1d", source="t", origin="empty.csv")
+
+
+def test_wrong_column_types_are_refused_by_rule(gspc_bars):
+    """Normalization coerces types, but a frame read from elsewhere (a curated file) may not be."""
+    bad = gspc_bars.copy()
+    bad["close"] = bad["close"].astype(str)
+    bad["symbol"] = 7
+    failed = {r.rule for r in validate_bars(bad, "typed").failed}
+    assert {"close is float64", "symbol is a string"} <= failed

@@ -121,6 +121,9 @@ def _rules(close_only: bool) -> list[tuple[str, object]]:
     rules: list[tuple[str, object]] = [
         ("columns match the bar schema", gxe.ExpectTableColumnsToMatchSet(column_set=list(BAR_COLUMNS) + [
             "abs_log_return", "future_seconds", "gap_sessions", "stale_run"], exact_match=True)),
+        ("symbol is a string", gxe.ExpectColumnValuesToBeOfType(column="symbol", type_="str")),
+        *[(f"{field} is float64", gxe.ExpectColumnValuesToBeOfType(column=field, type_="float64"))
+          for field in ("open", "high", "low", "close", "volume")],
         ("timestamp not null", gxe.ExpectColumnValuesToNotBeNull(column="timestamp")),
         ("timestamps unique", gxe.ExpectColumnValuesToBeUnique(column="timestamp")),
         ("timestamps increasing", gxe.ExpectColumnValuesToBeIncreasing(column="timestamp", strictly=True)),
