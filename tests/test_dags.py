@@ -112,3 +112,41 @@ def test_airflow_dags_test_trains_registers_and_promotes(airflow_env, tmp_path):
     exposure = policy.decide(windows["ohlcv"], windows["position"])
     assert exposure.shape == (len(windows["ohlcv"]), 1)
     assert np.isin(exposure, report["exposure_levels"]).all()
+
+
+def test_airflow_dags_test_market_data_curates_the_lake_and_reruns_change_nothing(airflow_env, tmp_path):
+    from ml.data.lake import Lake
+
+    lake_root = tmp_path / "lake"
+    conf = json.dumps({"symbols": ["GSPC", "KO"], "source": "sample", "lake_root": str(lake_root)})
+    first = subprocess.run([AIRFLOW, "dags", "test", "market_data", "-c", conf], env=airflow_env,
+                           capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    lake = Lake(str(lake_root))
+    hashes = {symbol: lake.snapshot(symbol, "1d")[1] for symbol in ("GSPC", "KO")}
+    assert len(lake.read_curated("KO", "1d")) == 8313
+    again = subprocess.run([AIRFLOW, "dags", "test", "market_data", "-c", conf], env=airflow_env,
+                           capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert {symbol: lake.snapshot(symbol, "1d")[1] for symbol in ("GSPC", "KO")} == hashes
+
+
+def test_airflow_dags_test_model_promotion(airflow_env):
+    """Runs after the ppo_training test registered a champion in the same store."""
+    from ml.registry import CHAMPION, alias_version
+
+    uri = airflow_env["MLFLOW_TRACKING_URI"]
+    champion = alias_version(uri, "ppo_GSPC_1d", CHAMPION)
+    assert champion is not None, "the ppo_training DAG test registers the first champion"
+
+    def run(conf):
+        return subprocess.run([AIRFLOW, "dags", "test", "model_promotion", "-c", json.dumps(conf)],
+                              env=airflow_env, capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
+
+    promoted = run({"action": "promote", "model_name": "ppo_GSPC_1d", "version": champion})
+    assert promoted.returncode == 0, (promoted.stdout + promoted.stderr)[-4000:]
+    # Nothing to roll back to: the only champion replaced none. The DAG fails and says why.
+    refused = run({"action": "rollback", "model_name": "ppo_GSPC_1d"})
+    assert refused.returncode != 0
+    assert "records no previous champion" in refused.stdout + refused.stderr
+    assert alias_version(uri, "ppo_GSPC_1d", CHAMPION) == champion
