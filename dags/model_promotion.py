@@ -34,21 +34,15 @@ from airflow.sdk import Param, dag, task
 def model_promotion():
     @task
     def move_champion(params=None) -> dict:
-        import os
-
         from airflow.sdk.exceptions import AirflowFailException
+        from ml_operators import MlflowRegistryHook  # plugins/ is on the path of Airflow processes
 
-        from ml import registry
-
-        uri = os.environ["MLFLOW_TRACKING_URI"]
-        try:
-            if params["action"] == "promote":
-                if not params["version"]:
-                    raise AirflowFailException("promote needs a version")
-                return registry.promote(uri, params["model_name"], params["version"])
-            return registry.rollback(uri, params["model_name"], params["version"])
-        except registry.PromotionError as exc:
-            raise AirflowFailException(str(exc)) from exc  # a refused move is not worth retrying
+        registry = MlflowRegistryHook()
+        if params["action"] == "promote":
+            if not params["version"]:
+                raise AirflowFailException("promote needs a version")
+            return registry.promote(params["model_name"], params["version"])
+        return registry.rollback(params["model_name"], params["version"])
 
     move_champion()
 
