@@ -24,7 +24,8 @@ RUN_DIR="$(ls -td "$ML_RUNS_DIR"/ppo_training/*/ | head -n 1)"
 cat <<MSG
 
 Where to look
-  Run folder (report.json, model.onnx, equity curves): $RUN_DIR
+  Run folder         : $RUN_DIR
+                       (report.html to read, report.json, model.onnx, equity curves, plots/)
   DAG run log        : $LOG
   MLflow store       : $MLFLOW_TRACKING_URI
   MLflow UI          : .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI --port 5000
