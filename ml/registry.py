@@ -6,6 +6,7 @@ stage logs to it by id, so the stages can run in separate Airflow tasks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,9 +31,26 @@ def resolve_tracking(tracking_uri: str | None, artifact_root: str | None, out_di
     return uri, artifact_root
 
 
+@contextlib.contextmanager
+def fluent_tracking(tracking_uri: str):
+    """MLflow's fluent API reads a process-wide URI, which ``set_tracking_uri`` also exports to
+    ``$MLFLOW_TRACKING_URI``: set it for this block only, so one run's store never leaks into the
+    next pipeline run in the same process."""
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
 def start_run(tracking_uri: str, artifact_root: str, experiment: str, run_name: str,
               params: dict, tags: dict) -> str:
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -85,11 +103,10 @@ def register_onnx(tracking_uri: str, run_id: str, model_name: str, onnx_path: Pa
     existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
     if existing:
         return str(existing[0].version)
-    mlflow.set_tracking_uri(tracking_uri)
     outputs = create_session(onnx_path).run(None, input_example)
     signature = infer_signature(input_example, {"target_exposure": outputs[0]})
     providers = (["CUDAExecutionProvider"] if cuda_driver_present() else []) + ["CPUExecutionProvider"]
-    with mlflow.start_run(run_id=run_id):
+    with fluent_tracking(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)), name="model", signature=signature, input_example=input_example,
             registered_model_name=model_name, tags=tags, onnx_execution_providers=providers,

@@ -62,9 +62,11 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
         return path
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp()))
+    from ml.registry import fluent_tracking
+
+    # `models:/` is resolved through the registry URI, which follows the process-wide tracking URI.
+    with fluent_tracking(tracking_uri or mlflow.get_tracking_uri()):
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp()))
     found = sorted(folder.rglob("*.onnx"))
     if not found:
         raise FileNotFoundError(f"{uri}: the model artifact holds no .onnx file")

@@ -31,7 +31,9 @@ TINY = {
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = run_pipeline(config_from_dict(TINY), out)
+    # A module fixture is set up before the per-test environment isolation: name the store.
+    store = {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}"}
+    result = run_pipeline(config_from_dict({**TINY, "registry": store}), out)
     return out, result
 
 
@@ -142,3 +144,10 @@ def test_cli_pipeline_writes_report_model_and_curves(tmp_path, shared_market):
     for name in ("report.json", "model.onnx", "fold_0_test_equity.csv", "fold_1_test_equity.csv"):
         assert (out / name).exists(), name
     assert json.loads((out / "config.json").read_text())["ppo"]["total_timesteps"] == 2048
+
+
+def test_a_pipeline_run_leaves_no_tracking_uri_behind(pipeline_run):
+    """The next run in the same process (a worker, a notebook) must not inherit this run's store."""
+    import os
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ
