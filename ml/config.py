@@ -7,7 +7,6 @@ what it changes. Unknown keys are refused by name.
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +122,3 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path}: cannot read config ({exc})") from exc
     return config_from_dict(merge(values, overrides or {}))
-
-
-def config_to_json(config: PipelineConfig) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

@@ -133,10 +133,6 @@ class TradingEnv:
         self.peak_nav[index] = nav
         self._position[index] = 0.0
 
-    def position(self) -> torch.Tensor:
-        """Current exposure: marked position value over NAV."""
-        return self._position
-
     def observe(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features[self.t], self._position.clone()
 

@@ -82,11 +82,9 @@ def evaluate_gate(report: dict, parity: dict, gate: GateConfig,
     return decision
 
 
-def onnx_decide(model_path: str | Path, ohlcv: np.ndarray, lookback: int):
-    """A backtest decision function that runs an exported model on raw windows."""
-    from ml.serving import create_session
-
-    session = create_session(model_path, prefer_gpu=False)
+def onnx_decide(policy, ohlcv: np.ndarray):
+    """A backtest decision function that runs an exported model (``ml.serving.Policy``) on raw windows."""
+    session, lookback = policy.session, policy.lookback
 
     def decide(_features, position, t):
         window = ohlcv[t - lookback + 1:t + 1][None].astype(np.float32)
@@ -115,10 +113,10 @@ def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champio
     ppy = periods_per_year(config.data.interval, config.data.calendar)
     sharpe = {}
     for name, path in (("challenger", challenger_onnx), ("champion", champion_onnx)):
-        lookback = Policy(path, prefer_gpu=False).lookback
-        if first < lookback - 1:
-            return {"skipped": f"{name} needs {lookback} bars of history before the window"}
-        backtest = run_backtest(onnx_decide(path, ohlcv, lookback), series.ohlcv, series.features, (first, last),
+        policy = Policy(path, prefer_gpu=False)
+        if first < policy.lookback - 1:
+            return {"skipped": f"{name} needs {policy.lookback} bars of history before the window"}
+        backtest = run_backtest(onnx_decide(policy, ohlcv), series.ohlcv, series.features, (first, last),
                                 timestamps, config.costs, series.fill_at_open)
         sharpe[name] = backtest.metrics(ppy)["sharpe"]
     return {"challenger_sharpe": sharpe["challenger"], "champion_sharpe": sharpe["champion"],

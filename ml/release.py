@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ml.config import PipelineConfig
 from ml.features import FEATURE_SET_VERSION
-from ml.market import prepare_series
+from ml.data.schema import ohlcv_array
 from ml.policy import load_policy
 from ml.rundir import code_version, load_agent, read_bars, read_config, read_json, write_json
 
@@ -47,7 +46,7 @@ def export_model(run_dir: Path) -> dict:
         "code_version": code_version(),
     }
     path = export_onnx(policy, run_dir / "model.onnx", metadata)
-    ohlcv = np.asarray(prepare_series(read_bars(run_dir), config.lookback, torch.device("cpu")).ohlcv)
+    ohlcv = ohlcv_array(read_bars(run_dir))
     first, last = latest["test"]["first_bar"], latest["test"]["last_bar"]
     windows, positions = real_windows(ohlcv, config.lookback, first, last, config.gate.parity_windows,
                                       list(config.ppo.exposure_levels))

@@ -200,10 +200,6 @@ class Lake:
         frame = pd.read_parquet(io.BytesIO(found[0]), columns=["timestamp"])
         return frame["timestamp"].astype("datetime64[ns, UTC]").reset_index(drop=True)
 
-    def last_timestamp(self, symbol: str, interval: str) -> pd.Timestamp | None:
-        times = self.timestamps(symbol, interval)
-        return None if times.empty else times.iloc[-1]
-
     def read_curated(self, symbol: str, interval: str, version: str | None = None) -> pd.DataFrame:
         return self.snapshot(symbol, interval, version)[0]
 
