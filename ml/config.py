@@ -22,6 +22,7 @@ from ml.ppo import PPOConfig
 class DataConfig:
     source: str = "sample"  # sample | file | yfinance | lake
     symbol: str = "GSPC"
+    symbols: tuple[str, ...] = ()  # two or more: portfolio mode over these (with ppo.action_mode: portfolio)
     interval: str = "1d"
     path: str | None = None  # the file for source=file; the lake root for source=lake
     start: str | None = None
@@ -45,7 +46,7 @@ class GateConfig:
 
 @dataclass
 class RegistryConfig:
-    model_name: str | None = None  # default: ppo_<symbol>_<interval>
+    model_name: str | None = None  # default: ppo_<symbol>_<interval> (ppo_<sym1>_<sym2>_... for a portfolio)
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else a SQLite store in the output dir
     artifact_root: str | None = None  # default: next to a SQLite store
     experiment: str = "ppo_training"
@@ -66,8 +67,28 @@ class PipelineConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
+    def portfolio(self) -> bool:
+        return bool(self.data.symbols)
+
+    @property
     def model_name(self) -> str:
-        return self.registry.model_name or f"ppo_{self.data.symbol}_{self.data.interval}".replace("^", "")
+        symbols = "_".join(self.data.symbols) if self.portfolio else self.data.symbol
+        return self.registry.model_name or f"ppo_{symbols}_{self.data.interval}".replace("^", "")
+
+    def check(self) -> "PipelineConfig":
+        """Refuse combinations that cannot run, naming the fields."""
+        symbols, mode = self.data.symbols, self.ppo.action_mode
+        if symbols and len(set(symbols)) < 2:
+            raise ConfigError(f"data.symbols {list(symbols)}: portfolio mode needs at least two distinct symbols")
+        if symbols and mode != "portfolio":
+            raise ConfigError(f"data.symbols lists a portfolio {list(symbols)}: set ppo.action_mode: portfolio "
+                              f"(got '{mode}')")
+        if mode == "portfolio" and not symbols:
+            raise ConfigError("ppo.action_mode 'portfolio' needs data.symbols (two or more)")
+        if symbols and self.data.source == "file":
+            raise ConfigError("data.symbols: portfolio mode reads sample, lake or yfinance data, "
+                              "not a single file (data.source: file)")
+        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,7 +131,7 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def config_from_dict(values: dict | None) -> PipelineConfig:
-    return _build(PipelineConfig, values or {}, "")
+    return _build(PipelineConfig, values or {}, "").check()
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:

@@ -71,10 +71,23 @@ def settle(cash: torch.Tensor, units: torch.Tensor, nav_before: torch.Tensor, ta
     return cash, target_units, nav, cost, traded_value / nav_at_fill.clamp(min=1e-12), reward
 
 
+def shaping_terms(config: EnvConfig, nav: torch.Tensor, peak_nav: torch.Tensor, log_return: torch.Tensor,
+                  traded: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The configured reward-shaping terms, each on its own so it can be logged apart."""
+    terms = {}
+    if config.drawdown_penalty:
+        terms["drawdown"] = -config.drawdown_penalty * (1.0 - nav / peak_nav)
+    if config.volatility_penalty:
+        terms["volatility"] = -config.volatility_penalty * log_return ** 2
+    if config.turnover_penalty:
+        terms["turnover"] = -config.turnover_penalty * traded
+    return {name: term.float() for name, term in terms.items()}
+
+
 @dataclass
 class StepResult:
     features: torch.Tensor  # [N, F] features of the bar the next decision is made on
-    position: torch.Tensor  # [N] exposure held after this step (mark-to-market at close)
+    position: torch.Tensor  # [N] exposure ([N, A] weights in portfolio mode) after this step, marked at close
     reward: torch.Tensor  # [N] log NAV change after costs, plus the shaping terms
     shaping: dict[str, torch.Tensor]  # [N] each shaping term (already included in reward)
     terminated: torch.Tensor  # [N] bool
@@ -84,36 +97,27 @@ class StepResult:
     traded: torch.Tensor  # [N] traded notional / NAV (turnover contribution)
 
 
-class TradingEnv:
-    """N episodes over one price series.
+class EpisodeBook:
+    """The per-episode state every batched environment keeps, and the end of a step.
 
-    ``ohlcv`` is the raw [T, 5] series, ``features`` its precomputed causal
-    features [T, F] (row t reads bars <= t only).
+    Bar index, episode length, cash, holdings and NAV of N episodes; restarts
+    (all at once or masked, for autoreset) and the shaping, termination and
+    truncation that close every step. Subclasses settle the orders.
     """
 
-    def __init__(self, ohlcv: torch.Tensor, features: torch.Tensor, n_envs: int,
-                 costs: CostConfig = CostConfig(), config: EnvConfig = EnvConfig(),
-                 fill_at_open: bool = True):
-        self.device = ohlcv.device
-        self.close = ohlcv[:, 3].double()
-        # Close-only series have no open: the order fills at the next close.
-        self.fill_reference = (ohlcv[:, 0] if fill_at_open else ohlcv[:, 3]).double()
-        # One gather per step fetches both prices of the fill bar.
-        self._fill_bar = torch.stack([self.fill_reference, self.close], dim=1)
+    def __init__(self, features: torch.Tensor, n_envs: int, config: EnvConfig, position_shape: tuple[int, ...]):
+        self.device = features.device
         self.features = features
         self.n_envs = n_envs
-        self.costs = costs
         self.config = config
-        self.borrow_per_bar = costs.borrow_bps_per_year * BPS / config.periods_per_year
+        self.position_shape = position_shape  # () = one exposure per episode, (A,) = weights of A assets
         zeros = torch.zeros(n_envs, dtype=torch.float64, device=self.device)
         self.t = torch.zeros(n_envs, dtype=torch.long, device=self.device)
         self.end = torch.zeros_like(self.t)
         self.steps = torch.zeros_like(self.t)
-        self.cash, self.units, self.nav = zeros.clone(), zeros.clone(), zeros.clone()
-        self.start_nav = zeros.clone()
-        self.peak_nav = zeros.clone()
-        self._position = torch.zeros(n_envs, dtype=torch.float32, device=self.device)
-        self._settle = torch.compile(settle, dynamic=False) if config.compile else settle
+        self.cash, self.nav, self.start_nav, self.peak_nav = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+        self.units = torch.zeros((n_envs,) + position_shape, dtype=torch.float64, device=self.device)
+        self._position = torch.zeros((n_envs,) + position_shape, dtype=torch.float32, device=self.device)
 
     def reset(self, starts: torch.Tensor, ends: torch.Tensor,
               mask: torch.Tensor | None = None, nav: float = 1.0) -> None:
@@ -136,17 +140,10 @@ class TradingEnv:
     def observe(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features[self.t], self._position.clone()
 
-    def step(self, target_exposure: torch.Tensor) -> StepResult:
-        target = target_exposure.double().clamp(-1.0, 1.0)
-        self.t += 1
-        prices = self._fill_bar[self.t]
-        nav_before = self.nav
-        self.cash, self.units, self.nav, cost, traded, reward = self._settle(
-            self.cash, self.units, nav_before, target, prices[:, 0], prices[:, 1],
-            self.costs.price_impact, self.costs.commission_bps * BPS, self.borrow_per_bar)
-        self._position = (self.units * prices[:, 1] / self.nav).float()
+    def _close_step(self, reward: torch.Tensor, cost: torch.Tensor, traded: torch.Tensor) -> StepResult:
+        """Add the shaping terms, advance the episode clocks and report the step."""
         self.peak_nav = torch.maximum(self.peak_nav, self.nav)
-        shaping = self._shaping(reward, traded)
+        shaping = shaping_terms(self.config, self.nav, self.peak_nav, reward, traded)
         for term in shaping.values():
             reward = reward + term
         self.steps += 1
@@ -159,12 +156,33 @@ class TradingEnv:
             cost=cost, traded=traded,
         )
 
-    def _shaping(self, log_return: torch.Tensor, traded: torch.Tensor) -> dict[str, torch.Tensor]:
-        config, terms = self.config, {}
-        if config.drawdown_penalty:
-            terms["drawdown"] = -config.drawdown_penalty * (1.0 - self.nav / self.peak_nav)
-        if config.volatility_penalty:
-            terms["volatility"] = -config.volatility_penalty * log_return ** 2
-        if config.turnover_penalty:
-            terms["turnover"] = -config.turnover_penalty * traded
-        return {name: term.float() for name, term in terms.items()}
+
+class TradingEnv(EpisodeBook):
+    """N episodes over one price series.
+
+    ``ohlcv`` is the raw [T, 5] series, ``features`` its precomputed causal
+    features [T, F] (row t reads bars <= t only).
+    """
+
+    def __init__(self, ohlcv: torch.Tensor, features: torch.Tensor, n_envs: int,
+                 costs: CostConfig = CostConfig(), config: EnvConfig = EnvConfig(),
+                 fill_at_open: bool = True):
+        super().__init__(features, n_envs, config, position_shape=())
+        self.close = ohlcv[:, 3].double()
+        # Close-only series have no open: the order fills at the next close.
+        self.fill_reference = (ohlcv[:, 0] if fill_at_open else ohlcv[:, 3]).double()
+        # One gather per step fetches both prices of the fill bar.
+        self._fill_bar = torch.stack([self.fill_reference, self.close], dim=1)
+        self.costs = costs
+        self.borrow_per_bar = costs.borrow_bps_per_year * BPS / config.periods_per_year
+        self._settle = torch.compile(settle, dynamic=False) if config.compile else settle
+
+    def step(self, target_exposure: torch.Tensor) -> StepResult:
+        target = target_exposure.double().clamp(-1.0, 1.0)
+        self.t += 1
+        prices = self._fill_bar[self.t]
+        self.cash, self.units, self.nav, cost, traded, reward = self._settle(
+            self.cash, self.units, self.nav, target, prices[:, 0], prices[:, 1],
+            self.costs.price_impact, self.costs.commission_bps * BPS, self.borrow_per_bar)
+        self._position = (self.units * prices[:, 1] / self.nav).float()
+        return self._close_step(reward, cost, traded)

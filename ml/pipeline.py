@@ -23,14 +23,13 @@ from ml.data.schema import content_hash
 from ml.data.sources import load_bars
 from ml.data.validation import ValidationConfig, require_valid
 from ml.evaluation.splits import Fold, walk_forward_folds
-from ml.market import prepare_series
 from ml.policy import policy_checkpoint
 from ml.ppo import resolve_device
-from ml.rundir import (code_version, load_agent, read_bars, read_config, read_folds, read_json, save_config,
-                       write_json)
+from ml.rundir import (code_version, load_agent, market_timestamps, read_bars, read_config, read_folds, read_json,
+                       read_market, save_config, symbol_frames, write_json)
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA_VERSION = "1.0"
+REPORT_SCHEMA_VERSION = "1.1"
 
 
 # 1. Load ---------------------------------------------------------------------------------
@@ -41,15 +40,21 @@ def load_data(run_dir: Path, config: PipelineConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(run_dir, config)
     data = config.data
-    bars = load_bars(data.source, symbol=data.symbol, interval=data.interval, path=data.path,
-                     start=data.start, end=data.end, auto_adjust=data.auto_adjust)
+    frames = [load_bars(data.source, symbol=symbol, interval=data.interval, path=data.path,
+                        start=data.start, end=data.end, auto_adjust=data.auto_adjust)
+              for symbol in (data.symbols or (data.symbol,))]
+    bars = pd.concat(frames, ignore_index=True)  # a portfolio keeps its symbols in one table
     bars.to_parquet(run_dir / "bars.parquet", index=False)
     summary = {
-        "symbol": data.symbol, "interval": data.interval, "source": str(bars["source"].iloc[0]),
-        "rows": len(bars), "first": bars["timestamp"].iloc[0].isoformat(),
-        "last": bars["timestamp"].iloc[-1].isoformat(), "dataset_hash": content_hash(bars),
-        "close_only": bool(bars["open"].isna().all()),
+        "symbol": ",".join(data.symbols) if data.symbols else data.symbol, "interval": data.interval,
+        "source": str(bars["source"].iloc[0]), "rows": len(bars),
+        "first": min(f["timestamp"].iloc[0] for f in frames).isoformat(),
+        "last": max(f["timestamp"].iloc[-1] for f in frames).isoformat(), "dataset_hash": content_hash(bars),
+        "close_only": all(bool(f["open"].isna().all()) for f in frames),
     }
+    if data.symbols:
+        summary["symbols"] = list(data.symbols)
+        summary["common_bars"] = len(market_timestamps(run_dir, config))
     write_json(run_dir / "data.json", summary)
     return summary
 
@@ -61,16 +66,24 @@ def validate_data(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     bars = read_bars(run_dir)
-    origin = f"{config.data.source}:{config.data.path or config.data.symbol}"
-    try:
-        result = require_valid(bars, origin, ValidationConfig(calendar=config.data.calendar))
-    except Exception as exc:
-        failed = getattr(exc, "result", None)
-        if failed is not None:
-            write_json(run_dir / "validation.json", failed.as_dict())
-        raise
-    write_json(run_dir / "validation.json", result.as_dict())
-    return {"suite": result.suite, "rows": result.rows, "rules": len(result.rules)}
+    symbols = config.data.symbols or (config.data.symbol,)
+    frames = symbol_frames(bars, symbols) if config.portfolio else {config.data.symbol: bars}
+    results = {}
+    for symbol, frame in frames.items():  # every symbol passes the gate on its own
+        origin = f"{config.data.source}:{config.data.path or symbol}"
+        try:
+            results[symbol] = require_valid(frame, origin, ValidationConfig(calendar=config.data.calendar))
+        except Exception as exc:
+            failed = getattr(exc, "result", None)
+            if failed is not None:
+                write_json(run_dir / "validation.json", failed.as_dict())
+            raise
+    if config.portfolio:
+        write_json(run_dir / "validation.json", {s: r.as_dict() for s, r in results.items()})
+    else:
+        write_json(run_dir / "validation.json", results[config.data.symbol].as_dict())
+    first = next(iter(results.values()))
+    return {"suite": first.suite, "rows": sum(r.rows for r in results.values()), "rules": len(first.rules)}
 
 
 # 3. Tracking -----------------------------------------------------------------------------
@@ -101,9 +114,9 @@ def plan_folds(run_dir: Path) -> list[int]:
     """Lay out the walk-forward folds (folds.json); returns their indices, one training task each."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    bars = read_bars(run_dir)
-    folds = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)
-    write_json(run_dir / "folds.json", [f.as_dict() | f.dates(bars["timestamp"]) for f in folds])
+    timestamps = market_timestamps(run_dir, config)
+    folds = walk_forward_folds(timestamps, config.lookback, config.splits)
+    write_json(run_dir / "folds.json", [f.as_dict() | f.dates(timestamps) for f in folds])
     return [f.index for f in folds]
 
 
@@ -115,6 +128,7 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
     """
     from dataclasses import replace
 
+    from ml.portfolio_walkforward import train_portfolio_fold
     from ml.registry import log_metrics
     from ml.walkforward import train_fold
 
@@ -126,7 +140,8 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
     tracking = read_json(run_dir / "tracking.json")
     fold = read_folds(run_dir)[fold_index]
     torch_device = resolve_device(device or config.ppo.device)
-    series = prepare_series(read_bars(run_dir), config.lookback, torch_device)
+    series = read_market(run_dir, config, torch_device)
+    train_one = train_portfolio_fold if config.portfolio else train_fold
     seeds = []
     for seed in config.seeds:
         seed_dir = fold_dir / f"seed_{seed}"
@@ -137,7 +152,7 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
                 log_metrics(tracking["tracking_uri"], tracking["run_id"],
                             {prefix + k: v for k, v in metrics.items()}, step)
 
-            result = train_fold(series, fold, seed_config, log_update, checkpoint_path=seed_dir / "train_state.pt")
+            result = train_one(series, fold, seed_config, log_update, checkpoint_path=seed_dir / "train_state.pt")
             torch.save(policy_checkpoint(result.agent, series.feature_module, config.ppo.hidden),
                        seed_dir / "policy.pt")
             write_json(seed_dir / "history.json", result.history)
@@ -170,15 +185,18 @@ def train_folds(run_dir: Path, device: str | None = None) -> dict:
 def evaluate(run_dir: Path) -> dict:
     """Backtest each fold's selected policy and the baselines on its test window; write report.json."""
     from ml.evaluation.html_report import render_html_report
-    from ml.evaluation.plots import plot_equity_and_drawdown, plot_exposure_histogram, plot_fold_bars
+    from ml.evaluation.plots import (plot_equity_and_drawdown, plot_exposure_histogram, plot_fold_bars,
+                                     plot_mean_weights)
+    from ml.portfolio_walkforward import evaluate_portfolio_fold
     from ml.registry import log_metrics
     from ml.walkforward import aggregate, evaluate_fold
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     data = read_json(run_dir / "data.json")
-    bars = read_bars(run_dir)
-    series = prepare_series(bars, config.lookback, torch.device("cpu"))
+    series = read_market(run_dir, config, torch.device("cpu"))
+    evaluate_one = evaluate_portfolio_fold if config.portfolio else evaluate_fold
+    benchmark = benchmark_name(config)
     fold_reports = []
     images = {}
     for fold in read_folds(run_dir):
@@ -188,8 +206,8 @@ def evaluate(run_dir: Path) -> dict:
         # Every validation score any seed's selection looked at is a trial for the deflated Sharpe.
         trials = [h["validation_score"] for s in training["seeds"]
                   for h in read_json(fold_dir / f"seed_{s['seed']}" / "history.json") if "validation_score" in h]
-        report, test, baselines = evaluate_fold(agent, series, fold, config,
-                                                trials if config.selection_metric == "sharpe" else None)
+        report, test, baselines = evaluate_one(agent, series, fold, config,
+                                               trials if config.selection_metric == "sharpe" else None)
         report["training"] = training
         report["seeds"] = seed_spread(run_dir, fold, series, config, training)
         equity = test.frame()
@@ -205,34 +223,47 @@ def evaluate(run_dir: Path) -> dict:
         "schema_version": REPORT_SCHEMA_VERSION,
         "symbol": data["symbol"], "interval": data["interval"], "source": data["source"],
         "dataset_hash": data["dataset_hash"], "rows": data["rows"],
-        "costs": config.costs.__dict__, "lookback": config.lookback,
-        "exposure_levels": list(config.ppo.exposure_levels), "selection_metric": config.selection_metric,
+        "costs": config.costs.__dict__, "lookback": config.lookback, "action_mode": config.ppo.action_mode,
+        **({"symbols": list(config.data.symbols)} if config.portfolio
+           else {"exposure_levels": list(config.ppo.exposure_levels)}),
+        "benchmark": benchmark, "selection_metric": config.selection_metric,
         "folds": fold_reports, "aggregate": aggregate(fold_reports),
     }
     write_json(run_dir / "report.json", report)
     images["Test Sharpe per fold"] = plot_fold_bars(report, run_dir / "plots" / "fold_sharpe.png")
     images["Test total return per fold"] = plot_fold_bars(report, run_dir / "plots" / "fold_return.png",
                                                           metric="total_return")
-    images["Decisions on test bars"] = plot_exposure_histogram(report, run_dir / "plots" / "exposure.png")
+    if config.portfolio:
+        images["Allocation on test bars"] = plot_mean_weights(report, run_dir / "plots" / "weights.png")
+    else:
+        images["Decisions on test bars"] = plot_exposure_histogram(report, run_dir / "plots" / "exposure.png")
     render_html_report(run_dir, report, images)
     tracking = read_json(run_dir / "tracking.json")
     flat = {}
     for fold in fold_reports:
         flat.update({f"test/fold{fold['index']}/policy/{k}": v for k, v in fold["policy"]["test"].items()})
-        flat.update({f"test/fold{fold['index']}/buy_and_hold/{k}": v
-                     for k, v in fold["baselines"]["buy_and_hold"].items()})
+        flat.update({f"test/fold{fold['index']}/{benchmark}/{k}": v
+                     for k, v in fold["baselines"][benchmark].items()})
     flat.update({f"test/mean/policy/{k}": v for k, v in report["aggregate"]["policy"].items()})
-    flat.update({f"test/mean/buy_and_hold/{k}": v
-                 for k, v in report["aggregate"]["baselines"]["buy_and_hold"].items()})
+    flat.update({f"test/mean/{benchmark}/{k}": v
+                 for k, v in report["aggregate"]["baselines"][benchmark].items()})
     log_metrics(tracking["tracking_uri"], tracking["run_id"], flat)
     return {"report": str(run_dir / "report.json"), "collapse_alarm": report["aggregate"]["collapse_alarm"]}
+
+
+def benchmark_name(config: PipelineConfig) -> str:
+    """The passive baseline a policy is judged against: equal weight for a portfolio, else buy-and-hold."""
+    return "equal_weight" if config.portfolio else "buy_and_hold"
 
 
 def seed_spread(run_dir: Path, fold: Fold, series, config: PipelineConfig, training: dict) -> dict:
     """Each seed's test result (reported, never used for selection) and their spread."""
     from ml.evaluation.metrics import periods_per_year
+    from ml.portfolio_walkforward import backtest_portfolio_policy
     from ml.walkforward import backtest_policy
 
+    if config.portfolio:
+        backtest_policy = backtest_portfolio_policy
     ppy = periods_per_year(config.data.interval, config.data.calendar)
     per_seed = []
     for seed in training["seeds"]:

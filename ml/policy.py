@@ -31,15 +31,22 @@ class ActorCritic(nn.Module):
     [``min_exposure``, ``max_exposure``] are masked (e.g. long-only = min 0).
     ``continuous``: the actor gives the mean of a Gaussian over the target exposure
     (state-independent learned std); the exposure is the sample clamped to the range.
+    ``portfolio``: the actor gives the mean of a Gaussian over one score per asset plus
+    one for cash; the target weights are the softmax of the sample without the cash
+    entry (long-only, summing to at most 1). The position input is the current weights.
     The mask and the range live in the module, so the exported graph obeys them too.
     """
 
     def __init__(self, n_features: int, exposure_levels: tuple[float, ...], hidden: tuple[int, ...] = (64, 64),
-                 mode: str = "discrete", min_exposure: float = -1.0, max_exposure: float = 1.0):
+                 mode: str = "discrete", min_exposure: float = -1.0, max_exposure: float = 1.0,
+                 n_assets: int = 1):
         super().__init__()
-        if mode not in ("discrete", "continuous"):
-            raise ValueError(f"unknown action mode '{mode}' (expected discrete or continuous)")
+        if mode not in ("discrete", "continuous", "portfolio"):
+            raise ValueError(f"unknown action mode '{mode}' (expected discrete, continuous or portfolio)")
+        if mode == "portfolio" and n_assets < 2:
+            raise ValueError(f"portfolio mode needs at least two assets, got {n_assets}")
         self.mode = mode
+        self.n_assets = n_assets if mode == "portfolio" else 1
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
         levels = torch.tensor(exposure_levels, dtype=torch.float32)
@@ -50,14 +57,15 @@ class ActorCritic(nn.Module):
         self.register_buffer("allowed", allowed)
         self.register_buffer("exposure_range", torch.tensor([min_exposure, max_exposure]))
         layers: list[nn.Module] = []
-        width = n_features + 1  # features + current position
+        width = n_features + self.n_assets  # features + current position (weights)
         for size in hidden:
             layers += [layer_init(nn.Linear(width, size)), nn.Tanh()]
             width = size
         self.backbone = nn.Sequential(*layers)
-        self.actor = layer_init(nn.Linear(width, len(exposure_levels) if mode == "discrete" else 1), std=0.01)
+        actions = {"discrete": len(exposure_levels), "continuous": 1, "portfolio": n_assets + 1}[mode]
+        self.actor = layer_init(nn.Linear(width, actions), std=0.01)
         self.critic = layer_init(nn.Linear(width, 1), std=1.0)
-        self.log_std = nn.Parameter(torch.full((1,), -0.5)) if mode == "continuous" else None
+        self.log_std = nn.Parameter(torch.full((actions,), -0.5)) if mode != "discrete" else None
 
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Statistics fitted on the training window only."""
@@ -65,9 +73,9 @@ class ActorCritic(nn.Module):
         self.feature_std.copy_(torch.clamp(std, min=1e-6))
 
     def forward(self, features: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(masked logits [B, K] or Gaussian mean [B, 1]), value [B]."""
+        """(masked logits [B, K] or Gaussian mean [B, 1] or [B, A + 1]), value [B]."""
         normalized = torch.clamp((features - self.feature_mean) / self.feature_std, -NORM_CLIP, NORM_CLIP)
-        hidden = self.backbone(torch.cat([normalized, position.reshape(-1, 1)], dim=-1))
+        hidden = self.backbone(torch.cat([normalized, position.reshape(-1, self.n_assets)], dim=-1))
         actor = self.actor(hidden)
         if self.mode == "discrete":
             actor = torch.where(self.allowed, actor, torch.full_like(actor, -1e9))
@@ -79,15 +87,19 @@ class ActorCritic(nn.Module):
         return Independent(Normal(actor, self.log_std.exp().expand_as(actor)), 1)
 
     def exposure(self, action: torch.Tensor) -> torch.Tensor:
-        """Target exposure of a sampled action."""
+        """Target exposure [B] (weights [B, A] in portfolio mode) of a sampled action."""
         if self.mode == "discrete":
             return self.levels[action]
+        if self.mode == "portfolio":
+            return torch.softmax(action, dim=-1)[..., :-1]
         return action.squeeze(-1).clamp(self.exposure_range[0], self.exposure_range[1])
 
     def greedy(self, actor: torch.Tensor) -> torch.Tensor:
-        """Deterministic target exposure: most probable level, or the clamped mean."""
+        """Deterministic target: most probable level, the clamped mean, or the mean's weights."""
         if self.mode == "discrete":
             return self.levels[actor.argmax(dim=-1)]
+        if self.mode == "portfolio":
+            return torch.softmax(actor, dim=-1)[..., :-1]
         return actor.squeeze(-1).clamp(self.exposure_range[0], self.exposure_range[1])
 
     @torch.no_grad()
@@ -117,25 +129,48 @@ class TradingPolicy(nn.Module):
         return target, torch.softmax(actor, dim=-1), value.unsqueeze(-1)
 
 
+class PortfolioPolicy(nn.Module):
+    """ohlcv [B, L, A, 5] + weights [B, A] -> target_weights [B, A], value [B, 1].
+
+    Every asset's window goes through the same feature module; the features are
+    laid out asset after asset, as in training.
+    """
+
+    def __init__(self, feature_module: FeatureModule, actor_critic: ActorCritic):
+        super().__init__()
+        self.features = feature_module
+        self.actor_critic = actor_critic
+
+    def forward(self, ohlcv: torch.Tensor, weights: torch.Tensor):
+        batch, lookback, assets, fields = ohlcv.shape
+        per_asset = ohlcv.permute(0, 2, 1, 3).reshape(batch * assets, lookback, fields)
+        features = self.features(per_asset).reshape(batch, -1)
+        actor, value = self.actor_critic(features, weights)
+        return self.actor_critic.greedy(actor), value.unsqueeze(-1)
+
+
 def policy_checkpoint(actor_critic: ActorCritic, feature_module: FeatureModule,
                       hidden: tuple[int, ...]) -> dict:
     return {
         "state_dict": {k: v.detach().cpu() for k, v in actor_critic.state_dict().items()},
-        "n_features": feature_module.n_features,
+        "n_features": actor_critic.feature_mean.numel(),
         "levels": actor_critic.levels.tolist(),
         "hidden": list(hidden),
         "mode": actor_critic.mode,
         "exposure_range": actor_critic.exposure_range.tolist(),
+        "n_assets": actor_critic.n_assets,
         "lookback": feature_module.lookback,
         "use_range": feature_module.use_range,
         "use_volume": feature_module.use_volume,
     }
 
 
-def load_policy(checkpoint: dict) -> TradingPolicy:
+def load_policy(checkpoint: dict) -> TradingPolicy | PortfolioPolicy:
     features = FeatureModule(checkpoint["lookback"], checkpoint["use_range"], checkpoint["use_volume"])
     low, high = checkpoint.get("exposure_range", (-1.0, 1.0))
+    mode = checkpoint.get("mode", "discrete")
     actor_critic = ActorCritic(checkpoint["n_features"], tuple(checkpoint["levels"]), tuple(checkpoint["hidden"]),
-                               checkpoint.get("mode", "discrete"), low, high)
+                               mode, low, high, checkpoint.get("n_assets", 1))
     actor_critic.load_state_dict(checkpoint["state_dict"])
-    return TradingPolicy(features, actor_critic).eval()
+    wrapper = PortfolioPolicy if mode == "portfolio" else TradingPolicy
+    return wrapper(features, actor_critic).eval()

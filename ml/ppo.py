@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ml.env import TradingEnv
 from ml.policy import ActorCritic
+from ml.portfolio import PortfolioEnv
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +93,32 @@ def level_shares(exposure: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 
 def dominant_share(exposure: torch.Tensor) -> float:
-    """Share of the most frequent exposure (to 0.01): near 1 means the policy ignores its input."""
-    _, counts = torch.unique(torch.round(exposure * 100), return_counts=True)
-    return (counts.max() / exposure.numel()).item()
+    """Share of the most frequent exposure (weight vector in portfolio mode), to 0.01.
+
+    Near 1 means the policy ignores its input.
+    """
+    rows = torch.round(exposure.reshape(exposure.shape[0], -1) * 100)
+    _, counts = torch.unique(rows, dim=0, return_counts=True)
+    return (counts.max() / rows.shape[0]).item()
+
+
+def action_metrics(agent: ActorCritic, sampled: torch.Tensor, greedy: torch.Tensor) -> dict[str, float]:
+    """How the sampled and the deterministic actions spread, and the share of all-flat decisions."""
+    if agent.mode == "portfolio":  # mean weight of each asset and of cash
+        metrics = {"flat_share": (greedy.sum(dim=-1) < 0.01).float().mean().item()}
+        for kind, weights in (("sampled", sampled), ("greedy", greedy)):
+            mean = weights.mean(dim=0)
+            metrics.update({f"{kind}_weight/asset{i}": mean[i].item() for i in range(mean.numel())})
+            metrics[f"{kind}_weight/cash"] = 1.0 - mean.sum().item()
+        return metrics
+    levels = agent.levels
+    counts, greedy_counts = level_shares(sampled, levels), level_shares(greedy, levels)
+    flat = (levels == 0).nonzero()
+    return {
+        "flat_share": counts[flat[0, 0]].item() if len(flat) else 0.0,
+        **{f"sampled_action_share/{levels[i].item():+.2f}": counts[i].item() for i in range(len(levels))},
+        **{f"greedy_action_share/{levels[i].item():+.2f}": greedy_counts[i].item() for i in range(len(levels))},
+    }
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -112,7 +136,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     partial.replace(path)
 
 
-def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[int, int],
+def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, segment: tuple[int, int],
           validate: Callable[[ActorCritic], float],
           log: Callable[[dict, int], None] | None = None,
           checkpoint_path: Path | None = None) -> TrainResult:
@@ -127,7 +151,6 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
     lo, hi = segment
     agent = agent.to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
-    levels = agent.levels
 
     def random_starts() -> torch.Tensor:
         return torch.randint(lo, hi, (cfg.num_envs,), device=device, generator=generator)
@@ -135,9 +158,10 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
     ends = torch.full((cfg.num_envs,), hi, dtype=torch.long, device=device)
     n_feat = env.features.shape[1]
     obs_features = torch.zeros((cfg.num_steps, cfg.num_envs, n_feat), device=device)
-    obs_position = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
+    obs_position = torch.zeros((cfg.num_steps, cfg.num_envs) + env.position_shape, device=device)
     discrete = agent.mode == "discrete"
-    actions = torch.zeros((cfg.num_steps, cfg.num_envs) + (() if discrete else (1,)),
+    action_shape = () if discrete else tuple(agent.log_std.shape)
+    actions = torch.zeros((cfg.num_steps, cfg.num_envs) + action_shape,
                           dtype=torch.long if discrete else torch.float32, device=device)
     logprobs = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
     rewards = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
@@ -212,7 +236,8 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
 
         # 3. Optimize the clipped surrogate over shuffled minibatches.
         b_features = obs_features.reshape(-1, n_feat)
-        b_position, b_actions = obs_position.reshape(-1), actions.reshape((-1,) + actions.shape[2:])
+        b_position = obs_position.reshape((-1,) + env.position_shape)
+        b_actions = actions.reshape((-1,) + actions.shape[2:])
         b_logprobs, b_advantages = logprobs.reshape(-1), advantages.reshape(-1)
         b_returns, b_values = returns.reshape(-1), values.reshape(-1)
         minibatch_size = cfg.batch_size // cfg.num_minibatches
@@ -257,9 +282,7 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
         with torch.no_grad():
             sampled_exposure = agent.exposure(b_actions)
             greedy_exposure = agent.greedy(agent(b_features, b_position)[0])
-        counts, greedy_counts = level_shares(sampled_exposure, levels), level_shares(greedy_exposure, levels)
         collapsed = dominant_share(greedy_exposure) >= cfg.collapse_share
-        flat = (levels == 0).nonzero()
         metrics = {
             "loss/policy": pg_loss.item(), "loss/value": v_loss.item(), "loss/entropy": entropy.item(),
             "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
@@ -268,10 +291,8 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
             "steps_per_second": (global_step - steps_at_start) / (time.perf_counter() - start_time),
             "turnover_per_step": traded.item() / cfg.num_steps,
             **{f"shaping/{name}": float(total) / cfg.num_steps for name, total in shaping_sums.items()},
-            "flat_share": counts[flat[0, 0]].item() if len(flat) else 0.0,
             "collapse_alarm": float(collapsed),
-            **{f"sampled_action_share/{levels[i].item():+.2f}": counts[i].item() for i in range(len(levels))},
-            **{f"greedy_action_share/{levels[i].item():+.2f}": greedy_counts[i].item() for i in range(len(levels))},
+            **action_metrics(agent, sampled_exposure, greedy_exposure),
         }
         if update % cfg.eval_every == 0 or update == cfg.num_updates:
             agent.eval()
@@ -297,7 +318,8 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
     agent.load_state_dict(best_state)
     elapsed = time.perf_counter() - start_time
     with torch.no_grad():  # the alarm concerns the weights we keep, on the states of the last rollout
-        kept_share = dominant_share(agent.decide(obs_features.reshape(-1, n_feat), obs_position.reshape(-1)))
+        kept_share = dominant_share(agent.decide(obs_features.reshape(-1, n_feat),
+                                                 obs_position.reshape((-1,) + env.position_shape)))
     return TrainResult(agent=agent.eval(), best_update=best_update, best_score=float(best_score),
                        history=history, steps_per_second=(global_step - steps_at_start) / max(elapsed, 1e-9),
                        resumed_from_update=resumed_from, collapse_alarm=kept_share >= cfg.collapse_share)

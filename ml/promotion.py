@@ -23,6 +23,7 @@ import torch
 from ml.config import GateConfig, PipelineConfig
 from ml.evaluation.backtest import run_backtest
 from ml.evaluation.metrics import periods_per_year
+from ml.evaluation.portfolio_backtest import run_portfolio_backtest
 
 
 @dataclass
@@ -83,14 +84,18 @@ def evaluate_gate(report: dict, parity: dict, gate: GateConfig,
 
 
 def onnx_decide(policy, ohlcv: np.ndarray):
-    """A backtest decision function that runs an exported model (``ml.serving.Policy``) on raw windows."""
+    """A backtest decision function that runs an exported model (``ml.serving.Policy``) on raw windows.
+
+    Single asset: exposure from ``ohlcv`` [T, 5]; portfolio: weights from ``ohlcv`` [T, A, 5].
+    """
     session, lookback = policy.session, policy.lookback
+    names = ("target_weights", "weights") if policy.symbols is not None else ("target_exposure", "position")
 
     def decide(_features, position, t):
         window = ohlcv[t - lookback + 1:t + 1][None].astype(np.float32)
-        pos = position.reshape(1, 1).cpu().numpy().astype(np.float32)
-        out = session.run(["target_exposure"], {"ohlcv": window, "position": pos})[0]
-        return torch.as_tensor(out.reshape(1))
+        held = position.reshape(1, -1).cpu().numpy().astype(np.float32)
+        out = session.run([names[0]], {"ohlcv": window, names[1]: held})[0]
+        return torch.as_tensor(out.reshape(-1))
 
     return decide
 
@@ -101,14 +106,20 @@ def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champio
     """Backtest both exported models on the recent bars that neither trained on."""
     from ml.serving import Policy
 
-    timestamps = bars["timestamp"].reset_index(drop=True)
+    if config.portfolio:
+        from ml.portfolio import prepare_portfolio
+        from ml.rundir import symbol_frames
+
+        series = prepare_portfolio(symbol_frames(bars, config.data.symbols), config.lookback, torch.device("cpu"))
+    else:
+        from ml.market import prepare_series
+
+        series = prepare_series(bars, config.lookback, torch.device("cpu"))
+    timestamps = series.timestamps
     first_unseen = int(timestamps.searchsorted(pd.Timestamp(champion_train_end), side="right")) + gap
     first, last = max(window[0], first_unseen), window[1]
     if last - first < 20:
         return {"skipped": f"fewer than 20 bars after both training windows (champion trained to {champion_train_end})"}
-    from ml.market import prepare_series
-
-    series = prepare_series(bars, config.lookback, torch.device("cpu"))
     ohlcv = series.ohlcv.numpy()
     ppy = periods_per_year(config.data.interval, config.data.calendar)
     sharpe = {}
@@ -116,8 +127,11 @@ def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champio
         policy = Policy(path, prefer_gpu=False)
         if first < policy.lookback - 1:
             return {"skipped": f"{name} needs {policy.lookback} bars of history before the window"}
-        backtest = run_backtest(onnx_decide(policy, ohlcv), series.ohlcv, series.features, (first, last),
-                                timestamps, config.costs, series.fill_at_open)
+        if config.portfolio:
+            backtest = run_portfolio_backtest(onnx_decide(policy, ohlcv), series, (first, last), config.costs)
+        else:
+            backtest = run_backtest(onnx_decide(policy, ohlcv), series.ohlcv, series.features, (first, last),
+                                    timestamps, config.costs, series.fill_at_open)
         sharpe[name] = backtest.metrics(ppy)["sharpe"]
     return {"challenger_sharpe": sharpe["challenger"], "champion_sharpe": sharpe["champion"],
             "champion_version": champion_version, "start": timestamps.iloc[first].date().isoformat(),

@@ -15,7 +15,8 @@ from ml.config import PipelineConfig
 from ml.features import FEATURE_SET_VERSION
 from ml.data.schema import ohlcv_array
 from ml.policy import load_policy
-from ml.rundir import code_version, load_agent, read_bars, read_config, read_json, write_json
+from ml.portfolio import align_bars
+from ml.rundir import code_version, load_agent, read_bars, read_config, read_json, symbol_frames, write_json
 
 
 def export_model(run_dir: Path) -> dict:
@@ -34,10 +35,7 @@ def export_model(run_dir: Path) -> dict:
         "lookback": config.lookback, "interval": data["interval"], "symbol": data["symbol"],
         "feature_set_version": FEATURE_SET_VERSION,
         "features": ",".join(policy.features.names),
-        "action_semantics": "target_exposure: fraction of NAV held in the asset after the next bar's open, "
-                            f"in [{config.ppo.min_exposure}, {config.ppo.max_exposure}]; "
-                            + (f"levels {list(config.ppo.exposure_levels)}" if config.ppo.action_mode == "discrete"
-                               else "continuous"),
+        "action_semantics": action_semantics(config),
         "action_mode": config.ppo.action_mode,
         "close_only": str(data["close_only"]).lower(),
         "training_window": f"{latest['train']['start']}/{latest['train']['end']}",
@@ -45,8 +43,11 @@ def export_model(run_dir: Path) -> dict:
         "dataset_hash": data["dataset_hash"], "mlflow_run_id": tracking["run_id"],
         "code_version": code_version(),
     }
+    if config.portfolio:
+        metadata["symbols"] = ",".join(config.data.symbols)  # the order of the asset axis
     path = export_onnx(policy, run_dir / "model.onnx", metadata)
-    ohlcv = ohlcv_array(read_bars(run_dir))
+    ohlcv = (align_bars(symbol_frames(read_bars(run_dir), config.data.symbols))[1] if config.portfolio
+             else ohlcv_array(read_bars(run_dir)))
     first, last = latest["test"]["first_bar"], latest["test"]["last_bar"]
     windows, positions = real_windows(ohlcv, config.lookback, first, last, config.gate.parity_windows,
                                       list(config.ppo.exposure_levels))
@@ -54,6 +55,16 @@ def export_model(run_dir: Path) -> dict:
     np.savez(run_dir / "parity_windows.npz", ohlcv=windows[:4], position=positions[:4])
     write_json(run_dir / "parity.json", parity.as_dict())
     return {"onnx": str(path), "parity": parity.as_dict()}
+
+
+def action_semantics(config: PipelineConfig) -> str:
+    if config.portfolio:
+        return ("target_weights: fraction of NAV held in each asset (order of `symbols`) after the next bar's "
+                "open, long-only, summing to at most 1; the rest is cash")
+    ppo = config.ppo
+    return ("target_exposure: fraction of NAV held in the asset after the next bar's open, "
+            f"in [{ppo.min_exposure}, {ppo.max_exposure}]; "
+            + (f"levels {list(ppo.exposure_levels)}" if ppo.action_mode == "discrete" else "continuous"))
 
 
 def register(run_dir: Path) -> dict:
@@ -80,8 +91,9 @@ def register(run_dir: Path) -> dict:
         client.log_artifact(run_id, str(run_dir / artifact), artifact_path="report")
     client.log_artifacts(run_id, str(run_dir / "plots"), artifact_path="report/plots")
     example = np.load(run_dir / "parity_windows.npz")
+    second_input = "weights" if config.portfolio else "position"
     version = registry.register_onnx(uri, run_id, name, run_dir / "model.onnx",
-                                     {"ohlcv": example["ohlcv"], "position": example["position"]},
+                                     {"ohlcv": example["ohlcv"], second_input: example["position"]},
                                      tags={"dataset_hash": data["dataset_hash"], "code_version": code_version()})
 
     with registry_lock(uri, name):
@@ -90,10 +102,11 @@ def register(run_dir: Path) -> dict:
         if champion and champion != version and config.gate.compare_with_champion:
             comparison = _compare_with_champion(run_dir, config, uri, name, champion, compare_on_unseen_window)
         decision = evaluate_gate(report, parity, config.gate, comparison).as_dict()
-        policy, hold = report["aggregate"]["policy"], report["aggregate"]["baselines"]["buy_and_hold"]
+        benchmark = report.get("benchmark", "buy_and_hold")
+        policy, hold = report["aggregate"]["policy"], report["aggregate"]["baselines"][benchmark]
         description = (
             f"Gate {'PASSED' if decision['passed'] else 'FAILED'}: " + "; ".join(decision["reasons"])
-            + f". Mean test Sharpe {policy['sharpe']:.2f} vs buy-and-hold {hold['sharpe']:.2f}; "
+            + f". Mean test Sharpe {policy['sharpe']:.2f} vs {benchmark.replace('_', ' ')} {hold['sharpe']:.2f}; "
             f"total return {policy['total_return']:+.2%} vs {hold['total_return']:+.2%}."
         )
         registry.record_decision(uri, name, version, decision, description)

@@ -26,7 +26,10 @@ def registry_summary(model_name: str, tracking_uri: str | None = None) -> str:
     passed = latest.tags.get("gate.passed") == "true"
     became = "yes" if champion == latest_version else "no"
     policy_sharpe = metrics.get("test/mean/policy/sharpe", float("nan"))
-    hold_sharpe = metrics.get("test/mean/buy_and_hold/sharpe", float("nan"))
+    # A portfolio run is measured against equal weight, a single asset against buy-and-hold.
+    benchmark = "equal_weight" if "test/mean/equal_weight/sharpe" in metrics else "buy_and_hold"
+    label = benchmark.replace("_", " ") if benchmark == "equal_weight" else "buy-and-hold"
+    hold_sharpe = metrics.get(f"test/mean/{benchmark}/sharpe", float("nan"))
     beats = policy_sharpe > hold_sharpe
     lines = [
         f"Registered model : {model_name}, version {latest_version} (of {len(versions)})",
@@ -35,15 +38,15 @@ def registry_summary(model_name: str, tracking_uri: str | None = None) -> str:
         "Out-of-sample (walk-forward test folds, mean):",
         f"  {'':14s}{'total return':>14s}{'ann. return':>13s}{'Sharpe':>8s}{'max DD':>9s}",
     ]
-    for label, prefix in (("policy", "test/mean/policy/"), ("buy-and-hold", "test/mean/buy_and_hold/")):
+    for name, prefix in (("policy", "test/mean/policy/"), (label, f"test/mean/{benchmark}/")):
         lines.append(
-            f"  {label:14s}{metrics.get(prefix + 'total_return', float('nan')):>+14.2%}"
+            f"  {name:14s}{metrics.get(prefix + 'total_return', float('nan')):>+14.2%}"
             f"{metrics.get(prefix + 'annualized_return', float('nan')):>+13.2%}"
             f"{metrics.get(prefix + 'sharpe', float('nan')):>8.2f}"
             f"{metrics.get(prefix + 'max_drawdown', float('nan')):>+9.2%}"
         )
     lines.append(
-        f"Verdict          : the policy {'beats' if beats else 'does NOT beat'} buy-and-hold on mean test "
+        f"Verdict          : the policy {'beats' if beats else 'does NOT beat'} {label} on mean test "
         f"Sharpe ({policy_sharpe:.2f} vs {hold_sharpe:.2f})"
     )
     lines += [

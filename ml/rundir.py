@@ -63,6 +63,32 @@ def read_bars(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(Path(run_dir) / "bars.parquet")
 
 
+def symbol_frames(bars: pd.DataFrame, symbols: tuple[str, ...]) -> dict[str, pd.DataFrame]:
+    """A portfolio snapshot (all symbols in one table) split per symbol, in the configured order."""
+    return {symbol: bars[bars["symbol"] == symbol].reset_index(drop=True) for symbol in symbols}
+
+
+def read_market(run_dir: Path, config: PipelineConfig, device: torch.device):
+    """The run's bars as the training series: a ``MarketSeries``, or a ``PortfolioSeries``."""
+    from ml.market import prepare_series
+    from ml.portfolio import prepare_portfolio
+
+    bars = read_bars(run_dir)
+    if config.portfolio:
+        return prepare_portfolio(symbol_frames(bars, config.data.symbols), config.lookback, device)
+    return prepare_series(bars, config.lookback, device)
+
+
+def market_timestamps(run_dir: Path, config: PipelineConfig) -> pd.Series:
+    """The bars folds are laid on: every bar, or in portfolio mode the bars all symbols share."""
+    from ml.portfolio import align_bars
+
+    bars = read_bars(run_dir)
+    if config.portfolio:
+        return align_bars(symbol_frames(bars, config.data.symbols))[0]
+    return bars["timestamp"].reset_index(drop=True)
+
+
 def read_folds(run_dir: Path) -> list[Fold]:
     return [Fold(index=f["index"], train=(f["train"]["first_bar"], f["train"]["last_bar"]),
                  validation=(f["validation"]["first_bar"], f["validation"]["last_bar"]),

@@ -3,6 +3,9 @@
     from ml.serving import Policy
     policy = Policy.load("models:/ppo_GSPC_1d@champion")   # or a path to model.onnx
     exposure = policy.decide(ohlcv_window, position)        # [B, L, 5], [B, 1] -> [B, 1]
+
+A portfolio model (metadata ``symbols``) takes ``ohlcv`` [B, L, A, 5] with the assets
+in that order and the current ``weights`` [B, A], and returns target weights [B, A].
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ class Policy:
         self.session = create_session(self.path, prefer_gpu, intra_op_threads)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.lookback = int(self.metadata["lookback"])
+        # Portfolio models name their assets; the asset axis of the inputs follows this order.
+        self.symbols = self.metadata["symbols"].split(",") if self.metadata.get("symbols") else None
 
     @classmethod
     def load(cls, uri: str, tracking_uri: str | None = None, prefer_gpu: bool = True,
@@ -121,38 +126,59 @@ class Policy:
         return cls(resolve_model_path(uri, tracking_uri), prefer_gpu, intra_op_threads=intra_op_threads)
 
     def validate(self, ohlcv: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs as float32 batches, checked against the contract; ``position`` is the weights of a portfolio."""
+        assets = len(self.symbols) if self.symbols is not None else None
+        name = "weights" if assets else "position"
         try:
             ohlcv = np.asarray(ohlcv, dtype=np.float32)
             position = np.asarray(position, dtype=np.float32)
         except (TypeError, ValueError) as exc:
-            raise InputError(f"ohlcv/position: not numeric ({exc})") from exc
-        if ohlcv.ndim == 2:
+            raise InputError(f"ohlcv/{name}: not numeric ({exc})") from exc
+        window = (self.lookback, assets, 5) if assets else (self.lookback, 5)
+        width = assets or 1
+        if ohlcv.ndim == len(window):
             ohlcv = ohlcv[None]
         if position.ndim == 1:
-            position = position.reshape(-1, 1)
-        if ohlcv.ndim != 3 or ohlcv.shape[1:] != (self.lookback, 5):
-            raise InputError(f"ohlcv: shape {ohlcv.shape} must be [batch, {self.lookback}, 5]")
-        if position.shape != (ohlcv.shape[0], 1):
-            raise InputError(f"position: shape {position.shape} must be [{ohlcv.shape[0]}, 1]")
+            position = position.reshape(-1, width)
+        if ohlcv.shape[1:] != window:
+            shape = ", ".join(map(str, window))
+            raise InputError(f"ohlcv: shape {ohlcv.shape} must be [batch, {shape}]"
+                             + (f" (assets {self.symbols})" if assets else ""))
+        if position.shape != (ohlcv.shape[0], width):
+            raise InputError(f"{name}: shape {position.shape} must be [{ohlcv.shape[0]}, {width}]")
+        self._check_windows(ohlcv if assets else ohlcv[:, :, None, :])
+        # max() propagates NaN, and NaN <= 1 is False: one comparison covers finite and range.
+        if assets and not (position.min(initial=0.0) >= -1e-6 and position.sum(axis=1).max(initial=0.0) <= 1.0 + 1e-6):
+            raise InputError("weights: must be finite, non-negative and sum to at most 1 (the rest is cash)")
+        if not assets and not np.abs(position).max(initial=0.0) <= 1.0 + 1e-6:
+            raise InputError("position: must be finite and within [-1, 1]")
+        return ohlcv, position
+
+    def _check_windows(self, ohlcv: np.ndarray) -> None:
+        """NaN, non-positive closes and stale feeds in windows [B, L, A, 5], naming the window (and asset)."""
         # Checks are single reductions where possible: with a batch of one, each numpy call
         # costs a few microseconds however small the array.
         if not np.isfinite(ohlcv).all():
-            row = int(np.argwhere(~np.isfinite(ohlcv))[0][0])
-            raise InputError(f"ohlcv: window {row} contains NaN or infinite values")
-        if not ohlcv[:, :, 3].min(initial=np.inf) > 0:
+            row, _, asset, _ = np.argwhere(~np.isfinite(ohlcv))[0]
+            raise InputError(f"ohlcv: window {int(row)}{self._asset(asset)} contains NaN or infinite values")
+        if not ohlcv[..., 3].min(initial=np.inf) > 0:
             raise InputError("ohlcv: close prices must be strictly positive")
-        # max() propagates NaN, and NaN <= 1 is False: one comparison covers finite and range.
-        if not np.abs(position).max(initial=0.0) <= 1.0 + 1e-6:
-            raise InputError("position: must be finite and within [-1, 1]")
         if self.max_stale_bars is not None:
-            tail = ohlcv[:, -(self.max_stale_bars + 1):, 3]
+            tail = ohlcv[:, -(self.max_stale_bars + 1):, :, 3]
             # ndarray methods, not np.all(..., axis=): the module-level wrapper costs microseconds.
             moving = (tail[:, :-1] != tail[:, -1:]).any(axis=1)
             if not moving.all():
-                raise InputError(f"ohlcv: window {int(np.argmin(moving))} ends with more than "
+                row, asset = np.argwhere(~moving)[0]
+                raise InputError(f"ohlcv: window {int(row)}{self._asset(asset)} ends with more than "
                                  f"{self.max_stale_bars} identical closes (stale feed)")
-        return ohlcv, position
+
+    def _asset(self, index) -> str:
+        return f" asset {self.symbols[int(index)]}" if self.symbols is not None else ""
 
     def decide(self, ohlcv: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """Target exposures [B, 1]; for a portfolio model ``position`` is the weights and this
+        returns target weights [B, A]."""
         ohlcv, position = self.validate(ohlcv, position)
+        if self.symbols is not None:
+            return self.session.run(["target_weights"], {"ohlcv": ohlcv, "weights": position})[0]
         return self.session.run(["target_exposure"], {"ohlcv": ohlcv, "position": position})[0]

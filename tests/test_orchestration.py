@@ -51,3 +51,11 @@ def test_pipeline_loads_curated_bars_from_the_lake(tmp_path):
                                                                       "path": str(root)}}))
     assert summary["rows"] == 8313 and summary["close_only"] is True
     assert summary["dataset_hash"] == curated_hash  # the whole series: the same content hash as the lake's
+
+
+def test_a_config_file_turns_a_dag_run_into_a_portfolio_run():
+    from tests.conftest import ROOT
+
+    config = config_from_params({**PARAMS, "config_file": str(ROOT / "docs" / "portfolio-config.yaml")})
+    assert config.portfolio and config.data.symbols == ("GSPC", "KO") and config.ppo.action_mode == "portfolio"
+    assert config.model_name == "ppo_GSPC_KO_1d" and config.ppo.total_timesteps == 8192

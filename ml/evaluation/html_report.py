@@ -18,7 +18,8 @@ from pathlib import Path
 
 import jinja2
 
-BASELINES_IN_VERDICT = ("buy_and_hold", "cash")  # the two a policy must beat to be worth running
+# What a policy must beat to be worth running (equal weight stands for buy-and-hold in portfolio mode).
+BASELINES_IN_VERDICT = ("buy_and_hold", "equal_weight", "cash")
 UNCERTAINTY_KEYS = ("sharpe_ci_low", "sharpe_ci_high", "psr", "dsr")
 AGGREGATE_KEYS = ("total_return", "annualized_return", "sharpe", "max_drawdown", "annual_turnover", "costs_paid")
 PERCENT_KEYS = {"total_return", "annualized_return", "max_drawdown", "costs_paid"}
@@ -133,8 +134,9 @@ def fold_verdict(fold: dict) -> str:
                          f"{_format(psr, 'psr')}, {judged}.")
     collapse = fold["policy"].get("collapse") or {}
     if collapse.get("alarm"):
-        sentences.append(f"Collapse alarm: the policy chose exposure {collapse['dominant_exposure']:+.2f} "
-                         f"on {collapse['dominant_share']:.0%} of test bars.")
+        chose = (f"weights {collapse['dominant_weights']}" if "dominant_weights" in collapse
+                 else f"exposure {collapse['dominant_exposure']:+.2f}")
+        sentences.append(f"Collapse alarm: the policy chose {chose} on {collapse['dominant_share']:.0%} of test bars.")
     return " ".join(sentences)
 
 

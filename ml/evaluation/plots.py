@@ -29,6 +29,7 @@ BASELINE_COLORS = {
     "ma_crossover": "#2ca02c",
     "momentum": "#9467bd",
     "random": "#bcbd22",
+    "equal_weight": "#1f77b4",  # the portfolio-mode benchmark takes buy-and-hold's colour
 }
 _FALLBACK_COLORS = ["#8c564b", "#e377c2", "#17becf", "#ff7f0e"]
 DPI = 110
@@ -172,5 +173,27 @@ def plot_exposure_histogram(report: dict, path) -> Path:
     ax.set_ylim(0, 100)
     ax.set_title("Policy exposure on the test window")
     ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_mean_weights(report: dict, path) -> Path:
+    """Portfolio mode: the policy's mean target weight per asset and cash on each fold's test window."""
+    folds = report["folds"]
+    if not folds:
+        raise ValueError("the report has no folds")
+    names = list(folds[0][POLICY]["test_mean_weights"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(folds) + 3), 4.0))
+    bottom = np.zeros(len(folds))
+    cmap = plt.get_cmap("tab10")
+    for k, name in enumerate(names):
+        shares = np.array([100.0 * f[POLICY]["test_mean_weights"][name] for f in folds])
+        color = BASELINE_COLORS["cash"] if name == "cash" else cmap(k % 10)
+        ax.bar([f"fold {f['index']}" for f in folds], shares, 0.6, bottom=bottom, color=color, label=name)
+        bottom += shares
+    ax.set_ylabel("mean target weight on test bars (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Policy allocation on the test window")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
