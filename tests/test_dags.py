@@ -150,3 +150,27 @@ def test_airflow_dags_test_model_promotion(airflow_env):
     assert refused.returncode != 0
     assert "records no previous champion" in refused.stdout + refused.stderr
     assert alias_version(uri, "ppo_GSPC_1d", CHAMPION) == champion
+
+
+def test_airflow_dags_test_trains_a_portfolio_from_a_config_file(airflow_env, tmp_path):
+    """The same DAG runs portfolio mode when its config file names several symbols."""
+    config_file = tmp_path / "portfolio.json"
+    config_file.write_text(json.dumps({**TINY_CONFIG, "data": {"symbols": ["GSPC", "KO"]},
+                                       "ppo": {**TINY_CONFIG["ppo"], "action_mode": "portfolio"}}))
+    conf = {"source": "sample", "start": "2009-01-01", "timesteps": 4096, "config_file": str(config_file)}
+    proc = subprocess.run([AIRFLOW, "dags", "test", "ppo_training", "-c", json.dumps(conf)],
+                          env=airflow_env, capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+
+    from ml.registry import CHAMPION, alias_version
+    from ml.serving import Policy
+
+    uri = airflow_env["MLFLOW_TRACKING_URI"]
+    assert alias_version(uri, "ppo_GSPC_KO_1d", CHAMPION) is not None, log[-3000:]
+    policy = Policy.load("models:/ppo_GSPC_KO_1d@champion", tracking_uri=uri)
+    assert policy.symbols == ["GSPC", "KO"]
+    run_dir = max((Path(airflow_env["ML_RUNS_DIR"]) / "ppo_training").iterdir(), key=lambda p: p.stat().st_mtime)
+    windows = np.load(run_dir / "parity_windows.npz")
+    weights = policy.decide(windows["ohlcv"], windows["position"])
+    assert weights.shape == (len(windows["ohlcv"]), 2) and (weights.sum(axis=1) <= 1 + 1e-6).all()
