@@ -1,9 +1,11 @@
 """Environment-only and full PPO training throughput against the number of parallel episodes.
 
     .venv/bin/python benchmarks/throughput.py [--device cpu|cuda] [--envs 256 1024 4096] [--threads 1 2]
+                                              [--portfolio]
 
 Runs on the bundled GSPC sample with the default costs and a 64x64 MLP.
-Prints a Markdown table (for docs/benchmarks.md) with machine and date.
+``--portfolio`` adds the same two rates in portfolio mode (GSPC + KO + cash).
+Prints Markdown tables (for docs/benchmarks.md) with machine and date.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from ml.data.sources import load_sample
 from ml.env import CostConfig, EnvConfig, TradingEnv
 from ml.evaluation.splits import walk_forward_folds
 from ml.market import prepare_series
+from ml.portfolio import PortfolioEnv, PortfolioSeries, prepare_portfolio
+from ml.portfolio_walkforward import train_portfolio_fold
 from ml.walkforward import train_fold
 
 
@@ -31,13 +35,18 @@ def sync(device: torch.device) -> None:
 
 def env_steps_per_second(series, n_envs: int, steps: int, compiled: bool = False) -> float:
     device = series.device
-    env = TradingEnv(series.ohlcv, series.features, n_envs, CostConfig(),
-                     EnvConfig(episode_bars=256, compile=compiled))
+    if isinstance(series, PortfolioSeries):
+        env = PortfolioEnv(series, n_envs, CostConfig(), EnvConfig(episode_bars=256))
+    else:
+        env = TradingEnv(series.ohlcv, series.features, n_envs, CostConfig(),
+                         EnvConfig(episode_bars=256, compile=compiled))
     lo, hi = 100, series.ohlcv.shape[0] - 1
     generator = torch.Generator(device=device).manual_seed(0)
     ends = torch.full((n_envs,), hi, device=device)
     env.reset(torch.randint(lo, hi, (n_envs,), device=device, generator=generator), ends)
-    actions = torch.rand(steps, n_envs, device=device, generator=generator) * 2 - 1
+    # Single asset: exposures in [-1, 1]; portfolio: random weights summing to at most 1.
+    actions = torch.rand((steps, n_envs) + env.position_shape, device=device, generator=generator)
+    actions = actions * 2 - 1 if not env.position_shape else actions / env.position_shape[0]
 
     def run(count: int) -> None:
         for k in range(count):
@@ -54,11 +63,14 @@ def env_steps_per_second(series, n_envs: int, steps: int, compiled: bool = False
     return n_envs * steps / (time.perf_counter() - start)
 
 
-def ppo_steps_per_second(series, bars, n_envs: int, timesteps: int, device: str) -> float:
-    config = config_from_dict({"ppo": {"num_envs": n_envs, "num_steps": 64, "total_timesteps": timesteps,
-                                       "eval_every": 10**9, "device": device}})
-    fold = walk_forward_folds(bars["timestamp"], config.lookback, config.splits)[-1]
-    result = train_fold(series, fold, config)
+def ppo_steps_per_second(series, n_envs: int, timesteps: int, device: str) -> float:
+    portfolio = isinstance(series, PortfolioSeries)
+    config = config_from_dict({
+        "ppo": {"num_envs": n_envs, "num_steps": 64, "total_timesteps": timesteps, "eval_every": 10**9,
+                "device": device, **({"action_mode": "portfolio"} if portfolio else {})},
+        **({"data": {"symbols": list(series.symbols)}} if portfolio else {})})
+    fold = walk_forward_folds(series.timestamps, config.lookback, config.splits)[-1]
+    result = (train_portfolio_fold if portfolio else train_fold)(series, fold, config)
     return result.steps_per_second
 
 
@@ -69,6 +81,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     parser.add_argument("--env-steps", type=int, default=500)
     parser.add_argument("--ppo-updates", type=int, default=6)
+    parser.add_argument("--portfolio", action="store_true", help="also measure portfolio mode")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -87,9 +100,20 @@ def main() -> None:
         for n_envs in args.envs:
             env_rate = env_steps_per_second(series, n_envs, args.env_steps)
             compiled_rate = env_steps_per_second(series, n_envs, args.env_steps, compiled=True)
-            ppo_rate = ppo_steps_per_second(series, bars, n_envs, n_envs * 64 * args.ppo_updates, args.device)
+            ppo_rate = ppo_steps_per_second(series, n_envs, n_envs * 64 * args.ppo_updates, args.device)
             print(f"| {device.type} | {threads} | {n_envs} | {env_rate:,.0f} | {compiled_rate:,.0f} | "
                   f"{ppo_rate:,.0f} |", flush=True)
+    if args.portfolio:
+        portfolio = prepare_portfolio({s: load_sample(s) for s in ("GSPC", "KO")}, 64, device)
+        print("\nPortfolio mode, GSPC + KO + cash (one step = one decision over both assets):\n")
+        print("| device | threads | parallel episodes | env steps/s | PPO train steps/s |")
+        print("|---|---|---|---|---|")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for n_envs in args.envs:
+                env_rate = env_steps_per_second(portfolio, n_envs, args.env_steps)
+                ppo_rate = ppo_steps_per_second(portfolio, n_envs, n_envs * 64 * args.ppo_updates, args.device)
+                print(f"| {device.type} | {threads} | {n_envs} | {env_rate:,.0f} | {ppo_rate:,.0f} |", flush=True)
     print(f"\n1-min load average at end: {os.getloadavg()[0]:.2f}")
 
 
