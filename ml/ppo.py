@@ -97,8 +97,14 @@ def dominant_share(exposure: torch.Tensor) -> float:
 
     Near 1 means the policy ignores its input.
     """
-    rows = torch.round(exposure.reshape(exposure.shape[0], -1) * 100)
-    _, counts = torch.unique(rows, dim=0, return_counts=True)
+    rows = torch.round(exposure.reshape(exposure.shape[0], -1) * 100).long()
+    rows = rows - rows.min(dim=0).values
+    base = int(rows.max()) + 1
+    if base ** rows.shape[1] < 2 ** 62:  # one integer per row: far faster than unique over rows
+        keys = (rows * base ** torch.arange(rows.shape[1], device=rows.device)).sum(dim=1)
+        _, counts = torch.unique(keys, return_counts=True)
+    else:
+        _, counts = torch.unique(rows, dim=0, return_counts=True)
     return (counts.max() / rows.shape[0]).item()
 
 
@@ -167,6 +173,7 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
     rewards = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
     dones = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
     values = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
+    greedy = torch.zeros((cfg.num_steps, cfg.num_envs) + env.position_shape, device=device)  # for diagnostics
 
     env.reset(random_starts(), ends)
     next_features, next_position = env.observe()
@@ -202,6 +209,7 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
                 dist = agent.distribution(actor)
                 action = dist.sample()
             values[step], actions[step], logprobs[step] = value, action, dist.log_prob(action)
+            greedy[step] = agent.greedy(actor)
             result = env.step(agent.exposure(action))
             reward = result.reward * cfg.reward_scale
             if result.truncated.any():
@@ -247,9 +255,8 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
             for begin in range(0, cfg.batch_size, minibatch_size):
                 idx = order[begin:begin + minibatch_size]
                 actor, new_value = agent(b_features[idx], b_position[idx])
-                dist = agent.distribution(actor)
-                new_logprob = dist.log_prob(b_actions[idx])
-                entropy = dist.entropy().mean()
+                new_logprob, entropy = agent.log_prob_entropy(actor, b_actions[idx])
+                entropy = entropy.mean()
                 log_ratio = new_logprob - b_logprobs[idx]
                 ratio = log_ratio.exp()
                 with torch.no_grad():
@@ -279,9 +286,10 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
         # 4. Diagnostics, and checkpoint selection on validation only.
         variance = b_returns.var()
         explained_var = (1 - (b_returns - b_values).var() / variance).item() if variance > 0 else float("nan")
+        # Decisions of the policy that collected this rollout, on the states it visited.
         with torch.no_grad():
             sampled_exposure = agent.exposure(b_actions)
-            greedy_exposure = agent.greedy(agent(b_features, b_position)[0])
+        greedy_exposure = greedy.reshape((-1,) + env.position_shape)
         collapsed = dominant_share(greedy_exposure) >= cfg.collapse_share
         metrics = {
             "loss/policy": pg_loss.item(), "loss/value": v_loss.item(), "loss/entropy": entropy.item(),

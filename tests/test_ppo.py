@@ -155,3 +155,19 @@ def test_collapse_alarm_fires_for_a_policy_that_ignores_its_input():
     assert collapsed.history[-1]["greedy_action_share/+1.00"] == 1.0
     varied = run([0.0, 0.0, 0.0], weight_scale=300.0)  # logits that clearly depend on the state
     assert not varied.collapse_alarm
+
+
+def test_closed_form_log_prob_and_entropy_equal_the_distributions():
+    """The update uses closed forms; they must be the sampling distributions' own values."""
+    from ml.policy import ActorCritic
+
+    for mode, extra in (("discrete", {"min_exposure": 0.0}), ("continuous", {}), ("portfolio", {"n_assets": 3})):
+        torch.manual_seed(0)
+        agent = ActorCritic(6, (-1.0, 0.0, 1.0), (16,), mode, **extra)
+        actor, _ = agent(torch.randn(200, 6), torch.rand(200, agent.n_assets) / agent.n_assets)
+        dist = agent.distribution(actor)
+        action = dist.sample()
+        log_prob, entropy = agent.log_prob_entropy(actor, action)
+        torch.testing.assert_close(log_prob, dist.log_prob(action), rtol=0, atol=1e-5)
+        torch.testing.assert_close(entropy, dist.entropy(), rtol=0, atol=1e-5)
+        assert torch.isfinite(entropy).all()
