@@ -65,11 +65,9 @@ def align_bars(frames: dict[str, pd.DataFrame], min_bars: int = 2) -> tuple[pd.S
         spans = {s: f"{f['timestamp'].iloc[0]:%Y-%m-%d}..{f['timestamp'].iloc[-1]:%Y-%m-%d}"
                  for s, f in frames.items()}
         raise DataError(f"symbols {sorted(frames)} share only {len(common)} bars (need {min_bars}); spans: {spans}")
-    columns = []
-    for frame in frames.values():
-        indexed = frame.set_index("timestamp").loc[common]
-        columns.append(ohlcv_array(indexed.reset_index()))
-    return pd.Series(common.sort_values()), np.stack(columns, axis=1)
+    common = common.sort_values()
+    columns = [ohlcv_array(frame.set_index("timestamp").loc[common].reset_index()) for frame in frames.values()]
+    return pd.Series(common), np.stack(columns, axis=1)
 
 
 def prepare_portfolio(frames: dict[str, pd.DataFrame], lookback: int, device: torch.device) -> PortfolioSeries:

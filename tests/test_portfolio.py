@@ -47,11 +47,14 @@ def make_env(series, n, costs=CostConfig(), episode_bars=10_000):
 
 def test_assets_are_aligned_on_the_bars_they_all_have():
     frames = two_assets(300)
-    frames["BBB"] = frames["BBB"].drop(index=[5, 6, 200]).reset_index(drop=True)
+    # Rows out of order must not matter: the bars are matched by timestamp.
+    frames["AAA"] = frames["AAA"].sample(frac=1.0, random_state=0)
+    frames["BBB"] = frames["BBB"].drop(index=[5, 6, 200])
     timestamps, ohlcv = align_bars(frames)
-    assert len(timestamps) == 297 and ohlcv.shape == (297, 2, 5)
-    row = frames["AAA"].set_index("timestamp").loc[timestamps.iloc[150]]
-    np.testing.assert_allclose(ohlcv[150, 0, 3], row["close"], rtol=1e-6)
+    assert len(timestamps) == 297 and ohlcv.shape == (297, 2, 5) and timestamps.is_monotonic_increasing
+    for symbol, asset in (("AAA", 0), ("BBB", 1)):
+        row = frames[symbol].set_index("timestamp").loc[timestamps.iloc[150]]
+        np.testing.assert_allclose(ohlcv[150, asset, 3], row["close"], rtol=1e-6)
 
 
 def test_symbols_without_common_bars_are_refused_by_name():
