@@ -1,6 +1,6 @@
 """Our batched PPO against Stable-Baselines3 PPO on the Gymnasium wrapper, in one run.
 
-    .venv/bin/python benchmarks/sb3_comparison.py [--sb3-steps 20480] [--ppo-steps 1048576]
+    .venv/bin/python benchmarks/sb3_comparison.py [--sb3-steps 40960] [--ppo-steps 4194304]
 
 Both learn on the bundled GSPC sample with the default costs, 5 exposure levels,
 rollout length 64, 4 epochs x 4 minibatches, lr 3e-4, and 64x64 tanh MLPs:
@@ -138,9 +138,9 @@ def batched_env_rate(series, n_envs: int, window: tuple[int, int], steps: int) -
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sb3-envs", type=int, default=8)
-    parser.add_argument("--sb3-steps", type=int, default=20_480)
+    parser.add_argument("--sb3-steps", type=int, default=40_960)
     parser.add_argument("--ppo-envs", type=int, default=4096)
-    parser.add_argument("--ppo-steps", type=int, default=4096 * 64 * 4)
+    parser.add_argument("--ppo-steps", type=int, default=4096 * 64 * 16)
     parser.add_argument("--env-steps", type=int, default=10_000, help="env-only steps for the wrapper")
     args = parser.parse_args()
 
