@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Categorical, Independent, Normal
 
@@ -77,9 +78,13 @@ class ActorCritic(nn.Module):
         """(masked logits [B, K] or Gaussian mean [B, 1] or [B, A + 1]), value [B]."""
         normalized = torch.clamp((features - self.feature_mean) / self.feature_std, -NORM_CLIP, NORM_CLIP)
         hidden = self.backbone(torch.cat([normalized, position.reshape(-1, self.n_assets)], dim=-1))
-        actor = self.actor(hidden)
         if self.mode == "discrete":
-            actor = torch.where(self.allowed, actor, torch.full_like(actor, -1e9))
+            # Masked levels get -1e9 through the bias: the logits of allowed levels are the same bit
+            # for bit, and the exported graph has one Gemm (the bias is folded) instead of a Gemm
+            # and a Where over [B, K].
+            actor = F.linear(hidden, self.actor.weight, self.actor.bias + torch.where(self.allowed, 0.0, -1e9))
+        else:
+            actor = self.actor(hidden)
         return actor, self.critic(hidden).squeeze(-1)
 
     def distribution(self, actor: torch.Tensor):
@@ -138,9 +143,8 @@ class TradingPolicy(nn.Module):
         if ac.mode == "continuous":
             target = actor.clamp(ac.exposure_range[0], ac.exposure_range[1])
             return target, ac.log_std.exp().expand_as(actor), value.unsqueeze(-1)
-        # One-hot of the argmax times the levels: exports to plain ONNX ops.
-        chosen = torch.nn.functional.one_hot(actor.argmax(dim=-1), ac.levels.shape[0]).to(ac.levels.dtype)
-        target = (chosen * ac.levels).sum(dim=-1, keepdim=True)
+        # index_select exports to one Gather; the one-hot product it replaces cost five nodes.
+        target = torch.index_select(ac.levels, 0, actor.argmax(dim=-1)).unsqueeze(-1)
         return target, torch.softmax(actor, dim=-1), value.unsqueeze(-1)
 
 
