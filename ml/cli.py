@@ -105,17 +105,27 @@ def _serve(args: argparse.Namespace) -> int:
     """Decide on the last ``lookback`` bars of a file: what a downstream service does each bar."""
     import numpy as np
 
-    from ml.serving import InputError, Policy, bars_to_window
+    from ml.serving import InputError, Policy, bars_to_window, portfolio_window
 
     policy = Policy.load(args.model, tracking_uri=args.tracking_uri)
     try:
-        window = bars_to_window(args.bars, policy.lookback)
-        exposure = policy.decide(window, np.array([[args.position]], dtype=np.float32))
+        if policy.symbols is not None:  # portfolio: one file per asset, in the model's order
+            if len(args.bars) != len(policy.symbols):
+                raise InputError(f"--bars: {len(args.bars)} file(s) for a model of assets {policy.symbols}")
+            weights = args.weights or [0.0] * len(policy.symbols)
+            target = policy.decide(portfolio_window(args.bars, policy.lookback),
+                                   np.array([weights], dtype=np.float32))
+            decision = {"target_weights": dict(zip(policy.symbols, map(float, target[0]))), "weights": weights}
+        else:
+            if len(args.bars) != 1:
+                raise InputError(f"--bars: one file for a single-asset model, got {len(args.bars)}")
+            target = policy.decide(bars_to_window(args.bars[0], policy.lookback),
+                                   np.array([[args.position]], dtype=np.float32))
+            decision = {"target_exposure": float(target[0, 0]), "position": args.position}
     except (InputError, ValueError) as exc:
         print(f"REJECTED {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"target_exposure": float(exposure[0, 0]), "model": args.model,
-                      "lookback": policy.lookback, "position": args.position,
+    print(json.dumps({**decision, "model": args.model, "lookback": policy.lookback,
                       "mlflow_run_id": policy.metadata.get("mlflow_run_id")}))
     return 0
 
@@ -191,10 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tracking-uri")
         sub.set_defaults(run=_registry)
 
-    serve = commands.add_parser("serve", help="target exposure for the latest bars of a CSV/parquet file")
+    serve = commands.add_parser("serve", help="target exposure (or portfolio weights) for the latest bars of "
+                                              "CSV/parquet files")
     serve.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION or a .onnx path")
-    serve.add_argument("--bars", required=True, help="CSV/parquet with at least `lookback` bars")
+    serve.add_argument("--bars", required=True, nargs="+",
+                       help="CSV/parquet with at least `lookback` bars; a portfolio model takes one file per asset, "
+                            "in the order of its symbols")
     serve.add_argument("--position", type=float, default=0.0, help="current exposure in [-1, 1]")
+    serve.add_argument("--weights", type=float, nargs="+", help="portfolio: current weight of each asset")
     serve.add_argument("--tracking-uri")
     serve.set_defaults(run=_serve)
     return parser

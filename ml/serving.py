@@ -76,6 +76,16 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
     return found[0]
 
 
+def _read_bars_file(path: Path):
+    import pandas as pd
+
+    frame = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+    columns = {str(c).lower(): c for c in frame.columns}
+    if "close" not in columns:
+        raise InputError(f"{path}: no 'close' column")
+    return frame, columns
+
+
 def bars_to_window(path: str | Path, lookback: int) -> np.ndarray:
     """The last ``lookback`` bars of a CSV/parquet file as a [1, lookback, 5] window.
 
@@ -83,16 +93,38 @@ def bars_to_window(path: str | Path, lookback: int) -> np.ndarray:
     close-only file is filled the way the model was trained (close in O/H/L, volume 0).
     Uses pandas, which a service only needs when it reads files this way.
     """
-    import pandas as pd
-
     path = Path(path)
-    frame = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
-    columns = {str(c).lower(): c for c in frame.columns}
-    if "close" not in columns:
-        raise InputError(f"{path}: no 'close' column")
+    frame, columns = _read_bars_file(path)
     if len(frame) < lookback:
         raise InputError(f"{path}: {len(frame)} bars, the model needs the last {lookback}")
-    tail = frame.tail(lookback)
+    return _window(frame.tail(lookback), columns)
+
+
+def portfolio_window(paths: list[str | Path], lookback: int) -> np.ndarray:
+    """The last ``lookback`` bars every file has (matched on their date column) as [1, lookback, A, 5].
+
+    The files are the assets in the model's order (its ``symbols`` metadata).
+    """
+    import pandas as pd
+
+    frames = []
+    for path in map(Path, paths):
+        frame, columns = _read_bars_file(path)
+        date = next((columns[c] for c in ("date", "datetime", "timestamp") if c in columns), None)
+        if date is None:
+            raise InputError(f"{path}: no Date/Datetime/timestamp column to align the assets on")
+        frames.append((path, frame.set_index(pd.to_datetime(frame[date], utc=True)), columns))
+    common = frames[0][1].index
+    for _, frame, _ in frames[1:]:
+        common = common.intersection(frame.index)
+    if len(common) < lookback:
+        raise InputError(f"{[str(p) for p, _, _ in frames]}: {len(common)} common bars, the model needs "
+                         f"the last {lookback}")
+    last = common.sort_values()[-lookback:]
+    return np.stack([_window(frame.loc[last], columns)[0] for _, frame, columns in frames], axis=1)[None]
+
+
+def _window(tail, columns: dict) -> np.ndarray:
     close = tail[columns["close"]].to_numpy(dtype=np.float64)
     fields = []
     for name in ("open", "high", "low", "close", "volume"):

@@ -109,3 +109,25 @@ def test_second_run_is_compared_with_the_champion_on_unseen_bars(portfolio_run):
     assert "beats_champion" in second["gate"]["checks"]
     summary = registry_summary(first["model_name"], first["tracking_uri"])
     assert "equal weight" in summary and "buy-and-hold" not in summary
+
+
+def test_serve_cli_decides_weights_from_one_file_per_asset(portfolio_run, capsys):
+    from ml.cli import main
+    from tests.conftest import ROOT
+
+    out, _, _ = portfolio_run
+    model, sample = str(out / "first" / "model.onnx"), ROOT / "ml" / "sample"
+    assert main(["serve", "--model", model, "--bars", str(sample / "GSPC.csv"), str(sample / "KO.csv"),
+                 "--weights", "0.2", "0.3"]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    assert set(decision["target_weights"]) == {"GSPC", "KO"} and decision["weights"] == [0.2, 0.3]
+    assert 0.0 <= sum(decision["target_weights"].values()) <= 1.0 + 1e-6
+    # The window is the assets' last common bars, each in contract order: what training saw.
+    from ml.data.sources import load_sample
+    from ml.serving import portfolio_window
+
+    _, aligned = align_bars({s: load_sample(s) for s in ("GSPC", "KO")})
+    window = portfolio_window([sample / "GSPC.csv", sample / "KO.csv"], 64)
+    np.testing.assert_allclose(window[0], aligned[-64:], rtol=1e-6)
+    assert main(["serve", "--model", model, "--bars", str(sample / "GSPC.csv")]) == 2
+    assert "for a model of assets ['GSPC', 'KO']" in capsys.readouterr().err
