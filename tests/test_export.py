@@ -53,6 +53,24 @@ def test_onnxruntime_matches_torch_on_real_windows(exported):
     assert parity.provider == "CPUExecutionProvider"
 
 
+def test_a_listed_but_unusable_gpu_falls_back_to_cpu_with_a_warning(exported, monkeypatch, caplog):
+    """onnxruntime-gpu lists CUDA everywhere; with a driver but no usable CUDA libraries the
+    session must still run, on CPU, and say so."""
+    import ml.serving as serving
+
+    policy, path, ohlcv = exported
+    monkeypatch.setattr(serving, "cuda_driver_present", lambda: True)
+    with caplog.at_level("WARNING", logger="ml.serving"):
+        session = serving.create_session(path)
+    if session.get_providers()[0] == "CUDAExecutionProvider":  # a machine with a working GPU
+        assert not caplog.records
+    else:
+        assert session.get_providers() == ["CPUExecutionProvider"]
+        assert "CUDA execution provider unavailable" in caplog.text
+    windows, positions = real_windows(ohlcv, LOOKBACK, 3100, len(ohlcv) - 1, 64, list(LEVELS))
+    assert check_parity(policy, path, windows, positions).passed
+
+
 @pytest.mark.parametrize("batch", [1, 7, 300])
 def test_dynamic_batch(exported, batch):
     policy, path, ohlcv = exported
