@@ -92,11 +92,20 @@ def level_shares(exposure: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bincount(nearest, minlength=levels.numel()).float() / max(nearest.numel(), 1)
 
 
-def dominant_share(exposure: torch.Tensor) -> float:
-    """Share of the most frequent exposure (weight vector in portfolio mode), to 0.01.
+# A softmax head that ignores its input still jitters in the third decimal, so portfolio weights
+# count as the same allocation within this distance of the median one, asset by asset.
+PORTFOLIO_TOLERANCE = 0.025
+
+
+def dominant_share(exposure: torch.Tensor, portfolio: bool = False) -> float:
+    """Share of the most frequent exposure (to 0.01), or of allocations near the median one.
 
     Near 1 means the policy ignores its input.
     """
+    if portfolio:
+        weights = exposure.reshape(exposure.shape[0], -1)
+        spread = (weights - weights.median(dim=0).values).abs().amax(dim=1)
+        return (spread <= PORTFOLIO_TOLERANCE).float().mean().item()
     rows = torch.round(exposure.reshape(exposure.shape[0], -1) * 100).long()
     rows = rows - rows.min(dim=0).values
     base = int(rows.max()) + 1
@@ -166,6 +175,7 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
     obs_features = torch.zeros((cfg.num_steps, cfg.num_envs, n_feat), device=device)
     obs_position = torch.zeros((cfg.num_steps, cfg.num_envs) + env.position_shape, device=device)
     discrete = agent.mode == "discrete"
+    portfolio = agent.mode == "portfolio"
     action_shape = () if discrete else tuple(agent.log_std.shape)
     actions = torch.zeros((cfg.num_steps, cfg.num_envs) + action_shape,
                           dtype=torch.long if discrete else torch.float32, device=device)
@@ -290,7 +300,7 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
         with torch.no_grad():
             sampled_exposure = agent.exposure(b_actions)
         greedy_exposure = greedy.reshape((-1,) + env.position_shape)
-        collapsed = dominant_share(greedy_exposure) >= cfg.collapse_share
+        collapsed = dominant_share(greedy_exposure, portfolio) >= cfg.collapse_share
         metrics = {
             "loss/policy": pg_loss.item(), "loss/value": v_loss.item(), "loss/entropy": entropy.item(),
             "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
@@ -313,7 +323,7 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
             log(metrics, global_step)
         if collapsed:
             logger.warning("collapse alarm at update %d: deterministic policy picks one exposure on %.0f%% of states",
-                           update, 100 * dominant_share(greedy_exposure))
+                           update, 100 * dominant_share(greedy_exposure, portfolio))
         bar.update(1)
         bar.set_postfix(sps=f"{metrics['steps_per_second']:,.0f}", val=f"{best_score:.2f}", refresh=False)
         if checkpoint_path is not None and (update % cfg.checkpoint_every == 0 or update == cfg.num_updates):
@@ -327,7 +337,7 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
     elapsed = time.perf_counter() - start_time
     with torch.no_grad():  # the alarm concerns the weights we keep, on the states of the last rollout
         kept_share = dominant_share(agent.decide(obs_features.reshape(-1, n_feat),
-                                                 obs_position.reshape((-1,) + env.position_shape)))
+                                                 obs_position.reshape((-1,) + env.position_shape)), portfolio)
     return TrainResult(agent=agent.eval(), best_update=best_update, best_score=float(best_score),
                        history=history, steps_per_second=(global_step - steps_at_start) / max(elapsed, 1e-9),
                        resumed_from_update=resumed_from, collapse_alarm=kept_share >= cfg.collapse_share)

@@ -254,3 +254,23 @@ def test_portfolio_policy_exports_to_onnx_with_parity(tmp_path, series):
     got = policy(torch.stack([series.ohlcv[t - LOOKBACK + 1:t + 1] for t in (150, 151)]), torch.zeros(2, 2))[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (got >= 0).all() and (got.sum(-1) <= 1 + 1e-6).all()
+
+
+def test_a_near_constant_allocation_counts_as_collapsed():
+    """A softmax head that ignores its input still jitters in the third decimal: allocations within
+    0.025 of the median one count as one; a policy that moves between assets does not."""
+    from ml.evaluation.portfolio_backtest import PortfolioBacktest
+    from ml.ppo import dominant_share
+
+    rng = np.random.default_rng(0)
+    jitter = 0.33 + rng.uniform(-0.01, 0.01, size=(500, 2))  # straddles any fixed rounding grid
+    moving = rng.dirichlet(np.ones(3), size=500)[:, :2]
+    assert dominant_share(torch.tensor(jitter), portfolio=True) == 1.0
+    assert dominant_share(torch.tensor(moving), portfolio=True) < 0.2
+    stamps = pd.Series(pd.bdate_range("2020-01-01", periods=501))
+    backtest = PortfolioBacktest(["A", "B"], stamps, np.ones(501), np.zeros((501, 2)), jitter, np.zeros(500),
+                                 np.zeros(500))
+    weights, share = backtest.dominant_decision()
+    assert share == 1.0 and weights == pytest.approx([0.33, 0.33], abs=0.01)
+    backtest.decision = moving
+    assert backtest.dominant_decision()[1] < 0.2

@@ -40,11 +40,11 @@ class PortfolioBacktest:
         return pd.DataFrame({"timestamp": self.timestamps.to_numpy(), "nav": self.nav, **weights,
                              "position": self.weights.sum(axis=1)})
 
-    def dominant_decision(self) -> tuple[list[float], float]:
-        """The most frequent weight vector (to 0.01) and its share of all decisions."""
-        rows, counts = np.unique(np.round(self.decision, 2), axis=0, return_counts=True)
-        best = int(np.argmax(counts))
-        return rows[best].tolist(), float(counts[best] / counts.sum())
+    def dominant_decision(self, tolerance: float = 0.025) -> tuple[list[float], float]:
+        """The median allocation and the share of decisions within ``tolerance`` of it, asset by asset."""
+        median = np.median(self.decision, axis=0)
+        near = np.abs(self.decision - median).max(axis=1) <= tolerance
+        return median.round(4).tolist(), float(near.mean())
 
 
 @torch.no_grad()
