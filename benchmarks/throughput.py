@@ -74,6 +74,23 @@ def ppo_steps_per_second(series, n_envs: int, timesteps: int, device: str) -> fl
     return result.steps_per_second
 
 
+def print_table(series, args, compiled: bool) -> None:
+    """One row per thread count and episode count; ``compiled`` adds the compiled-env column."""
+    device = series.device
+    env_column = "env steps/s (eager) | env steps/s (compiled)" if compiled else "env steps/s"
+    print(f"| device | threads | parallel episodes | {env_column} | PPO train steps/s |")
+    print("|---|---|---|---|---|" + ("---|" if compiled else ""))
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for n_envs in args.envs:
+            rates = [env_steps_per_second(series, n_envs, args.env_steps)]
+            if compiled:
+                rates.append(env_steps_per_second(series, n_envs, args.env_steps, compiled=True))
+            rates.append(ppo_steps_per_second(series, n_envs, n_envs * 64 * args.ppo_updates, args.device))
+            print(f"| {device.type} | {threads} | {n_envs} | " + " | ".join(f"{r:,.0f}" for r in rates) + " |",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -93,27 +110,11 @@ def main() -> None:
     print(f"date: {datetime.date.today().isoformat()}, torch {torch.__version__}, "
           f"1-min load average at start: {os.getloadavg()[0]:.2f}")
     print()
-    print("| device | threads | parallel episodes | env steps/s (eager) | env steps/s (compiled) | PPO train steps/s |")
-    print("|---|---|---|---|---|---|")
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for n_envs in args.envs:
-            env_rate = env_steps_per_second(series, n_envs, args.env_steps)
-            compiled_rate = env_steps_per_second(series, n_envs, args.env_steps, compiled=True)
-            ppo_rate = ppo_steps_per_second(series, n_envs, n_envs * 64 * args.ppo_updates, args.device)
-            print(f"| {device.type} | {threads} | {n_envs} | {env_rate:,.0f} | {compiled_rate:,.0f} | "
-                  f"{ppo_rate:,.0f} |", flush=True)
+    print_table(series, args, compiled=True)
     if args.portfolio:
         portfolio = prepare_portfolio({s: load_sample(s) for s in ("GSPC", "KO")}, 64, device)
         print("\nPortfolio mode, GSPC + KO + cash (one step = one decision over both assets):\n")
-        print("| device | threads | parallel episodes | env steps/s | PPO train steps/s |")
-        print("|---|---|---|---|---|")
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            for n_envs in args.envs:
-                env_rate = env_steps_per_second(portfolio, n_envs, args.env_steps)
-                ppo_rate = ppo_steps_per_second(portfolio, n_envs, n_envs * 64 * args.ppo_updates, args.device)
-                print(f"| {device.type} | {threads} | {n_envs} | {env_rate:,.0f} | {ppo_rate:,.0f} |", flush=True)
+        print_table(portfolio, args, compiled=False)
     print(f"\n1-min load average at end: {os.getloadavg()[0]:.2f}")
 
 

@@ -23,6 +23,7 @@ from ml.data.schema import content_hash
 from ml.data.sources import load_bars
 from ml.data.validation import ValidationConfig, require_valid
 from ml.evaluation.splits import Fold, walk_forward_folds
+from ml.portfolio import align_bars
 from ml.policy import policy_checkpoint
 from ml.ppo import resolve_device
 from ml.rundir import (code_version, load_agent, market_timestamps, read_bars, read_config, read_folds, read_json,
@@ -54,7 +55,7 @@ def load_data(run_dir: Path, config: PipelineConfig) -> dict:
     }
     if data.symbols:
         summary["symbols"] = list(data.symbols)
-        summary["common_bars"] = len(market_timestamps(run_dir, config))
+        summary["common_bars"] = len(align_bars(dict(zip(data.symbols, frames)))[0])
     write_json(run_dir / "data.json", summary)
     return summary
 
@@ -262,13 +263,12 @@ def seed_spread(run_dir: Path, fold: Fold, series, config: PipelineConfig, train
     from ml.portfolio_walkforward import backtest_portfolio_policy
     from ml.walkforward import backtest_policy
 
-    if config.portfolio:
-        backtest_policy = backtest_portfolio_policy
+    backtest = backtest_portfolio_policy if config.portfolio else backtest_policy
     ppy = periods_per_year(config.data.interval, config.data.calendar)
     per_seed = []
     for seed in training["seeds"]:
         agent, _ = load_agent(run_dir, fold.index, seed["seed"])
-        metrics = backtest_policy(agent, series, fold.test, config).metrics(ppy)
+        metrics = backtest(agent, series, fold.test, config).metrics(ppy)
         per_seed.append({"seed": seed["seed"], "validation_score": seed["validation_score"],
                          "selected": seed["seed"] == training["selected_seed"],
                          **{k: metrics[k] for k in ("total_return", "sharpe", "max_drawdown")}})

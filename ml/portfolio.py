@@ -72,7 +72,6 @@ def align_bars(frames: dict[str, pd.DataFrame], min_bars: int = 2) -> tuple[pd.S
 
 def prepare_portfolio(frames: dict[str, pd.DataFrame], lookback: int, device: torch.device) -> PortfolioSeries:
     """Align the symbols on their common bars and compute each asset's features with one module."""
-    frames = {symbol: frame.sort_values("timestamp") for symbol, frame in frames.items()}
     timestamps, ohlcv = align_bars(frames, min_bars=lookback + 2)
     # A feature is used only when every asset has the data for it.
     use_range = all(has_ohlc(f) for f in frames.values())

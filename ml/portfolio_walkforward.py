@@ -19,7 +19,7 @@ from ml.evaluation.splits import Fold
 from ml.policy import ActorCritic
 from ml.portfolio import PortfolioEnv, PortfolioSeries
 from ml.ppo import TrainResult, seed_everything, train
-from ml.walkforward import COLLAPSE_SHARE, uncertainty
+from ml.walkforward import COLLAPSE_SHARE, selection_score, uncertainty
 
 
 def backtest_portfolio_policy(agent: ActorCritic, series: PortfolioSeries, segment: tuple[int, int],
@@ -40,8 +40,7 @@ def train_portfolio_fold(series: PortfolioSeries, fold: Fold, config: PipelineCo
     env = PortfolioEnv(series, ppo.num_envs, config.costs, replace(config.env, periods_per_year=ppy))
 
     def validate(candidate: ActorCritic) -> float:
-        metrics = backtest_portfolio_policy(candidate, series, fold.validation, config).metrics(ppy)
-        return float(metrics[config.selection_metric])
+        return selection_score(backtest_portfolio_policy(candidate, series, fold.validation, config), config)
 
     return train(ppo, env, agent.to(series.device), fold.train, validate, log, checkpoint_path)
 

@@ -106,15 +106,9 @@ def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champio
     """Backtest both exported models on the recent bars that neither trained on."""
     from ml.serving import Policy
 
-    if config.portfolio:
-        from ml.portfolio import prepare_portfolio
-        from ml.rundir import symbol_frames
+    from ml.rundir import prepare_market
 
-        series = prepare_portfolio(symbol_frames(bars, config.data.symbols), config.lookback, torch.device("cpu"))
-    else:
-        from ml.market import prepare_series
-
-        series = prepare_series(bars, config.lookback, torch.device("cpu"))
+    series = prepare_market(bars, config, torch.device("cpu"))
     timestamps = series.timestamps
     first_unseen = int(timestamps.searchsorted(pd.Timestamp(champion_train_end), side="right")) + gap
     first, last = max(window[0], first_unseen), window[1]

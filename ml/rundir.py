@@ -70,10 +70,14 @@ def symbol_frames(bars: pd.DataFrame, symbols: tuple[str, ...]) -> dict[str, pd.
 
 def read_market(run_dir: Path, config: PipelineConfig, device: torch.device):
     """The run's bars as the training series: a ``MarketSeries``, or a ``PortfolioSeries``."""
+    return prepare_market(read_bars(run_dir), config, device)
+
+
+def prepare_market(bars: pd.DataFrame, config: PipelineConfig, device: torch.device):
+    """Bars (all symbols of a portfolio in one table) as the series the config trains on."""
     from ml.market import prepare_series
     from ml.portfolio import prepare_portfolio
 
-    bars = read_bars(run_dir)
     if config.portfolio:
         return prepare_portfolio(symbol_frames(bars, config.data.symbols), config.lookback, device)
     return prepare_series(bars, config.lookback, device)
