@@ -106,15 +106,8 @@ def dominant_share(exposure: torch.Tensor, portfolio: bool = False) -> float:
         weights = exposure.reshape(exposure.shape[0], -1)
         spread = (weights - weights.median(dim=0).values).abs().amax(dim=1)
         return (spread <= PORTFOLIO_TOLERANCE).float().mean().item()
-    rows = torch.round(exposure.reshape(exposure.shape[0], -1) * 100).long()
-    rows = rows - rows.min(dim=0).values
-    base = int(rows.max()) + 1
-    if base ** rows.shape[1] < 2 ** 62:  # one integer per row: far faster than unique over rows
-        keys = (rows * base ** torch.arange(rows.shape[1], device=rows.device)).sum(dim=1)
-        _, counts = torch.unique(keys, return_counts=True)
-    else:
-        _, counts = torch.unique(rows, dim=0, return_counts=True)
-    return (counts.max() / rows.shape[0]).item()
+    _, counts = torch.unique(torch.round(exposure * 100), return_counts=True)
+    return (counts.max() / exposure.numel()).item()
 
 
 def action_metrics(agent: ActorCritic, sampled: torch.Tensor, greedy: torch.Tensor) -> dict[str, float]:
@@ -300,7 +293,8 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
         with torch.no_grad():
             sampled_exposure = agent.exposure(b_actions)
         greedy_exposure = greedy.reshape((-1,) + env.position_shape)
-        collapsed = dominant_share(greedy_exposure, portfolio) >= cfg.collapse_share
+        greedy_share = dominant_share(greedy_exposure, portfolio)
+        collapsed = greedy_share >= cfg.collapse_share
         metrics = {
             "loss/policy": pg_loss.item(), "loss/value": v_loss.item(), "loss/entropy": entropy.item(),
             "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
@@ -323,7 +317,7 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
             log(metrics, global_step)
         if collapsed:
             logger.warning("collapse alarm at update %d: deterministic policy picks one exposure on %.0f%% of states",
-                           update, 100 * dominant_share(greedy_exposure, portfolio))
+                           update, 100 * greedy_share)
         bar.update(1)
         bar.set_postfix(sps=f"{metrics['steps_per_second']:,.0f}", val=f"{best_score:.2f}", refresh=False)
         if checkpoint_path is not None and (update % cfg.checkpoint_every == 0 or update == cfg.num_updates):
