@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Categorical, Independent, Normal
 
+from ml.dense import dense
 from ml.features import FeatureModule
 
 NORM_CLIP = 5.0
@@ -77,15 +77,19 @@ class ActorCritic(nn.Module):
     def forward(self, features: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked logits [B, K] or Gaussian mean [B, 1] or [B, A + 1]), value [B]."""
         normalized = torch.clamp((features - self.feature_mean) / self.feature_std, -NORM_CLIP, NORM_CLIP)
-        hidden = self.backbone(torch.cat([normalized, position.reshape(-1, self.n_assets)], dim=-1))
+        hidden = torch.cat([normalized, position.reshape(-1, self.n_assets)], dim=-1)
+        for linear in self.backbone[::2]:  # the (Linear, Tanh) pairs, each tanh fused into its product
+            hidden = dense(hidden, linear.weight, linear.bias, "tanh")
+        actor_bias = self.actor.bias
         if self.mode == "discrete":
             # Masked levels get -1e9 through the bias: the logits of allowed levels are the same bit
-            # for bit, and the exported graph has one Gemm (the bias is folded) instead of a Gemm
-            # and a Where over [B, K].
-            actor = F.linear(hidden, self.actor.weight, self.actor.bias + torch.where(self.allowed, 0.0, -1e9))
-        else:
-            actor = self.actor(hidden)
-        return actor, self.critic(hidden).squeeze(-1)
+            # for bit, and the exported graph needs no Where over [B, K].
+            actor_bias = actor_bias + torch.where(self.allowed, 0.0, -1e9)
+        # Both heads in one product: the backward to the backbone is then one matrix product
+        # instead of two thin ones and a sum, which on CPU cost more than the product itself.
+        heads = dense(hidden, torch.cat([self.actor.weight, self.critic.weight]),
+                      torch.cat([actor_bias, self.critic.bias]))
+        return heads[:, :-1], heads[:, -1]
 
     def distribution(self, actor: torch.Tensor):
         if self.mode == "discrete":
@@ -96,15 +100,31 @@ class ActorCritic(nn.Module):
         """Log-probability of ``action`` and the entropy, per sample: ``distribution``'s values in
         closed form, without building distribution objects on every minibatch of the update."""
         if self.mode == "discrete":
-            log_p = torch.log_softmax(actor, dim=-1)
+            # Over [K, B]: torch's CPU softmax then vectorizes along the batch instead of along the
+            # five levels, about 3x faster forward and backward.
+            log_p = torch.log_softmax(actor.t(), dim=0)
             # Masked levels have probability exactly 0 and contribute 0 (not NaN) to the entropy.
-            entropy = -(log_p.exp() * log_p).sum(dim=-1)
-            return log_p.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+            entropy = -(log_p.exp() * log_p).sum(dim=0)
+            return log_p.gather(0, action.unsqueeze(0)).squeeze(0), entropy
         log_std = self.log_std.expand_as(actor)
         z = (action - actor) * torch.exp(-log_std)
         log_prob = (-0.5 * z * z - log_std - _HALF_LOG_2PI).sum(dim=-1)
         entropy = (0.5 + _HALF_LOG_2PI + log_std).sum(dim=-1)
         return log_prob, entropy
+
+    def sample(self, actor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An action drawn from ``distribution`` and its log-probability, without building it:
+        ``Categorical.sample`` alone took longer than the forward pass in the rollout."""
+        if self.mode == "discrete":
+            log_p = torch.log_softmax(actor.t(), dim=0)  # [K, B], as in log_prob_entropy
+            cumulative = log_p.exp().cumsum(dim=0)
+            # Inverse CDF: the first level whose cumulative probability reaches u. u is scaled to
+            # the total, so rounding can never pick a masked (probability 0) last level.
+            u = torch.rand_like(cumulative[-1]) * cumulative[-1]
+            action = (cumulative < u).sum(dim=0)
+            return action, log_p.gather(0, action.unsqueeze(0)).squeeze(0)
+        action = actor + self.log_std.exp() * torch.randn_like(actor)
+        return action, self.log_prob_entropy(actor, action)[0]
 
     def exposure(self, action: torch.Tensor) -> torch.Tensor:
         """Target exposure [B] (weights [B, A] in portfolio mode) of a sampled action."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ml.allocator import keep_freed_memory
 from ml.env import TradingEnv
 from ml.policy import ActorCritic
 from ml.portfolio import PortfolioEnv
@@ -154,6 +155,8 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
     later call with the same path resumes after the last saved update (episodes restart).
     """
     device = env.device
+    if device.type == "cpu":
+        keep_freed_memory()
     seed_everything(cfg.seed, cfg.deterministic)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     lo, hi = segment
@@ -209,9 +212,8 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
             obs_features[step], obs_position[step], dones[step] = next_features, next_position, next_done
             with torch.no_grad():
                 actor, value = agent(next_features, next_position)
-                dist = agent.distribution(actor)
-                action = dist.sample()
-            values[step], actions[step], logprobs[step] = value, action, dist.log_prob(action)
+                action, logprob = agent.sample(actor)
+            values[step], actions[step], logprobs[step] = value, action, logprob
             greedy[step] = agent.greedy(actor)
             result = env.step(agent.exposure(action))
             reward = result.reward * cfg.reward_scale
@@ -257,7 +259,8 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
             order = torch.randperm(cfg.batch_size, device=device, generator=generator)
             for begin in range(0, cfg.batch_size, minibatch_size):
                 idx = order[begin:begin + minibatch_size]
-                actor, new_value = agent(b_features[idx], b_position[idx])
+                # index_select copies whole rows; [idx] gathers element by element, 20x slower here.
+                actor, new_value = agent(b_features.index_select(0, idx), b_position[idx])
                 new_logprob, entropy = agent.log_prob_entropy(actor, b_actions[idx])
                 entropy = entropy.mean()
                 log_ratio = new_logprob - b_logprobs[idx]

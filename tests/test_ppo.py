@@ -171,3 +171,26 @@ def test_closed_form_log_prob_and_entropy_equal_the_distributions():
         torch.testing.assert_close(log_prob, dist.log_prob(action), rtol=0, atol=1e-5)
         torch.testing.assert_close(entropy, dist.entropy(), rtol=0, atol=1e-5)
         assert torch.isfinite(entropy).all()
+
+
+def test_sampled_actions_follow_the_distribution():
+    """``sample`` draws in closed form; its frequencies and moments must be the distribution's."""
+    from ml.policy import ActorCritic
+
+    torch.manual_seed(0)
+    agent = ActorCritic(4, (-1.0, -0.5, 0.0, 0.5, 1.0), (8,), "discrete", max_exposure=0.5)
+    logits = torch.tensor([[0.3, -1.0, 0.8, 0.1, 0.0]]).expand(200_000, 5)
+    logits = logits + torch.where(agent.allowed, 0.0, -1e9)  # what forward gives: level +1 masked
+    action, log_prob = agent.sample(logits)
+    expected = torch.softmax(logits[0], dim=-1)
+    frequency = torch.bincount(action, minlength=5).float() / len(action)
+    assert frequency[4] == 0  # the masked level is never drawn
+    torch.testing.assert_close(frequency, expected, rtol=0, atol=5e-3)
+    torch.testing.assert_close(log_prob, agent.distribution(logits).log_prob(action), rtol=0, atol=1e-6)
+
+    agent = ActorCritic(4, (0.0,), (8,), "portfolio", n_assets=2)
+    mean = torch.tensor([[0.5, -0.2, 0.1]]).expand(200_000, 3)
+    action, log_prob = agent.sample(mean)
+    torch.testing.assert_close(action.mean(dim=0), mean[0], rtol=0, atol=5e-3)
+    torch.testing.assert_close(action.std(dim=0), agent.log_std.exp().detach(), rtol=0, atol=5e-3)
+    torch.testing.assert_close(log_prob, agent.distribution(mean).log_prob(action), rtol=0, atol=1e-5)

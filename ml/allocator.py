@@ -1,0 +1,40 @@
+"""Keep freed memory in the process during CPU training.
+
+glibc returns blocks above its mmap threshold (and a large free top of the
+heap) to the kernel on ``free``. A PPO update allocates and frees [minibatch,
+hidden] activations of 16 MB dozens of times per minibatch, so each one was
+mapped and zero-filled by the kernel again: a tenth or more of a CPU update.
+Raising both thresholds lets those blocks be reused; the price is that the
+process keeps its peak heap, which a training task holds anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import platform
+
+logger = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 256 << 20  # blocks up to this size come from the heap, not fresh mappings
+TRIM_THRESHOLD = 512 << 20  # free heap kept before returning memory to the kernel
+
+_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds once per process; False where there is no glibc."""
+    global _tuned
+    if _tuned:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                      and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError) as error:
+        logger.info("allocator thresholds left at glibc defaults: %s", error)
+    return _tuned
