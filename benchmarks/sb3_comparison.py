@@ -1,6 +1,6 @@
 """Our batched PPO against Stable-Baselines3 PPO on the Gymnasium wrapper, in one run.
 
-    .venv/bin/python benchmarks/sb3_comparison.py [--sb3-steps 40960] [--ppo-steps 4194304]
+    .venv/bin/python benchmarks/sb3_comparison.py [--sb3-steps 40960] [--ppo-steps 4194304] [--rounds 3]
 
 Both learn on the bundled GSPC sample with the default costs, 5 exposure levels,
 rollout length 64, 4 epochs x 4 minibatches, lr 3e-4, and 64x64 tanh MLPs:
@@ -12,7 +12,9 @@ steps one ``TradingEnv`` episode per instance. Ours runs ``train_fold`` with
 4096 parallel episodes on CPU; validation runs once, after the last update,
 and is inside the timing.
 
-The env-only rows step random exposure levels without any learner.
+Training runs in alternating rounds, SB3 then ours, and the median ratio is the result:
+on a shared VM one run of either can be 20% off. The env-only rows step random exposure
+levels without any learner.
 Prints Markdown tables with machine, date and command.
 """
 
@@ -142,6 +144,7 @@ def main() -> None:
     parser.add_argument("--ppo-envs", type=int, default=4096)
     parser.add_argument("--ppo-steps", type=int, default=4096 * 64 * 16)
     parser.add_argument("--env-steps", type=int, default=10_000, help="env-only steps for the wrapper")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating SB3 / ours training runs")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -153,8 +156,12 @@ def main() -> None:
     # torch imports torch._dynamo on the first optimizer a process builds (about 1 s). SB3 pays that
     # in PPO(), before its clock starts; paying it here keeps it out of both clocks.
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-    sb3_steps, sb3_seconds = sb3_ppo(args.sb3_envs, args.sb3_steps, window)
-    our_steps, our_seconds = our_ppo(bars, series, args.ppo_envs, args.ppo_steps)
+    # Rounds alternate SB3 and ours, so a slower or faster spell of a shared VM hits both.
+    rounds = []
+    for _ in range(args.rounds):
+        sb3_steps, sb3_seconds = sb3_ppo(args.sb3_envs, args.sb3_steps, window)
+        our_steps, our_seconds = our_ppo(bars, series, args.ppo_envs, args.ppo_steps)
+        rounds.append((sb3_steps, sb3_seconds, our_steps, our_seconds))
     wrapper_rate = wrapper_env_rate(window, args.env_steps)
     dummy_rate = dummy_vec_env_rate(args.sb3_envs, window, args.env_steps)
     batched_rate = batched_env_rate(series, args.ppo_envs, window, 500)
@@ -162,7 +169,6 @@ def main() -> None:
     import gymnasium
     import stable_baselines3
 
-    sb3_rate, our_rate = sb3_steps / sb3_seconds, our_steps / our_seconds
     print(f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} torch threads, CPU only")
@@ -172,13 +178,19 @@ def main() -> None:
     print("1-min load average: {:.2f} at start, {:.2f} at end".format(load_before[0], os.getloadavg()[0]))
     print(f"data: bundled GSPC, last fold's train window bars {window[0]}..{window[1]}, default costs")
     print()
-    print("| trainer | parallel episodes | env steps | wall s | train steps/s |")
-    print("|---|---|---|---|---|")
-    print(f"| SB3 PPO, DummyVecEnv of TradingGymEnv | {args.sb3_envs} | {sb3_steps:,} | {sb3_seconds:.1f} "
-          f"| {sb3_rate:,.0f} |")
-    print(f"| ml.ppo via train_fold, batched TradingEnv | {args.ppo_envs} | {our_steps:,} | {our_seconds:.1f} "
-          f"| {our_rate:,.0f} |")
-    print(f"| ratio (ours / SB3) | | | | {our_rate / sb3_rate:,.0f}x |")
+    print(f"SB3: {args.sb3_envs} parallel episodes, {rounds[0][0]:,} env steps per round; "
+          f"ours: {args.ppo_envs} parallel episodes, {rounds[0][2]:,} env steps per round")
+    print()
+    print("| round | SB3 PPO wall s | SB3 PPO steps/s | ml.ppo wall s | ml.ppo steps/s | ratio (ours / SB3) |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for k, (sb3_steps, sb3_seconds, our_steps, our_seconds) in enumerate(rounds, start=1):
+        sb3_rate, our_rate = sb3_steps / sb3_seconds, our_steps / our_seconds
+        ratios.append(our_rate / sb3_rate)
+        print(f"| {k} | {sb3_seconds:.1f} | {sb3_rate:,.0f} | {our_seconds:.1f} | {our_rate:,.0f} | {ratios[-1]:.0f}x |")
+    sb3_median = float(np.median([r[0] / r[1] for r in rounds]))
+    our_median = float(np.median([r[2] / r[3] for r in rounds]))
+    print(f"| median | | {sb3_median:,.0f} | | {our_median:,.0f} | {float(np.median(ratios)):.0f}x |")
     print()
     print("| environment only (random levels) | parallel episodes | env steps/s |")
     print("|---|---|---|")

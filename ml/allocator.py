@@ -3,7 +3,7 @@
 glibc returns blocks above its mmap threshold (and a large free top of the
 heap) to the kernel on ``free``. A PPO update allocates and frees [minibatch,
 hidden] activations of 16 MB dozens of times per minibatch, so each one was
-mapped and zero-filled by the kernel again: a tenth or more of a CPU update.
+mapped and zero-filled by the kernel again: about a tenth of a CPU update.
 Raising both thresholds lets those blocks be reused; the price is that the
 process keeps its peak heap, which a training task holds anyway.
 """

@@ -1,11 +1,12 @@
 """The policy's dense layers, on CPU through oneDNN.
 
 On CPU torch sends a float32 ``F.linear`` to MKL, which on the thin products of
-a 64x64 MLP ([batch, 64] x [64, 64]) reaches about a third of what oneDNN's
-inner product does on the same machine, and ``torch.tanh`` as its own pass costs
-about as much as the product. oneDNN computes product, bias and tanh in one
-pass. The values equal ``F.linear`` (+ ``torch.tanh``) to float rounding; the
-backward is the usual one, with the input gradient through oneDNN as well.
+a 64x64 MLP ([batch, 64] x [64, 64]) reaches half or less of what oneDNN's inner
+product does on the same machine, and ``torch.tanh`` as its own pass costs about
+as much as the product. oneDNN computes product, bias and tanh in one pass. The
+values equal ``F.linear`` (+ ``torch.tanh``) to float rounding; the backward is
+the usual one, with the input gradient through oneDNN as well (the weight
+gradient, a reduction over the batch, stays with MKL, which is faster there).
 
 On CUDA, in other dtypes, while exporting to ONNX, or in a torch build without
 oneDNN, the plain torch ops run.
