@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from ml.allocator import keep_freed_memory
 from ml.config import config_from_dict
 from ml.data.sources import load_sample
 from ml.env import CostConfig, EnvConfig, TradingEnv
@@ -156,6 +157,9 @@ def main() -> None:
     # torch imports torch._dynamo on the first optimizer a process builds (about 1 s). SB3 pays that
     # in PPO(), before its clock starts; paying it here keeps it out of both clocks.
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    # Our trainer raises glibc's allocator thresholds for the whole process when it starts;
+    # setting them now gives SB3's first round the same allocator as every later one.
+    keep_freed_memory()
     # Rounds alternate SB3 and ours, so a slower or faster spell of a shared VM hits both.
     rounds = []
     for _ in range(args.rounds):

@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 256 << 20  # blocks up to this size come from the heap, not fresh mappings
+# Blocks up to this size come from the heap, not fresh mappings. Some glibc builds refuse more
+# than half their heap size (32 MiB); that still covers a [65536, 64] float32 activation.
+MMAP_THRESHOLDS = (256 << 20, 32 << 20)
 TRIM_THRESHOLD = 512 << 20  # free heap kept before returning memory to the kernel
 
 _tuned = False
@@ -33,8 +35,11 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                      and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    except (OSError, AttributeError) as error:
+    except OSError as error:
         logger.info("allocator thresholds left at glibc defaults: %s", error)
+        return False
+    # Only with the mmap threshold set: a trim threshold alone switches off glibc's own adaptive
+    # threshold and is slower than the defaults.
+    if any(libc.mallopt(_M_MMAP_THRESHOLD, size) for size in MMAP_THRESHOLDS):
+        _tuned = bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _tuned

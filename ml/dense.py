@@ -8,8 +8,8 @@ values equal ``F.linear`` (+ ``torch.tanh``) to float rounding; the backward is
 the usual one, with the input gradient through oneDNN as well (the weight
 gradient, a reduction over the batch, stays with MKL, which is faster there).
 
-On CUDA, in other dtypes, while exporting to ONNX, or in a torch build without
-oneDNN, the plain torch ops run.
+On CUDA, in other dtypes, while exporting or tracing, or in a torch build
+without oneDNN (or with it switched off), the plain torch ops run.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class _OneDnnDense(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # oneDNN's op has no derivative of its own
     def backward(ctx, grad: torch.Tensor):
         x, weight, y = ctx.saved_tensors
         if ctx.activation == "tanh":
@@ -50,8 +51,11 @@ class _OneDnnDense(torch.autograd.Function):
 
 
 def uses_onednn(x: torch.Tensor) -> bool:
-    return (_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
-            and not torch.compiler.is_exporting())
+    """oneDNN for 2-D float32 CPU inputs, unless mkldnn is switched off or the graph is being
+    exported or traced (the exported model is plain Gemm + Tanh)."""
+    return (_LINEAR is not None and torch.backends.mkldnn.enabled and x.device.type == "cpu"
+            and x.dtype == torch.float32 and x.dim() == 2
+            and not torch.compiler.is_exporting() and not torch.jit.is_tracing())
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str = "none") -> torch.Tensor:

@@ -116,12 +116,11 @@ class ActorCritic(nn.Module):
         """An action drawn from ``distribution`` and its log-probability, without building it:
         ``Categorical.sample`` alone took longer than the forward pass in the rollout."""
         if self.mode == "discrete":
+            # Gumbel-max: the argmax of logits plus Gumbel noise is a draw from their softmax. A
+            # masked level (-1e9) can never win, and nothing here is nondeterministic on CUDA.
+            gumbel = torch.rand_like(actor).log_().neg_().log_().neg_()
+            action = (actor + gumbel).argmax(dim=-1)
             log_p = torch.log_softmax(actor.t(), dim=0)  # [K, B], as in log_prob_entropy
-            cumulative = log_p.exp().cumsum(dim=0)
-            # Inverse CDF: the first level whose cumulative probability reaches u. u is scaled to
-            # the total, so rounding can never pick a masked (probability 0) last level.
-            u = torch.rand_like(cumulative[-1]) * cumulative[-1]
-            action = (cumulative < u).sum(dim=0)
             return action, log_p.gather(0, action.unsqueeze(0)).squeeze(0)
         action = actor + self.log_std.exp() * torch.randn_like(actor)
         return action, self.log_prob_entropy(actor, action)[0]

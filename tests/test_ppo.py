@@ -178,13 +178,14 @@ def test_sampled_actions_follow_the_distribution():
     from ml.policy import ActorCritic
 
     torch.manual_seed(0)
-    agent = ActorCritic(4, (-1.0, -0.5, 0.0, 0.5, 1.0), (8,), "discrete", max_exposure=0.5)
-    logits = torch.tensor([[0.3, -1.0, 0.8, 0.1, 0.0]]).expand(200_000, 5)
-    logits = logits + torch.where(agent.allowed, 0.0, -1e9)  # what forward gives: level +1 masked
+    # Long-only with a cap: the first two levels and the last one are masked.
+    agent = ActorCritic(4, (-1.0, -0.5, 0.0, 0.5, 1.0), (8,), "discrete", min_exposure=0.0, max_exposure=0.5)
+    logits = torch.tensor([[2.0, 1.0, 0.3, -1.0, 0.8]]).expand(200_000, 5)
+    logits = logits + torch.where(agent.allowed, 0.0, -1e9)  # what forward gives
     action, log_prob = agent.sample(logits)
     expected = torch.softmax(logits[0], dim=-1)
     frequency = torch.bincount(action, minlength=5).float() / len(action)
-    assert frequency[4] == 0  # the masked level is never drawn
+    assert frequency[[0, 1, 4]].sum() == 0  # masked levels are never drawn
     torch.testing.assert_close(frequency, expected, rtol=0, atol=5e-3)
     torch.testing.assert_close(log_prob, agent.distribution(logits).log_prob(action), rtol=0, atol=1e-6)
 
@@ -194,3 +195,17 @@ def test_sampled_actions_follow_the_distribution():
     torch.testing.assert_close(action.mean(dim=0), mean[0], rtol=0, atol=5e-3)
     torch.testing.assert_close(action.std(dim=0), agent.log_std.exp().detach(), rtol=0, atol=5e-3)
     torch.testing.assert_close(log_prob, agent.distribution(mean).log_prob(action), rtol=0, atol=1e-5)
+
+
+def test_masked_levels_lose_even_against_the_most_extreme_noise(monkeypatch):
+    """The largest uniform draw on every masked level, the smallest nonzero one on every allowed
+    level: the masked levels must still lose."""
+    from ml.policy import ActorCritic
+
+    agent = ActorCritic(4, (-1.0, -0.5, 0.0, 0.5, 1.0), (8,), "discrete", min_exposure=0.0, max_exposure=0.5)
+    logits = torch.zeros(3, 5) + torch.where(agent.allowed, 0.0, -1e9)
+    extreme = torch.where(agent.allowed, 2.0 ** -24, 1.0 - 2.0 ** -24).expand(3, 5)
+    monkeypatch.setattr(torch, "rand_like", lambda like: extreme.clone())
+    action, log_prob = agent.sample(logits)
+    assert agent.allowed[action].all()
+    assert torch.isfinite(log_prob).all() and (log_prob > -10).all()
