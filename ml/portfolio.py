@@ -29,6 +29,10 @@ from ml.data.schema import DataError, has_ohlc, has_volume, ohlcv_array
 from ml.env import BPS, CostConfig, EnvConfig, EpisodeBook, StepResult
 from ml.features import FeatureModule, series_features
 
+# A softmax head that ignores its input still jitters in the third decimal, so two weight vectors
+# count as the same allocation when every asset is within this distance (collapse checks).
+SAME_ALLOCATION_TOLERANCE = 0.025
+
 
 @dataclass
 class PortfolioSeries:

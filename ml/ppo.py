@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ml.allocator import keep_freed_memory
 from ml.env import TradingEnv
 from ml.policy import ActorCritic
-from ml.portfolio import PortfolioEnv
+from ml.portfolio import SAME_ALLOCATION_TOLERANCE, PortfolioEnv
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +93,6 @@ def level_shares(exposure: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bincount(nearest, minlength=levels.numel()).float() / max(nearest.numel(), 1)
 
 
-# A softmax head that ignores its input still jitters in the third decimal, so portfolio weights
-# count as the same allocation within this distance of the median one, asset by asset.
-PORTFOLIO_TOLERANCE = 0.025
-
-
 def dominant_share(exposure: torch.Tensor, portfolio: bool = False) -> float:
     """Share of the most frequent exposure (to 0.01), or of allocations near the median one.
 
@@ -106,7 +101,7 @@ def dominant_share(exposure: torch.Tensor, portfolio: bool = False) -> float:
     if portfolio:
         weights = exposure.reshape(exposure.shape[0], -1)
         spread = (weights - weights.median(dim=0).values).abs().amax(dim=1)
-        return (spread <= PORTFOLIO_TOLERANCE).float().mean().item()
+        return (spread <= SAME_ALLOCATION_TOLERANCE).float().mean().item()
     _, counts = torch.unique(torch.round(exposure * 100), return_counts=True)
     return (counts.max() / exposure.numel()).item()
 

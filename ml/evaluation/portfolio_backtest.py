@@ -15,7 +15,7 @@ import torch
 
 from ml.env import CostConfig, EnvConfig
 from ml.evaluation.metrics import summarize
-from ml.portfolio import PortfolioEnv, PortfolioSeries
+from ml.portfolio import SAME_ALLOCATION_TOLERANCE, PortfolioEnv, PortfolioSeries
 
 # decide(features [1, A * F], weights [1, A], bar index) -> target weights [1, A]
 DecideWeights = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -40,7 +40,7 @@ class PortfolioBacktest:
         return pd.DataFrame({"timestamp": self.timestamps.to_numpy(), "nav": self.nav, **weights,
                              "position": self.weights.sum(axis=1)})
 
-    def dominant_decision(self, tolerance: float = 0.025) -> tuple[list[float], float]:
+    def dominant_decision(self, tolerance: float = SAME_ALLOCATION_TOLERANCE) -> tuple[list[float], float]:
         """The median allocation and the share of decisions within ``tolerance`` of it, asset by asset."""
         median = np.median(self.decision, axis=0)
         near = np.abs(self.decision - median).max(axis=1) <= tolerance
