@@ -138,7 +138,7 @@ class EpisodeBook:
         self._position[index] = 0.0
 
     def observe(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features[self.t], self._position.clone()
+        return self.features.index_select(0, self.t), self._position.clone()
 
     def _close_step(self, reward: torch.Tensor, cost: torch.Tensor, traded: torch.Tensor) -> StepResult:
         """Add the shaping terms, advance the episode clocks and report the step."""
@@ -151,7 +151,7 @@ class EpisodeBook:
         truncated = (self.steps >= self.config.episode_bars) & ~terminated
         # Snapshots: a later in-place reset must not rewrite this step's result.
         return StepResult(
-            features=self.features[self.t], position=self._position.clone(), reward=reward.float(),
+            features=self.features.index_select(0, self.t), position=self._position.clone(), reward=reward.float(),
             shaping=shaping, terminated=terminated, truncated=truncated, nav=self.nav.clone(),
             cost=cost, traded=traded,
         )
@@ -180,7 +180,7 @@ class TradingEnv(EpisodeBook):
     def step(self, target_exposure: torch.Tensor) -> StepResult:
         target = target_exposure.double().clamp(-1.0, 1.0)
         self.t += 1
-        prices = self._fill_bar[self.t]
+        prices = self._fill_bar.index_select(0, self.t)
         self.cash, self.units, self.nav, cost, traded, reward = self._settle(
             self.cash, self.units, self.nav, target, prices[:, 0], prices[:, 1],
             self.costs.price_impact, self.costs.commission_bps * BPS, self.borrow_per_bar)

@@ -130,7 +130,7 @@ class PortfolioEnv(EpisodeBook):
     def step(self, target_weights: torch.Tensor) -> StepResult:
         target = project_weights(target_weights.double())
         self.t += 1
-        reference, close = self.fill_reference[self.t], self.close[self.t]
+        reference, close = self.fill_reference.index_select(0, self.t), self.close.index_select(0, self.t)
         nav_before = self.nav
         self.cash, self.units, self.nav, cost, traded = settle_weights(
             self.cash, self.units, target, reference, close, self.costs.price_impact,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ml.allocator import keep_freed_memory
-from ml.dense import dense, uses_onednn
+from ml.dense import batch_sum_product, dense, uses_onednn
 
 
 def _reference(x, weight, bias, activation):
@@ -37,6 +37,20 @@ def test_dense_equals_linear_and_tanh_with_gradients(activation, shape):
     exact = values_and_grads(torch.float64, _reference)  # float64 reference: the truth, not another float32 path
     for got, want in zip(fast, exact):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * batch ** 0.5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_weight_gradient_split_across_threads_is_the_whole_batch_product(threads):
+    # 1001 rows do not split evenly: the leftover rows must be counted once, not dropped or doubled.
+    torch.manual_seed(0)
+    grad, x = torch.randn(1001, 6, dtype=torch.float64), torch.randn(1001, 13, dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = batch_sum_product(grad.float(), x.float(), min_rows_per_thread=100)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(got.double(), grad.t() @ x, rtol=1e-5, atol=1e-4)
 
 
 def test_onednn_path_runs_on_this_cpu_and_plain_torch_elsewhere():

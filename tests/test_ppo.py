@@ -157,6 +157,24 @@ def test_collapse_alarm_fires_for_a_policy_that_ignores_its_input():
     assert not varied.collapse_alarm
 
 
+def test_action_diagnostics_equal_their_definitions():
+    from ml.ppo import dominant_share, level_shares
+
+    torch.manual_seed(0)
+    levels = torch.tensor([0.5, -1.0, 0.0, 1.0, -0.5])  # not sorted: shares follow this order
+    exposure = torch.rand(10_000) * 2.4 - 1.2  # continuous exposures, some beyond the outer levels
+    nearest = (exposure.reshape(-1, 1) - levels).abs().argmin(dim=1)  # the definition: nearest level
+    want = torch.bincount(nearest, minlength=5).float() / exposure.numel()
+    torch.testing.assert_close(level_shares(exposure, levels), want)
+    discrete = levels[torch.tensor([1, 1, 1, 0, 4, 3, 1, 2])]
+    torch.testing.assert_close(level_shares(discrete, levels), torch.tensor([1, 4, 1, 1, 1]) / 8.0)
+
+    # Most frequent exposure to 0.01, here -0.3 three times in six, next to negative values.
+    decisions = torch.tensor([-0.3, -0.301, 0.25, -1.0, -0.299, 0.7])
+    assert dominant_share(decisions) == 0.5
+    assert dominant_share(torch.full((7,), -1.0)) == 1.0
+
+
 def test_closed_form_log_prob_and_entropy_equal_the_distributions():
     """The update uses closed forms; they must be the sampling distributions' own values."""
     from ml.policy import ActorCritic
