@@ -78,6 +78,9 @@ class PipelineConfig:
     def check(self) -> "PipelineConfig":
         """Refuse combinations that cannot run, naming the fields."""
         symbols, mode = self.data.symbols, self.ppo.action_mode
+        levels = self.ppo.exposure_levels
+        if len(set(levels)) != len(levels):
+            raise ConfigError(f"ppo.exposure_levels {list(levels)}: each exposure level must appear once")
         if symbols and len(set(symbols)) < 2:
             raise ConfigError(f"data.symbols {list(symbols)}: portfolio mode needs at least two distinct symbols")
         if symbols and mode != "portfolio":

@@ -88,10 +88,11 @@ class TrainResult:
 
 
 def level_shares(exposure: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Share of exposures nearest to each level (exact counts in discrete mode)."""
+    """Share of exposures nearest to each level (exact counts in discrete mode; an exposure
+    exactly halfway between two levels counts for the lower one)."""
     # Nearest level by bucketing at the midpoints between sorted levels: one pass over the
     # exposures instead of a [N, K] table of distances.
-    ascending, order = levels.sort()
+    ascending, order = levels.sort(stable=True)
     nearest = order[torch.bucketize(exposure.reshape(-1), (ascending[1:] + ascending[:-1]) / 2)]
     return torch.bincount(nearest, minlength=levels.numel()).float() / max(nearest.numel(), 1)
 
@@ -105,8 +106,12 @@ def dominant_share(exposure: torch.Tensor, portfolio: bool = False) -> float:
         weights = exposure.reshape(exposure.shape[0], -1)
         spread = (weights - weights.median(dim=0).values).abs().amax(dim=1)
         return (spread <= SAME_ALLOCATION_TOLERANCE).float().mean().item()
-    hundredths = torch.round(exposure.reshape(-1) * 100).long()
-    counts = torch.bincount(hundredths - hundredths.min())  # counting, not sorting as unique does
+    hundredths = torch.round(exposure.reshape(-1) * 100)
+    lowest = hundredths.min()
+    if hundredths.max() - lowest <= 10_000:  # exposures in a bounded range: count instead of sorting
+        counts = torch.bincount((hundredths - lowest).long())
+    else:  # NaN (a diverged policy) or a huge range
+        _, counts = torch.unique(hundredths, return_counts=True)
     return (counts.max() / exposure.numel()).item()
 
 

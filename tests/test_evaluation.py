@@ -158,6 +158,8 @@ def test_config_refuses_unknown_fields():
         config_from_dict({"ppo": {"learning_rat": 1e-3}})
     config = config_from_dict({"ppo": {"exposure_levels": [0.0, 1.0]}})
     assert config.ppo.exposure_levels == (0.0, 1.0)
+    with pytest.raises(ValueError, match=r"ppo.exposure_levels \[0.0, 0.5, 0.0\]: each exposure level must appear once"):
+        config_from_dict({"ppo": {"exposure_levels": [0.0, 0.5, 0.0]}})
     assert isinstance(config, PipelineConfig)
 
 

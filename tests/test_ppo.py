@@ -173,6 +173,9 @@ def test_action_diagnostics_equal_their_definitions():
     decisions = torch.tensor([-0.3, -0.301, 0.25, -1.0, -0.299, 0.7])
     assert dominant_share(decisions) == 0.5
     assert dominant_share(torch.full((7,), -1.0)) == 1.0
+    # A diverged policy's NaN or huge exposures still give a share instead of an error.
+    assert dominant_share(torch.tensor([float("nan"), 0.5, 0.5, 0.2])) == 0.5
+    assert dominant_share(torch.tensor([1e15, -1e15, 1e15, 1e15])) == 0.75
 
 
 def test_closed_form_log_prob_and_entropy_equal_the_distributions():
