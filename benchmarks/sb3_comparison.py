@@ -13,8 +13,8 @@ steps one ``TradingEnv`` episode per instance. Ours runs ``train_fold`` with
 and is inside the timing.
 
 Training runs in alternating rounds, SB3 then ours, and the median ratio is the result:
-on a shared VM one run of either can be 20% off. The env-only rows step random exposure
-levels without any learner.
+on a shared VM one run of either can be off by tens of percent. The env-only rows step
+random exposure levels without any learner.
 Prints Markdown tables with machine, date and command.
 """
 
