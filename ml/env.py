@@ -149,11 +149,11 @@ class EpisodeBook:
         self.steps += 1
         terminated = (self.t >= self.end) | (self.nav <= self.config.ruin_fraction * self.start_nav)
         truncated = (self.steps >= self.config.episode_bars) & ~terminated
-        # Snapshots: a later in-place reset must not rewrite this step's result.
+        # Snapshots (observe copies): a later in-place reset must not rewrite this step's result.
+        features, position = self.observe()
         return StepResult(
-            features=self.features.index_select(0, self.t), position=self._position.clone(), reward=reward.float(),
-            shaping=shaping, terminated=terminated, truncated=truncated, nav=self.nav.clone(),
-            cost=cost, traded=traded,
+            features=features, position=position, reward=reward.float(), shaping=shaping,
+            terminated=terminated, truncated=truncated, nav=self.nav.clone(), cost=cost, traded=traded,
         )
 
 

@@ -257,7 +257,7 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
         b_actions = actions.reshape((-1,) + actions.shape[2:])
         b_returns, b_values = returns.reshape(-1), values.reshape(-1)
         # What a minibatch reads of a sample, side by side in one row: gathering a shuffled
-        # minibatch is bound by random reads, so one row per sample costs a fraction of six gathers.
+        # minibatch is bound by random reads, so one gather of rows beats one gather per buffer.
         n_position = obs_position[0, 0].numel()
         b_samples = torch.cat([obs_features.reshape(-1, n_feat), obs_position.reshape(-1, n_position),
                                torch.stack([logprobs, advantages, returns, values], dim=-1).reshape(-1, 4)], dim=1)
