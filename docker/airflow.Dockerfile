@@ -12,9 +12,9 @@ ENV AIRFLOW_HOME=/opt/airflow \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# curl for the compose healthchecks.
+# curl for the compose healthchecks; g++ builds the ml package's CPU training kernel.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends curl \
+    && apt-get install -y --no-install-recommends curl g++ \
     && rm -rf /var/lib/apt/lists/*
 
 COPY requirements.txt docker/requirements-stack.txt /tmp/requirements/
@@ -24,7 +24,7 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" \
     && rm -rf /tmp/requirements
 
 # The ml package is baked in (rebuild after changing it); dags/ and plugins/ are mounted.
-COPY pyproject.toml README.md /tmp/src/
+COPY pyproject.toml setup.py README.md /tmp/src/
 COPY ml /tmp/src/ml
 RUN pip install --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src
 

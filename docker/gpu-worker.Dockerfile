@@ -21,7 +21,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends software-properties-common gpg-agent curl ca-certificates \
     && add-apt-repository -y ppa:deadsnakes/ppa \
     && apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev g++ \
     && apt-get purge -y --auto-remove software-properties-common gpg-agent \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
@@ -37,7 +37,7 @@ RUN grep -v '^torch==' /tmp/requirements/requirements.txt > /tmp/requirements/re
     && python -c "import torch; assert torch.version.cuda, 'installed a CPU-only torch'" \
     && rm -rf /tmp/requirements
 
-COPY pyproject.toml README.md /tmp/src/
+COPY pyproject.toml setup.py README.md /tmp/src/
 COPY ml /tmp/src/ml
 RUN pip install --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src
 

@@ -10,6 +10,11 @@ gradient, a reduction over the batch, stays with MKL, which is faster there,
 with the batch split across torch's threads: MKL runs a product whose long
 dimension is the inner one on one thread, half the speed on two cores).
 
+``tanh_mlp`` runs a whole MLP (tanh layers, then a linear head) that way, and
+takes its backward from the compiled kernel ``ml._tanh_mlp`` when it is built
+(``ml/csrc/tanh_mlp.cpp``): one pass over the batch in cache-sized blocks
+instead of layer-by-layer passes over memory.
+
 On CUDA, in other dtypes, while exporting or tracing, or in a torch build
 without oneDNN (or with it switched off), the plain torch ops run.
 """
@@ -29,7 +34,19 @@ def _onednn_linear():
         return None
 
 
+def _compiled_kernel():
+    try:
+        from ml import _tanh_mlp
+    except ImportError:  # built without a C++ compiler: the layer-by-layer backward runs
+        return None
+    return _tanh_mlp
+
+
 _LINEAR = _onednn_linear()
+_KERNEL = _compiled_kernel()
+# Rows a thread carries through all the layers at once: [1024, 64] float32 is 256 KB, so a
+# block's activations and gradients stay in a core's L2.
+BLOCK_ROWS = 1024
 
 
 def batch_sum_product(grad: torch.Tensor, x: torch.Tensor, min_rows_per_thread: int = 4096) -> torch.Tensor:
@@ -83,3 +100,42 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation:
         return _OneDnnDense.apply(x.contiguous(), weight, bias, activation)
     y = F.linear(x, weight, bias)
     return torch.tanh(y) if activation == "tanh" else y
+
+
+class _TanhMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        weights, biases = params[0::2], params[1::2]
+        hidden, activations = x, []
+        for weight, bias in zip(weights[:-1], biases[:-1]):
+            hidden = _LINEAR(hidden, weight, bias, "tanh", [], "")
+            activations.append(hidden)
+        out = _LINEAR(hidden, weights[-1], biases[-1], "none", [], "")
+        ctx.save_for_backward(x, *activations, *weights)
+        ctx.layers = len(weights)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        saved = ctx.saved_tensors
+        x, activations = saved[0], list(saved[1:ctx.layers])
+        weights = [weight.detach() for weight in saved[ctx.layers:]]
+        grads = _KERNEL.tanh_mlp_backward(x, activations, weights, grad.contiguous(), BLOCK_ROWS)
+        return (None, *grads)
+
+
+def uses_kernel(x: torch.Tensor) -> bool:
+    """The compiled backward for inputs that are data (no gradient of their own) on oneDNN's path."""
+    return _KERNEL is not None and uses_onednn(x) and not x.requires_grad
+
+
+def tanh_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]],
+             head: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``layers`` as (weight, bias) pairs, each through tanh, then the linear ``head``; x is [batch, in]."""
+    if uses_kernel(x):
+        params = [t.contiguous() for pair in (*layers, head) for t in pair]
+        return _TanhMlp.apply(x.contiguous(), *params)
+    for weight, bias in layers:
+        x = dense(x, weight, bias, "tanh")
+    return dense(x, *head)

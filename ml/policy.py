@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Independent, Normal
 
-from ml.dense import dense
+from ml.dense import tanh_mlp
 from ml.features import FeatureModule
 
 NORM_CLIP = 5.0
@@ -77,9 +77,7 @@ class ActorCritic(nn.Module):
     def forward(self, features: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked logits [B, K] or Gaussian mean [B, 1] or [B, A + 1]), value [B]."""
         normalized = torch.clamp((features - self.feature_mean) / self.feature_std, -NORM_CLIP, NORM_CLIP)
-        hidden = torch.cat([normalized, position.reshape(-1, self.n_assets)], dim=-1)
-        for linear in self.backbone[::2]:  # the (Linear, Tanh) pairs, each tanh fused into its product
-            hidden = dense(hidden, linear.weight, linear.bias, "tanh")
+        inputs = torch.cat([normalized, position.reshape(-1, self.n_assets)], dim=-1)
         actor_bias = self.actor.bias
         if self.mode == "discrete":
             # Masked levels get -1e9 through the bias: the logits of allowed levels are the same bit
@@ -87,8 +85,9 @@ class ActorCritic(nn.Module):
             actor_bias = actor_bias + torch.where(self.allowed, 0.0, -1e9)
         # Both heads in one product: the backward to the backbone is then one matrix product
         # instead of two thin ones and a sum, which on CPU cost more than the product itself.
-        heads = dense(hidden, torch.cat([self.actor.weight, self.critic.weight]),
-                      torch.cat([actor_bias, self.critic.bias]))
+        layers = [(linear.weight, linear.bias) for linear in self.backbone[::2]]  # the (Linear, Tanh) pairs
+        heads = tanh_mlp(inputs, layers, (torch.cat([self.actor.weight, self.critic.weight]),
+                                          torch.cat([actor_bias, self.critic.bias])))
         return heads[:, :-1], heads[:, -1]
 
     def distribution(self, actor: torch.Tensor):

@@ -134,6 +134,23 @@ def action_metrics(agent: ActorCritic, sampled: torch.Tensor, greedy: torch.Tens
     }
 
 
+def bootstrap_truncated(rewards: torch.Tensor, truncated_states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                        agent: ActorCritic, gamma: float) -> None:
+    """Add gamma * V(last state) to the reward of each truncated episode's last step.
+
+    Truncation is not an end of the task, so the return goes on past it. ``rewards`` is
+    [steps, envs]; each state is (row of the step-major flattened rewards, features, position).
+    The weights do not change during a rollout, so one batched forward after it gives the
+    values that a small forward at every step would.
+    """
+    if not truncated_states:
+        return
+    rows, features, position = (torch.cat(parts) for parts in zip(*truncated_states))
+    with torch.no_grad():
+        _, final_value = agent(features, position)
+    rewards.view(-1).index_add_(0, rows, gamma * final_value)
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -211,6 +228,8 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
         # 1. Rollout: step all episodes together, restarting finished ones.
         traded = torch.zeros((), device=device)
         shaping_sums: dict[str, torch.Tensor] = {}
+        # Last states of truncated episodes, as (row of the step-major buffers, features, position).
+        truncated_states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for step in range(cfg.num_steps):
             global_step += cfg.num_envs
             obs_features[step], obs_position[step], dones[step] = next_features, next_position, next_done
@@ -220,15 +239,11 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
             values[step], actions[step], logprobs[step] = value, action, logprob
             greedy[step] = agent.greedy(actor)
             result = env.step(agent.exposure(action))
-            reward = result.reward * cfg.reward_scale
+            rewards[step] = result.reward * cfg.reward_scale
             truncated = result.truncated.nonzero().squeeze(1)
             if truncated.numel():
-                # Truncation is not an end of the task: bootstrap from the value of the last state,
-                # evaluated for the truncated episodes only (usually a few of thousands).
-                with torch.no_grad():
-                    _, final_value = agent(result.features[truncated], result.position[truncated])
-                reward = reward.index_add(0, truncated, cfg.gamma * final_value)
-            rewards[step] = reward
+                truncated_states.append((step * cfg.num_envs + truncated, result.features.index_select(0, truncated),
+                                         result.position.index_select(0, truncated)))
             traded += result.traded.mean()
             for name, term in result.shaping.items():
                 shaping_sums[name] = shaping_sums.get(name, 0.0) + term.mean()
@@ -239,6 +254,8 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
                 next_features, next_position = env.observe()
             else:
                 next_features, next_position = result.features, result.position
+
+        bootstrap_truncated(rewards, truncated_states, agent, cfg.gamma)
 
         # 2. Generalized advantage estimation.
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""The oneDNN dense layers compute what F.linear and torch.tanh compute, values and gradients."""
+"""The oneDNN dense layers and the compiled MLP backward compute what F.linear and torch.tanh
+compute, values and gradients."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ml.allocator import keep_freed_memory
-from ml.dense import batch_sum_product, dense, uses_onednn
+import ml.dense as dense_module
+from ml.dense import batch_sum_product, dense, tanh_mlp, uses_kernel, uses_onednn
 
 
 def _reference(x, weight, bias, activation):
@@ -89,3 +91,71 @@ def test_allocator_thresholds_are_set_on_glibc():
     on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is on_glibc
     assert keep_freed_memory() is on_glibc  # idempotent
+
+
+def _mlp_reference(x, layers, head):
+    for weight, bias in layers:
+        x = torch.tanh(F.linear(x, weight, bias))
+    return F.linear(x, *head)
+
+
+def test_compiled_backward_is_built_and_taken_for_data_inputs():
+    # `make venv` builds ml._tanh_mlp; training on CPU must take it, not fall back unnoticed.
+    assert uses_kernel(torch.zeros(2, 3))
+    assert not uses_kernel(torch.zeros(2, 3, requires_grad=True))  # its input gradient is not computed
+    assert not uses_kernel(torch.zeros(2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("hidden", [(64, 64), (32,), (16, 8, 4)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_tanh_mlp_gradients_equal_float64_autograd(hidden, threads, monkeypatch):
+    # 2500 rows in blocks of 256: the last block is partial and the threads get unequal shares.
+    monkeypatch.setattr(dense_module, "BLOCK_ROWS", 256)
+    torch.manual_seed(0)
+    widths = (14, *hidden)
+    x = torch.randn(2500, widths[0], dtype=torch.float64)
+    params = []
+    for width_in, width_out in zip(widths, (*widths[1:], 6)):
+        params += [torch.randn(width_out, width_in, dtype=torch.float64) / width_in ** 0.5,
+                   torch.randn(width_out, dtype=torch.float64) * 0.1]
+    upstream = torch.randn(2500, 6, dtype=torch.float64)
+
+    def values_and_grads(dtype, mlp):
+        leaves = [p.to(dtype).requires_grad_() for p in params]
+        pairs = list(zip(leaves[0::2], leaves[1::2]))
+        out = mlp(x.to(dtype), pairs[:-1], pairs[-1])
+        (out * upstream.to(dtype)).sum().backward()
+        return [out.double()] + [leaf.grad.double() for leaf in leaves]
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = values_and_grads(torch.float32, tanh_mlp)
+    finally:
+        torch.set_num_threads(previous)
+    exact = values_and_grads(torch.float64, _mlp_reference)
+    for got, want in zip(fast, exact):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * 2500 ** 0.5)
+
+
+def test_tanh_mlp_takes_the_layer_path_when_its_input_needs_a_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(300, 5, requires_grad=True)
+    layers = [(torch.randn(8, 5), torch.randn(8))]
+    head = (torch.randn(3, 8, requires_grad=True), torch.randn(3))
+    tanh_mlp(x, layers, head).sum().backward()
+    want_x, want_w = torch.autograd.grad(_mlp_reference(x, layers, head).sum(), [x, head[0]])
+    torch.testing.assert_close(x.grad, want_x, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head[0].grad, want_w, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_names_the_input_it_refuses():
+    from ml import _tanh_mlp
+
+    x, weight, grad = torch.zeros(4, 3), torch.zeros(2, 3), torch.zeros(4, 2)
+    with pytest.raises(RuntimeError, match="x must be a contiguous 2-D float32"):
+        _tanh_mlp.tanh_mlp_backward(x.double(), [], [weight], grad, 2)
+    with pytest.raises(RuntimeError, match="does not match the head's weight"):
+        _tanh_mlp.tanh_mlp_backward(x, [], [weight], torch.zeros(4, 5), 2)
+    with pytest.raises(RuntimeError, match="one activation per hidden layer"):
+        _tanh_mlp.tanh_mlp_backward(x, [x], [weight], grad, 2)

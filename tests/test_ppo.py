@@ -178,6 +178,31 @@ def test_action_diagnostics_equal_their_definitions():
     assert dominant_share(torch.tensor([1e15, -1e15, 1e15, 1e15])) == 0.75
 
 
+def test_truncated_episodes_get_the_discounted_value_of_their_last_state():
+    """Bootstrapped once after the rollout: each value lands on its own (step, episode)."""
+    from ml.policy import ActorCritic
+    from ml.ppo import bootstrap_truncated
+
+    torch.manual_seed(0)
+    agent = ActorCritic(3, (-1.0, 0.0, 1.0), (8,))
+    rewards = torch.randn(4, 5)  # [steps, episodes]
+    before = rewards.clone()
+    states = torch.randn(3, 3), torch.rand(3, 1)  # last states of three truncated episodes
+    # Step 1: episodes 0 and 3 truncated; step 3: episode 2.
+    truncated = [(torch.tensor([1 * 5 + 0, 1 * 5 + 3]), states[0][:2], states[1][:2]),
+                 (torch.tensor([3 * 5 + 2]), states[0][2:], states[1][2:])]
+    bootstrap_truncated(rewards, truncated, agent, gamma=0.9)
+    with torch.no_grad():
+        value = [agent(states[0][k:k + 1], states[1][k:k + 1])[1].item() for k in range(3)]
+    want = before.clone()
+    want[1, 0] += 0.9 * value[0]
+    want[1, 3] += 0.9 * value[1]
+    want[3, 2] += 0.9 * value[2]
+    torch.testing.assert_close(rewards, want)
+    bootstrap_truncated(rewards, [], agent, gamma=0.9)  # nothing truncated: nothing changes
+    torch.testing.assert_close(rewards, want)
+
+
 def test_closed_form_log_prob_and_entropy_equal_the_distributions():
     """The update uses closed forms; they must be the sampling distributions' own values."""
     from ml.policy import ActorCritic
