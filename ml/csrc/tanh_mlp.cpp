@@ -18,6 +18,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -48,42 +49,44 @@ std::vector<at::Tensor> tanh_mlp_backward(const at::Tensor& x, const std::vector
   TORCH_CHECK(grad_out.size(0) == batch && grad_out.size(1) == weights[layers - 1].size(0),
               "grad_out ", grad_out.sizes(), " does not match the head's weight ", weights[layers - 1].sizes());
 
-  const int64_t threads = at::get_num_threads();
   const int64_t blocks = (batch + block_rows - 1) / block_rows;
-  // Per thread: its gradient sums, and one buffer per hidden layer for the block's gradient.
-  std::vector<std::vector<at::Tensor>> grad_w(threads), grad_b(threads), block_grad(threads);
-  for (int64_t t = 0; t < threads; ++t) {
+  // One share of the blocks per thread, each with its own gradient sums and one buffer per
+  // hidden layer for a block's gradient. The shares depend only on the thread count, so the
+  // same thread count adds the same rows in the same order every time.
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  std::vector<std::vector<at::Tensor>> grad_w(shares), grad_b(shares), block_grad(shares);
+  for (int64_t s = 0; s < shares; ++s) {
     for (int64_t l = 0; l < layers; ++l) {
-      grad_w[t].push_back(at::zeros_like(weights[l]));
-      grad_b[t].push_back(at::zeros({weights[l].size(0)}, weights[l].options()));
-      block_grad[t].push_back(at::empty({block_rows, weights[l].size(1)}, weights[l].options()));
+      grad_w[s].push_back(at::zeros_like(weights[l]));
+      grad_b[s].push_back(at::zeros({weights[l].size(0)}, weights[l].options()));
+      block_grad[s].push_back(at::empty({block_rows, weights[l].size(1)}, weights[l].options()));
     }
   }
-  // A static split: the same thread count adds the same rows in the same order every time.
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t t = at::get_thread_num();
+  at::parallel_for(0, shares, 1, [&](int64_t first_share, int64_t end_share) {
     at::NoGradGuard no_grad;  // grad mode is thread-local: the pool's threads do not see the caller's
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t first = b * block_rows, rows = std::min(block_rows, batch - first);
-      at::Tensor g = grad_out.narrow(0, first, rows);
-      for (int64_t l = layers - 1; l >= 0; --l) {
-        const at::Tensor input = (l == 0 ? x : activations[l - 1]).narrow(0, first, rows);
-        grad_w[t][l].addmm_(g.t(), input);
-        grad_b[t][l].add_(g.sum(0));
-        if (l > 0) {
-          at::Tensor next = block_grad[t][l].narrow(0, 0, rows);
-          at::mm_out(next, g, weights[l]);
-          at::tanh_backward_out(next, next, input);
-          g = next;
+    for (int64_t s = first_share; s < end_share; ++s) {
+      for (int64_t b = s * blocks / shares; b < (s + 1) * blocks / shares; ++b) {
+        const int64_t first = b * block_rows, rows = std::min(block_rows, batch - first);
+        at::Tensor g = grad_out.narrow(0, first, rows);
+        for (int64_t l = layers - 1; l >= 0; --l) {
+          const at::Tensor input = (l == 0 ? x : activations[l - 1]).narrow(0, first, rows);
+          grad_w[s][l].addmm_(g.t(), input);
+          grad_b[s][l].add_(g.sum(0));
+          if (l > 0) {
+            at::Tensor next = block_grad[s][l].narrow(0, 0, rows);
+            at::mm_out(next, g, weights[l]);
+            at::tanh_backward_out(next, next, input);
+            g = next;
+          }
         }
       }
     }
   });
   std::vector<at::Tensor> grads;
   for (int64_t l = 0; l < layers; ++l) {
-    for (int64_t t = 1; t < threads; ++t) {
-      grad_w[0][l].add_(grad_w[t][l]);
-      grad_b[0][l].add_(grad_b[t][l]);
+    for (int64_t s = 1; s < shares; ++s) {
+      grad_w[0][l].add_(grad_w[s][l]);
+      grad_b[0][l].add_(grad_b[s][l]);
     }
     grads.push_back(grad_w[0][l]);
     grads.push_back(grad_b[0][l]);
