@@ -102,25 +102,29 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation:
     return torch.tanh(y) if activation == "tanh" else y
 
 
+def _layers_forward(x: torch.Tensor, layers, head) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The head's output and the tanh outputs of the hidden layers."""
+    activations = []
+    for weight, bias in layers:
+        x = dense(x, weight, bias, "tanh")
+        activations.append(x)
+    return dense(x, *head), activations
+
+
 class _TanhMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        weights, biases = params[0::2], params[1::2]
-        hidden, activations = x, []
-        for weight, bias in zip(weights[:-1], biases[:-1]):
-            hidden = _LINEAR(hidden, weight, bias, "tanh", [], "")
-            activations.append(hidden)
-        out = _LINEAR(hidden, weights[-1], biases[-1], "none", [], "")
-        ctx.save_for_backward(x, *activations, *weights)
-        ctx.layers = len(weights)
+        pairs = list(zip(params[0::2], params[1::2]))
+        out, activations = _layers_forward(x, pairs[:-1], pairs[-1])  # grad mode is off in here
+        ctx.save_for_backward(x, *activations, *params[0::2])
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        saved = ctx.saved_tensors
-        x, activations = saved[0], list(saved[1:ctx.layers])
-        weights = [weight.detach() for weight in saved[ctx.layers:]]
+        x, *rest = ctx.saved_tensors
+        hidden_layers = len(rest) // 2  # one activation per hidden layer, one weight per layer
+        activations, weights = rest[:hidden_layers], rest[hidden_layers:]
         grads = _KERNEL.tanh_mlp_backward(x, activations, weights, grad.contiguous(), BLOCK_ROWS)
         return (None, *grads)
 
@@ -134,8 +138,5 @@ def tanh_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]],
              head: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """``layers`` as (weight, bias) pairs, each through tanh, then the linear ``head``; x is [batch, in]."""
     if uses_kernel(x):
-        params = [t.contiguous() for pair in (*layers, head) for t in pair]
-        return _TanhMlp.apply(x.contiguous(), *params)
-    for weight, bias in layers:
-        x = dense(x, weight, bias, "tanh")
-    return dense(x, *head)
+        return _TanhMlp.apply(x.contiguous(), *(t.contiguous() for pair in (*layers, head) for t in pair))
+    return _layers_forward(x, layers, head)[0]
