@@ -8,12 +8,11 @@
 // of the threads are added at the end.
 //
 // The block's products go to oneDNN's batch-reduce GEMM micro-kernel through ATen
-// (at::native::cpublas::brgemm, plain row-major C (+)= A B; ATen falls back to its BLAS
-// where the CPU has no such kernel). On the AMD EPYC we benchmark on it runs these thin
-// products 2.5x faster than MKL, which takes a generic path on AMD CPUs. A weight
-// gradient sums over the rows, so it needs the block's gradient transposed: one
-// transpose per layer, into a buffer whose rows are padded so that they do not all map
-// to the same cache sets.
+// (at::native::cpublas::brgemm: row-major C (+)= A B; ATen falls back to its BLAS where
+// the CPU has no such kernel). On the AMD EPYC we benchmark on, it runs these thin
+// products 2.5x faster than MKL (docs/benchmarks.md). A weight gradient sums over the
+// rows, so it needs the block's gradient transposed: one transpose per layer, into a
+// buffer whose rows are padded so that they do not all map to the same cache sets.
 //
 // Given the layer inputs x [B, in] and the tanh outputs a_1 .. a_{L-1} [B, h_i], the
 // weights W_1 .. W_L ([h_i, h_{i-1}], the head last) and the gradient g at the head's
