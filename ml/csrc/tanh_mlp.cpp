@@ -94,7 +94,8 @@ std::vector<at::Tensor> tanh_mlp_backward(const at::Tensor& x, const std::vector
     for (int64_t l = 0; l < layers; ++l) {
       grad_w[s].push_back(at::zeros_like(weights[l]));
       grad_b[s].push_back(at::zeros({weights[l].size(0)}, weights[l].options()));
-      block_grad[s].push_back(at::empty({block_rows, weights[l].size(1)}, weights[l].options()));
+      // The gradient at layer l's input, for l > 0: the first layer's input is data.
+      block_grad[s].push_back(l == 0 ? at::Tensor() : at::empty({block_rows, weights[l].size(1)}, weights[l].options()));
     }
   }
   at::parallel_for(0, shares, 1, [&](int64_t first_share, int64_t end_share) {
