@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -104,7 +105,10 @@ def dominant_share(exposure: torch.Tensor, portfolio: bool = False) -> float:
     """
     if portfolio:
         weights = exposure.reshape(exposure.shape[0], -1)
-        spread = (weights - weights.median(dim=0).values).abs().amax(dim=1)
+        # The lower median, as torch.median gives it; median's index output has no deterministic
+        # CUDA kernel, so deterministic mode refuses it there.
+        median = weights.kthvalue((weights.shape[0] + 1) // 2, dim=0).values
+        spread = (weights - median).abs().amax(dim=1)
         return (spread <= SAME_ALLOCATION_TOLERANCE).float().mean().item()
     hundredths = torch.round(exposure.reshape(-1) * 100)
     lowest = hundredths.min()
@@ -152,10 +156,14 @@ def bootstrap_truncated(rewards: torch.Tensor, truncated_states: list[tuple[torc
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed numpy and torch, and switch deterministic algorithms on or off for this run."""
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True)
+        # cuBLAS sums in a fixed order only with a fixed workspace; without this setting torch
+        # refuses every CUDA matrix product in deterministic mode.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:

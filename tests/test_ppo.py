@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ml.config import config_from_dict
@@ -176,6 +178,33 @@ def test_action_diagnostics_equal_their_definitions():
     # A diverged policy's NaN or huge exposures still give a share instead of an error.
     assert dominant_share(torch.tensor([float("nan"), 0.5, 0.5, 0.2])) == 0.5
     assert dominant_share(torch.tensor([1e15, -1e15, 1e15, 1e15])) == 0.75
+    # Allocations near the median one, the lower median for an even count as torch.median's:
+    # with it 3 of 6 rows are near; the upper median gives 2 of 6, the midpoint none.
+    allocations = torch.tensor([[0.0], [0.6], [0.0], [0.5], [0.0], [0.5]]).repeat(1, 2)
+    assert dominant_share(allocations, portfolio=True) == 0.5
+    spread = (allocations - allocations.median(dim=0).values).abs().amax(dim=1)
+    assert dominant_share(allocations, portfolio=True) == (spread <= 0.025).float().mean().item()
+
+
+def test_deterministic_mode_follows_each_runs_config(monkeypatch):
+    """On for a deterministic run (with the fixed cuBLAS workspace CUDA products need for it),
+    off again for the next run that does not ask for it, and the same seed gives the same weights."""
+    from dataclasses import replace
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    config, series, fold = _setup(drift=0.0005, timesteps=2048)
+    deterministic = replace(config, ppo=replace(config.ppo, deterministic=True))
+    try:
+        first = train_fold(series, fold, deterministic).agent.state_dict()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        second = train_fold(series, fold, deterministic).agent.state_dict()
+        for key in first:
+            torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+        train_fold(series, fold, config)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_truncated_episodes_get_the_discounted_value_of_their_last_state():
