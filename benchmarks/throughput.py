@@ -1,10 +1,13 @@
 """Environment-only and full PPO training throughput against the number of parallel episodes.
 
     .venv/bin/python benchmarks/throughput.py [--device cpu|cuda] [--envs 256 1024 4096] [--threads 1 2]
-                                              [--portfolio]
+                                              [--portfolio] [--profile 16384]
 
 Runs on the bundled GSPC sample with the default costs and a 64x64 MLP.
 ``--portfolio`` adds the same two rates in portfolio mode (GSPC + KO + cash).
+``--profile N`` then says where the time of a training run with N parallel episodes goes:
+the torch profiler's op table, the share of the wall time the GPU was busy, and one
+validation backtest timed on the device and on the CPU.
 Prints Markdown tables (for docs/benchmarks.md) with machine and date.
 """
 
@@ -15,6 +18,7 @@ import datetime
 import os
 import platform
 import time
+from dataclasses import replace
 
 import torch
 
@@ -23,9 +27,10 @@ from ml.data.sources import load_sample
 from ml.env import CostConfig, EnvConfig, TradingEnv
 from ml.evaluation.splits import walk_forward_folds
 from ml.market import prepare_series
+from ml.policy import ActorCritic
 from ml.portfolio import PortfolioEnv, PortfolioSeries, prepare_portfolio
 from ml.portfolio_walkforward import train_portfolio_fold
-from ml.walkforward import train_fold
+from ml.walkforward import backtest_policy, train_fold
 
 
 def sync(device: torch.device) -> None:
@@ -74,6 +79,41 @@ def ppo_steps_per_second(series, n_envs: int, timesteps: int, device: str) -> fl
     return result.steps_per_second
 
 
+def profile_training(series, n_envs: int, updates: int, device: torch.device) -> None:
+    """Op table of one training run, how busy the GPU was, and what one validation backtest costs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ppo_steps_per_second(series, n_envs, n_envs * 64, device.type)  # kernel creation and caches out of the profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        rate = ppo_steps_per_second(series, n_envs, n_envs * 64 * updates, device.type)
+        sync(device)
+        wall = time.perf_counter() - start
+    ops = prof.key_averages()
+    print(f"\nProfile: {updates} updates at {n_envs} parallel episodes, {rate:,.0f} steps/s under the profiler, "
+          f"{wall:.2f} s wall\n")
+    print(ops.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25))
+    if cuda:
+        busy = sum(op.self_device_time_total for op in ops) / 1e6
+        print(f"GPU busy {busy:.2f} s of {wall:.2f} s wall ({100 * busy / wall:.0f}%); the rest is kernel launches, "
+              "host syncs and Python")
+
+    config = config_from_dict({"ppo": {"device": device.type}})
+    fold = walk_forward_folds(series.timestamps, config.lookback, config.splits)[-1]
+    agent = ActorCritic(series.features.shape[1], config.ppo.exposure_levels, config.ppo.hidden)
+    cpu_series = replace(series, ohlcv=series.ohlcv.cpu(), features=series.features.cpu())
+    for label, where in ((device.type, series), ("cpu", cpu_series)):
+        agent.to(where.device)
+        backtest_policy(agent, where, fold.validation, config)  # warm-up
+        sync(where.device)
+        start = time.perf_counter()
+        backtest_policy(agent, where, fold.validation, config)
+        sync(where.device)
+        bars = fold.validation[1] - fold.validation[0]
+        print(f"one validation backtest ({bars} bars, one episode) on {label}: {time.perf_counter() - start:.3f} s")
+
+
 def print_table(series, args, compiled: bool) -> None:
     """One row per thread count and episode count; ``compiled`` adds the compiled-env column."""
     device = series.device
@@ -99,6 +139,8 @@ def main() -> None:
     parser.add_argument("--env-steps", type=int, default=500)
     parser.add_argument("--ppo-updates", type=int, default=6)
     parser.add_argument("--portfolio", action="store_true", help="also measure portfolio mode")
+    parser.add_argument("--profile", type=int, metavar="N", help="profile a training run with N parallel episodes")
+    parser.add_argument("--profile-updates", type=int, default=3)
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -115,6 +157,8 @@ def main() -> None:
         portfolio = prepare_portfolio({s: load_sample(s) for s in ("GSPC", "KO")}, 64, device)
         print("\nPortfolio mode, GSPC + KO + cash (one step = one decision over both assets):\n")
         print_table(portfolio, args, compiled=False)
+    if args.profile:
+        profile_training(series, args.profile, args.profile_updates, device)
     print(f"\n1-min load average at end: {os.getloadavg()[0]:.2f}")
 
 
