@@ -25,6 +25,9 @@ stage() {  # stage NAME COMMAND...: run it, keep its log, remember a failure
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || status=1
+"$python" -c 'import sys, importlib
+print("python", sys.version.split()[0], *(f"{m} {importlib.import_module(m).__version__}" for m in
+      ("torch", "numpy", "pandas", "scipy", "onnx", "onnxscript", "onnxruntime")))' || status=1
 stage cuda_check "$python" scripts/cuda_check.py --device cuda
 stage throughput "$python" benchmarks/throughput.py --device cuda --envs 1024 4096 16384 65536 --portfolio \
     --profile 16384
