@@ -81,6 +81,7 @@ def ppo_steps_per_second(series, n_envs: int, timesteps: int, device: str) -> fl
 
 def profile_training(series, n_envs: int, updates: int, device: torch.device) -> None:
     """Op table of one training run, how busy the GPU was, and what one validation backtest costs."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     ppo_steps_per_second(series, n_envs, n_envs * 64, device.type)  # kernel creation and caches out of the profile
@@ -95,15 +96,19 @@ def profile_training(series, n_envs: int, updates: int, device: torch.device) ->
           f"{wall:.2f} s wall\n")
     print(ops.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25))
     if cuda:
-        busy = sum(op.self_device_time_total for op in ops) / 1e6
+        # Kernels and copies only: an op's device time is its kernels', so counting both would count twice.
+        busy = sum(event.self_device_time_total for event in prof.events()
+                   if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)) / 1e6
         print(f"GPU busy {busy:.2f} s of {wall:.2f} s wall ({100 * busy / wall:.0f}%); the rest is kernel launches, "
               "host syncs and Python")
 
     config = config_from_dict({"ppo": {"device": device.type}})
     fold = walk_forward_folds(series.timestamps, config.lookback, config.splits)[-1]
     agent = ActorCritic(series.features.shape[1], config.ppo.exposure_levels, config.ppo.hidden)
-    cpu_series = replace(series, ohlcv=series.ohlcv.cpu(), features=series.features.cpu())
-    for label, where in ((device.type, series), ("cpu", cpu_series)):
+    places = [(device.type, series)]
+    if cuda:  # the same single-episode loop on the CPU, for comparison
+        places.append(("cpu", replace(series, ohlcv=series.ohlcv.cpu(), features=series.features.cpu())))
+    for label, where in places:
         agent.to(where.device)
         backtest_policy(agent, where, fold.validation, config)  # warm-up
         sync(where.device)
