@@ -4,12 +4,13 @@
 
 The same bars, actions and weights must give the same features, the same books and the same
 policy outputs on the device as on the CPU; training on the device must give finite metrics,
-the same weights twice in deterministic mode, in single-asset and portfolio mode, and a policy
-that exports to ONNX with parity. One PASS or FAIL line per check; exit status 1 if any fails.
+the same weights twice in deterministic mode, in single-asset and portfolio mode, resume from a
+checkpoint, and give a policy that exports to ONNX with parity. One PASS or FAIL line per check;
+exit status 1 if any fails.
 
-CI has no GPU, so this is not part of the test suite: ``scripts/device_check.sh`` runs it on a
-GPU machine together with the CUDA benchmarks. ``--device cpu`` runs the script itself on a
-machine without one (every comparison is then CPU against CPU).
+CI has no GPU: ``scripts/device_check.sh`` runs this on a GPU machine together with the CUDA
+benchmarks. ``--device cpu`` runs it on a machine without one, every comparison then CPU against
+CPU; the test suite does that, so the script keeps fitting the code it calls.
 """
 
 from __future__ import annotations
@@ -152,8 +153,10 @@ def check_training(device: torch.device, bars: dict) -> None:
               same_weights(first.agent, second.agent))
         if mode == "discrete":
             report, test, _ = evaluate_fold(first.agent, series, fold, config)
-            check("discrete policy on the test window: finite Sharpe", math.isfinite(report["policy"]["test"]["sharpe"]))
+            check("discrete policy on the test window: finite Sharpe",
+                  math.isfinite(report["policy"]["test"]["sharpe"]))
             check_export(first.agent, series, config)
+            check_resume(series, fold, mode_config)
 
     portfolio_config = config_from_dict({"ppo": {**ppo, "action_mode": "portfolio"},
                                          "data": {"symbols": ["GSPC", "KO"]}})
@@ -164,6 +167,28 @@ def check_training(device: torch.device, bars: dict) -> None:
     check(f"portfolio training on {device.type}: deterministic mode repeats the weights",
           same_weights(first.agent, second.agent))
     torch.use_deterministic_algorithms(False)
+
+
+def check_resume(series, fold, config) -> None:
+    """A run interrupted after its update-4 checkpoint (an Airflow retry) resumes on the device."""
+    config = replace(config, ppo=replace(config.ppo, checkpoint_every=2))
+    updates = []
+
+    def lose_the_worker_in_update_5(metrics: dict, step: int) -> None:
+        updates.append(step)
+        if len(updates) == 5:
+            raise InterruptedError("worker lost")
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "train_state.pt"
+        try:
+            train_fold(series, fold, config, lose_the_worker_in_update_5, checkpoint_path=checkpoint)
+        except InterruptedError:
+            pass
+        resumed = train_fold(series, fold, config, checkpoint_path=checkpoint)
+    check("training resumes from its checkpoint on the device",
+          resumed.resumed_from_update == 4 and [h["update"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+          and finite_history(resumed.history), f"resumed after update {resumed.resumed_from_update}")
 
 
 def check_export(agent: ActorCritic, series, config) -> None:

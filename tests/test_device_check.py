@@ -24,5 +24,6 @@ def test_cuda_check_runs_every_section_on_cpu():
     assert lines[-1] == "0 failed"
     passed = [line for line in lines if line.startswith("PASS")]
     for section in ("features of GSPC", "compiled single-asset env", "portfolio env", "portfolio policy",
-                    "discrete training", "continuous training", "portfolio training", "ONNX parity"):
+                    "discrete training", "continuous training", "portfolio training", "ONNX parity",
+                    "resumes from its checkpoint"):
         assert any(section in line for line in passed), f"no passing check of {section}:\n{result.stdout}"
