@@ -163,7 +163,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         # cuBLAS sums in a fixed order only with a fixed workspace; without this setting torch
         # refuses every CUDA matrix product in deterministic mode.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    # Only on a change: the call also imports and sets inductor's config, which a plain run never needs.
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
