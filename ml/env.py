@@ -140,6 +140,17 @@ class EpisodeBook:
     def observe(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features.index_select(0, self.t), self._position.clone()
 
+    # Everything that changes while episodes run, so a resumed training run steps on
+    # exactly where the interrupted one stopped.
+    _EPISODE_STATE = ("t", "end", "steps", "cash", "units", "nav", "start_nav", "peak_nav", "_position")
+
+    def episode_state(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).clone() for name in self._EPISODE_STATE}
+
+    def load_episode_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self._EPISODE_STATE:
+            getattr(self, name).copy_(state[name])
+
     def _close_step(self, reward: torch.Tensor, cost: torch.Tensor, traded: torch.Tensor) -> StepResult:
         """Add the shaping terms, advance the episode clocks and report the step."""
         self.peak_nav = torch.maximum(self.peak_nav, self.nav)

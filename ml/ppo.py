@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ml.action_diagnostics import action_metrics, dominant_share, hold_share
 from ml.allocator import keep_freed_memory
 from ml.env import TradingEnv
 from ml.policy import ActorCritic
-from ml.portfolio import SAME_ALLOCATION_TOLERANCE, PortfolioEnv
+from ml.portfolio import PortfolioEnv
 
 logger = logging.getLogger(__name__)
 
@@ -88,54 +89,24 @@ class TrainResult:
     collapse_alarm: bool = False  # the kept deterministic policy picks one exposure (almost) always
 
 
-def level_shares(exposure: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Share of exposures nearest to each level (exact counts in discrete mode; an exposure
-    exactly halfway between two levels counts for the lower one)."""
-    # Nearest level by bucketing at the midpoints between sorted levels: one pass over the
-    # exposures instead of a [N, K] table of distances.
-    ascending, order = levels.sort(stable=True)
-    nearest = order[torch.bucketize(exposure.reshape(-1), (ascending[1:] + ascending[:-1]) / 2)]
-    return torch.bincount(nearest, minlength=levels.numel()).float() / max(nearest.numel(), 1)
+def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
+                           next_value: torch.Tensor, next_done: torch.Tensor, gamma: float,
+                           gae_lambda: float) -> torch.Tensor:
+    """GAE over a step-major rollout ([steps, envs]).
 
-
-def dominant_share(exposure: torch.Tensor, portfolio: bool = False) -> float:
-    """Share of the most frequent exposure (to 0.01), or of allocations near the median one.
-
-    Near 1 means the policy ignores its input.
+    ``dones[t]`` is 1 when the state of step t starts a new episode, so no value flows back
+    across it; ``next_value`` / ``next_done`` describe the state after the last step.
     """
-    if portfolio:
-        weights = exposure.reshape(exposure.shape[0], -1)
-        # The lower median, as torch.median gives it; median's index output has no deterministic
-        # CUDA kernel, so deterministic mode refuses it there.
-        median = weights.kthvalue((weights.shape[0] + 1) // 2, dim=0).values
-        spread = (weights - median).abs().amax(dim=1)
-        return (spread <= SAME_ALLOCATION_TOLERANCE).float().mean().item()
-    hundredths = torch.round(exposure.reshape(-1) * 100)
-    lowest = hundredths.min()
-    if hundredths.max() - lowest <= 10_000:  # exposures in a bounded range: count instead of sorting
-        counts = torch.bincount((hundredths - lowest).long())
-    else:  # NaN (a diverged policy) or a huge range
-        _, counts = torch.unique(hundredths, return_counts=True)
-    return (counts.max() / exposure.numel()).item()
-
-
-def action_metrics(agent: ActorCritic, sampled: torch.Tensor, greedy: torch.Tensor) -> dict[str, float]:
-    """How the sampled and the deterministic actions spread, and the share of all-flat decisions."""
-    if agent.mode == "portfolio":  # mean weight of each asset and of cash
-        metrics = {"flat_share": (greedy.sum(dim=-1) < 0.01).float().mean().item()}
-        for kind, weights in (("sampled", sampled), ("greedy", greedy)):
-            mean = weights.mean(dim=0)
-            metrics.update({f"{kind}_weight/asset{i}": mean[i].item() for i in range(mean.numel())})
-            metrics[f"{kind}_weight/cash"] = 1.0 - mean.sum().item()
-        return metrics
-    levels = agent.levels
-    counts, greedy_counts = level_shares(sampled, levels), level_shares(greedy, levels)
-    flat = (levels == 0).nonzero()
-    return {
-        "flat_share": counts[flat[0, 0]].item() if len(flat) else 0.0,
-        **{f"sampled_action_share/{levels[i].item():+.2f}": counts[i].item() for i in range(len(levels))},
-        **{f"greedy_action_share/{levels[i].item():+.2f}": greedy_counts[i].item() for i in range(len(levels))},
-    }
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(next_value)
+    num_steps = rewards.shape[0]
+    for t in reversed(range(num_steps)):
+        next_nonterminal = 1.0 - (next_done if t == num_steps - 1 else dones[t + 1])
+        next_values = next_value if t == num_steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
+        last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
+        advantages[t] = last_gae
+    return advantages
 
 
 def bootstrap_truncated(rewards: torch.Tensor, truncated_states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -168,6 +139,18 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(deterministic)
 
 
+def sampling_rng_state(device: torch.device) -> torch.Tensor:
+    """State of the global generator that action sampling draws from on ``device``."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_sampling_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     """Write then rename, so a crash mid-write never leaves a corrupt checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +166,8 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
     """Train on bars [segment[0], segment[1]] with random episode starts inside it.
 
     With ``checkpoint_path``, state is saved every ``cfg.checkpoint_every`` updates and a
-    later call with the same path resumes after the last saved update (episodes restart).
+    later call with the same path resumes after the last saved update: same weights, optimizer,
+    random streams and open episodes, so it ends as the uninterrupted run would have.
     """
     device = env.device
     if device.type == "cpu":
@@ -219,10 +203,19 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
     history: list[dict] = []
     start_time, global_step, first_update = time.perf_counter(), 0, 1
     if checkpoint_path is not None and Path(checkpoint_path).exists():
-        saved = torch.load(checkpoint_path, weights_only=False)
+        # Loaded on the CPU: a retry may run on a worker of the other kind (GPU or CPU queue).
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         agent.load_state_dict(saved["agent"])
         optimizer.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["generator"])
+        if saved["device"] == device.type:
+            generator.set_state(saved["generator"])
+            set_sampling_rng_state(device, saved["sampling_rng"])
+        else:  # CPU and CUDA generators have different states
+            logger.warning("resuming a run checkpointed on %s on %s: random streams restart from the seed",
+                           saved["device"], device.type)
+        env.load_episode_state(saved["episodes"])
+        next_features, next_position = env.observe()
+        next_done = saved["next_done"].to(device)
         best_state, best_score, best_update = saved["best_state"], saved["best_score"], saved["best_update"]
         history, global_step, first_update = saved["history"], saved["global_step"], saved["update"] + 1
     resumed_from, steps_at_start = first_update - 1, global_step
@@ -270,14 +263,8 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
         # 2. Generalized advantage estimation.
         with torch.no_grad():
             _, next_value = agent(next_features, next_position)
-            advantages = torch.zeros_like(rewards)
-            last_gae = torch.zeros(cfg.num_envs, device=device)
-            for t in reversed(range(cfg.num_steps)):
-                next_nonterminal = 1.0 - (next_done if t == cfg.num_steps - 1 else dones[t + 1])
-                next_values = next_value if t == cfg.num_steps - 1 else values[t + 1]
-                delta = rewards[t] + cfg.gamma * next_values * next_nonterminal - values[t]
-                last_gae = delta + cfg.gamma * cfg.gae_lambda * next_nonterminal * last_gae
-                advantages[t] = last_gae
+            advantages = generalized_advantages(rewards, values, dones, next_value, next_done,
+                                                cfg.gamma, cfg.gae_lambda)
             returns = advantages + values
 
         # 3. Optimize the clipped surrogate over shuffled minibatches.
@@ -290,7 +277,7 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
                                torch.stack([logprobs, advantages, returns, values], dim=-1).reshape(-1, 4)], dim=1)
         minibatch_size = cfg.batch_size // cfg.num_minibatches
         clipfracs, approx_kl = [], torch.zeros((), device=device)
-        for _epoch in range(cfg.update_epochs):
+        for epoch in range(1, cfg.update_epochs + 1):
             order = torch.randperm(cfg.batch_size, device=device, generator=generator)
             for begin in range(0, cfg.batch_size, minibatch_size):
                 idx = order[begin:begin + minibatch_size]
@@ -339,9 +326,10 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
             "loss/policy": pg_loss.item(), "loss/value": v_loss.item(), "loss/entropy": entropy.item(),
             "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
             "explained_variance": explained_var, "learning_rate": optimizer.param_groups[0]["lr"],
-            "ent_coef": ent_coef, "mean_reward": rewards.mean().item() / cfg.reward_scale,
+            "ent_coef": ent_coef, "epochs": epoch, "mean_reward": rewards.mean().item() / cfg.reward_scale,
             "steps_per_second": (global_step - steps_at_start) / (time.perf_counter() - start_time),
             "turnover_per_step": traded.item() / cfg.num_steps,
+            "hold_share": hold_share(sampled_exposure.reshape(greedy.shape), dones, portfolio),
             **{f"shaping/{name}": float(total) / cfg.num_steps for name, total in shaping_sums.items()},
             "collapse_alarm": float(collapsed),
             **action_metrics(agent, sampled_exposure, greedy_exposure),
@@ -362,7 +350,9 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
         bar.set_postfix(sps=f"{metrics['steps_per_second']:,.0f}", val=f"{best_score:.2f}", refresh=False)
         if checkpoint_path is not None and (update % cfg.checkpoint_every == 0 or update == cfg.num_updates):
             _save_checkpoint(Path(checkpoint_path), {
-                "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "device": device.type,
+                "generator": generator.get_state(), "sampling_rng": sampling_rng_state(device),
+                "episodes": env.episode_state(), "next_done": next_done,
                 "best_state": best_state, "best_score": best_score, "best_update": best_update,
                 "history": history, "global_step": global_step, "update": update})
     bar.close()

@@ -5,7 +5,8 @@
 The same bars, actions and weights must give the same features, the same books and the same
 policy outputs on the device as on the CPU; training on the device must give finite metrics,
 the same weights twice in deterministic mode, in single-asset and portfolio mode, resume from a
-checkpoint, and give a policy that exports to ONNX with parity. One PASS or FAIL line per check;
+checkpoint (to the uninterrupted run's weights, and on a CPU worker too), and give a policy that
+exports to ONNX with parity. One PASS or FAIL line per check;
 exit status 1 if any fails.
 
 CI has no GPU: ``scripts/device_check.sh`` runs this on a GPU machine together with the CUDA
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import shutil
 import sys
 import tempfile
 import traceback
@@ -156,7 +158,7 @@ def check_training(device: torch.device, bars: dict) -> None:
             check("discrete policy on the test window: finite Sharpe",
                   math.isfinite(report["policy"]["test"]["sharpe"]))
             check_export(first.agent, series, config)
-            check_resume(series, fold, mode_config)
+            check_resume(series, fold, mode_config, first, prepare_series(bars["GSPC"], config.lookback, CPU))
 
     portfolio_config = config_from_dict({"ppo": {**ppo, "action_mode": "portfolio"},
                                          "data": {"symbols": ["GSPC", "KO"]}})
@@ -168,8 +170,9 @@ def check_training(device: torch.device, bars: dict) -> None:
           same_weights(first.agent, second.agent))
 
 
-def check_resume(series, fold, config) -> None:
-    """A run interrupted after its update-4 checkpoint (an Airflow retry) resumes on the device."""
+def check_resume(series, fold, config, uninterrupted, cpu_series) -> None:
+    """A run interrupted after its update-4 checkpoint (an Airflow retry) resumes on the device and
+    ends with the uninterrupted run's weights; the same checkpoint also resumes on a CPU worker."""
     config = replace(config, ppo=replace(config.ppo, checkpoint_every=2))
     updates = []
 
@@ -184,10 +187,17 @@ def check_resume(series, fold, config) -> None:
             train_fold(series, fold, config, lose_the_worker_in_update_5, checkpoint_path=checkpoint)
         except InterruptedError:
             pass
+        on_cpu = Path(folder) / "cpu_worker.pt"
+        shutil.copyfile(checkpoint, on_cpu)
         resumed = train_fold(series, fold, config, checkpoint_path=checkpoint)
+        cpu_config = replace(config, ppo=replace(config.ppo, device="cpu"))
+        resumed_on_cpu = train_fold(cpu_series, fold, cpu_config, checkpoint_path=on_cpu)
     check("training resumes from its checkpoint on the device",
           resumed.resumed_from_update == 4 and [h["update"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
           and finite_history(resumed.history), f"resumed after update {resumed.resumed_from_update}")
+    check("the resumed run ends with the uninterrupted run's weights", same_weights(resumed.agent, uninterrupted.agent))
+    check(f"a {series.device.type} checkpoint resumes on a CPU worker",
+          resumed_on_cpu.resumed_from_update == 4 and finite_history(resumed_on_cpu.history))
 
 
 def check_export(agent: ActorCritic, series, config) -> None:

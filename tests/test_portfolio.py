@@ -260,7 +260,7 @@ def test_a_near_constant_allocation_counts_as_collapsed():
     """A softmax head that ignores its input still jitters in the third decimal: allocations within
     0.025 of the median one count as one; a policy that moves between assets does not."""
     from ml.evaluation.portfolio_backtest import PortfolioBacktest
-    from ml.ppo import dominant_share
+    from ml.action_diagnostics import dominant_share
 
     rng = np.random.default_rng(0)
     jitter = 0.33 + rng.uniform(-0.01, 0.01, size=(500, 2))  # straddles any fixed rounding grid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from ml.config import config_from_dict
@@ -66,7 +67,8 @@ def test_kept_weights_are_the_best_validation_score():
 
 
 def test_training_resumes_from_its_last_checkpoint(tmp_path):
-    """An interrupted run (an Airflow retry) continues after the last saved update."""
+    """An interrupted run (an Airflow retry) continues after the last saved update, and ends
+    exactly where the uninterrupted run ends: same open episodes, same random draws."""
     config, series, fold = _setup(drift=0.0005, timesteps=6 * 64 * 32)
     config.ppo.checkpoint_every = 2
     checkpoint = tmp_path / "train_state.pt"
@@ -77,8 +79,6 @@ def test_training_resumes_from_its_last_checkpoint(tmp_path):
         if len(calls) == 5:  # after update 4 was checkpointed, before update 5 is
             raise RuntimeError("worker lost")
 
-    import pytest
-
     with pytest.raises(RuntimeError, match="worker lost"):
         train_fold(series, fold, config, crash_during_update_5, checkpoint_path=checkpoint)
     resumed = train_fold(series, fold, config, checkpoint_path=checkpoint)
@@ -88,6 +88,39 @@ def test_training_resumes_from_its_last_checkpoint(tmp_path):
     for key in ("greedy_action_share/+1.00", "sampled_action_share/-1.00", "turnover_per_step", "flat_share",
                 "collapse_alarm"):
         assert key in resumed.history[-1]
+
+    uninterrupted = train_fold(series, fold, config)
+    for name, weights in uninterrupted.agent.state_dict().items():
+        assert torch.equal(weights, resumed.agent.state_dict()[name]), name
+
+    def without_rates(history):
+        return [{k: v for k, v in h.items() if k != "steps_per_second"} for h in history]
+
+    assert without_rates(resumed.history) == without_rates(uninterrupted.history)
+
+
+def test_checkpoint_from_a_gpu_worker_resumes_on_a_cpu_worker(tmp_path, caplog):
+    """A retry may land on the other queue's worker: its generators cannot take the saved
+    states, so the run goes on from the saved weights and episodes with fresh random streams."""
+    config, series, fold = _setup(drift=0.0005, timesteps=4 * 64 * 32)
+    config.ppo.checkpoint_every = 2
+    checkpoint = tmp_path / "train_state.pt"
+
+    def crash_during_update_3(metrics, step):
+        if step == 3 * 64 * 32:
+            raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        train_fold(series, fold, config, crash_during_update_3, checkpoint_path=checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)
+    philox = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
+    saved.update(device="cuda", generator=philox, sampling_rng=philox)
+    torch.save(saved, checkpoint)
+    with caplog.at_level("WARNING", logger="ml.ppo"):
+        resumed = train_fold(series, fold, config, checkpoint_path=checkpoint)
+    assert "checkpointed on cuda on cpu" in caplog.text
+    assert resumed.resumed_from_update == 2 and [h["update"] for h in resumed.history] == [1, 2, 3, 4]
+    assert all(torch.isfinite(w).all() for w in resumed.agent.state_dict().values())
 
 
 
@@ -160,7 +193,7 @@ def test_collapse_alarm_fires_for_a_policy_that_ignores_its_input():
 
 
 def test_action_diagnostics_equal_their_definitions():
-    from ml.ppo import dominant_share, level_shares
+    from ml.action_diagnostics import dominant_share, level_shares
 
     torch.manual_seed(0)
     levels = torch.tensor([0.5, -1.0, 0.0, 1.0, -0.5])  # not sorted: shares follow this order
@@ -184,6 +217,61 @@ def test_action_diagnostics_equal_their_definitions():
     assert dominant_share(allocations, portfolio=True) == 0.5
     spread = (allocations - allocations.median(dim=0).values).abs().amax(dim=1)
     assert dominant_share(allocations, portfolio=True) == (spread <= 0.025).float().mean().item()
+
+
+def test_hold_share_counts_kept_targets_inside_episodes_only():
+    from ml.action_diagnostics import hold_share
+
+    exposure = torch.tensor([[1.0, 0.0], [1.0, 0.5], [0.0, 0.5], [0.0, 0.504]])  # [steps, episodes]
+    dones = torch.tensor([[0, 0], [0, 0], [1, 0], [0, 0]])  # episode 0 restarts at step 2
+    # Episode 0 keeps its target at steps 1 and 3 (step 2 starts anew); episode 1 at steps 2 and 3
+    # (0.504 is 0.50 to the hundredth): 4 of 5 decisions that have a previous one.
+    assert hold_share(exposure, dones) == pytest.approx(0.8)
+    weights = torch.tensor([[[0.5, 0.5]], [[0.51, 0.49]], [[0.9, 0.1]]])  # [steps, 1 episode, 2 assets]
+    assert hold_share(weights, torch.zeros(3, 1), portfolio=True) == pytest.approx(0.5)
+
+
+def test_generalized_advantages_by_hand():
+    from ml.ppo import generalized_advantages
+
+    rewards = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 1.0]])  # [steps, episodes]
+    values = torch.tensor([[0.5, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    dones = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])  # episode 0 restarts at step 2
+    next_value, next_done = torch.tensor([4.0, 0.0]), torch.tensor([0.0, 1.0])
+    # gamma = lambda = 0.5. Episode 0: step 2 bootstraps from 4 (3 + 0.5 * 4 - 2 = 3); step 1 ends
+    # its episode (2 - 1 = 1); step 0: delta 1 + 0.5 * 1 - 0.5 = 1, plus 0.25 * 1 from step 1.
+    # Episode 1 ends after step 2 (delta 1) and propagates 0.25 per step back.
+    want = torch.tensor([[1.25, 0.0625], [1.0, 0.25], [3.0, 1.0]])
+    torch.testing.assert_close(generalized_advantages(rewards, values, dones, next_value, next_done, 0.5, 0.5), want)
+
+
+def test_learning_rate_and_entropy_schedules_and_the_kl_stop():
+    config, series, fold = _setup(drift=0.0005, timesteps=4 * 64 * 32)
+    config.ppo.target_kl = None
+    history = train_fold(series, fold, config).history
+    cfg = config.ppo
+    for h in history:
+        progress = (h["update"] - 1) / cfg.num_updates
+        assert h["learning_rate"] == pytest.approx((1 - progress) * cfg.learning_rate)
+        assert h["ent_coef"] == pytest.approx(cfg.ent_coef + progress * (cfg.ent_coef_final - cfg.ent_coef))
+        assert h["epochs"] == cfg.update_epochs
+        assert 0.0 <= h["hold_share"] <= 1.0
+    # Any move of the weights exceeds a KL target this small: each update stops after one epoch.
+    config.ppo.target_kl = 1e-12
+    assert [h["epochs"] for h in train_fold(series, fold, config).history] == [1] * 4
+
+
+def test_layers_start_orthogonal_with_the_usual_gains():
+    from ml.policy import ActorCritic
+
+    agent = ActorCritic(12, (-1.0, 0.0, 1.0), (64, 64))
+    gains = {"backbone.0": 2 ** 0.5, "backbone.2": 2 ** 0.5, "actor": 0.01, "critic": 1.0}
+    for name, gain in gains.items():
+        layer = agent.get_submodule(name)
+        w = layer.weight.detach()
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # the smaller side is orthonormal
+        torch.testing.assert_close(gram, gain ** 2 * torch.eye(gram.shape[0]), atol=1e-5, rtol=0)
+        assert not layer.bias.any()
 
 
 def test_deterministic_mode_follows_each_runs_config(monkeypatch):
