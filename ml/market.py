@@ -31,7 +31,7 @@ class MarketSeries:
 
 def prepare_series(bars: pd.DataFrame, lookback: int, device: torch.device) -> MarketSeries:
     ohlc = has_ohlc(bars)
-    module = FeatureModule(lookback, use_range=ohlc, use_volume=ohlc and has_volume(bars))
+    module = FeatureModule(lookback, use_range=ohlc, use_volume=has_volume(bars))
     ohlcv = torch.from_numpy(ohlcv_array(bars)).to(device)
     return MarketSeries(
         timestamps=bars["timestamp"].reset_index(drop=True),

@@ -79,7 +79,7 @@ def prepare_portfolio(frames: dict[str, pd.DataFrame], lookback: int, device: to
     timestamps, ohlcv = align_bars(frames, min_bars=lookback + 2)
     # A feature is used only when every asset has the data for it.
     use_range = all(has_ohlc(f) for f in frames.values())
-    use_volume = use_range and all(has_volume(f) for f in frames.values())
+    use_volume = all(has_volume(f) for f in frames.values())
     module = FeatureModule(lookback, use_range=use_range, use_volume=use_volume).to(device)
     bars = torch.from_numpy(ohlcv).to(device)
     features = torch.cat([series_features(module, bars[:, a]) for a in range(bars.shape[1])], dim=1)

@@ -60,6 +60,17 @@ def test_close_only_features_ignore_open_high_low_volume():
     torch.testing.assert_close(module(window), module(scrambled))
 
 
+def test_close_and_volume_series_keeps_its_volume_feature(gspc_bars):
+    bars = gspc_bars.copy()
+    bars[["open", "high", "low"]] = np.nan  # a source that gives close and volume only
+    close_volume = prepare_series(bars, LOOKBACK, torch.device("cpu"))
+    module = close_volume.feature_module
+    assert module.use_volume and not module.use_range and not close_volume.fill_at_open
+    full = prepare_series(gspc_bars, LOOKBACK, torch.device("cpu"))
+    volume_z = full.feature_module.names.index("volume_z_20")
+    torch.testing.assert_close(close_volume.features[:, -1], full.features[:, volume_z], equal_nan=True)
+
+
 def test_fill_at_next_open_with_hand_computed_costs(series):
     costs = CostConfig(commission_bps=10, half_spread_bps=5, slippage_bps=5)
     env = make_env(series, 1, costs)
@@ -91,6 +102,24 @@ def test_selling_gets_an_adverse_price_too(series):
     env.step(torch.tensor([0.0]))
     reference = float(series.ohlcv[102, 0])
     assert float(env.cash[0]) == pytest.approx(cash_before + units_held * reference * (1 - 5 * BPS), rel=1e-12)
+
+
+def test_short_pays_borrow_on_its_notional_at_the_close(series):
+    costs = CostConfig(commission_bps=0, half_spread_bps=0, slippage_bps=0, borrow_bps_per_year=252)
+    env = make_env(series, 1, costs)  # 252 bps a year over 252 bars: 1 bp per bar
+    t0 = 100
+    env.reset(torch.tensor([t0]), torch.tensor([500]))
+    result = env.step(torch.tensor([-0.5]))
+
+    open_next, close_next = float(series.ohlcv[t0 + 1, 0]), float(series.ohlcv[t0 + 1, 3])
+    units = -0.5 / open_next
+    borrow = 0.5 / open_next * close_next * 1 * BPS  # short notional at the close x one bar's rate
+    cash = 1.0 - units * open_next - borrow
+    assert float(result.cost[0]) == pytest.approx(borrow, rel=1e-12)
+    assert float(result.nav[0]) == pytest.approx(cash + units * close_next, rel=1e-12)
+    # A long position pays no borrow.
+    env.reset(torch.tensor([t0]), torch.tensor([500]))
+    assert float(env.step(torch.tensor([0.5])).cost[0]) == 0.0
 
 
 def test_money_is_conserved_at_every_step(series):
