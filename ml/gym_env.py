@@ -15,7 +15,11 @@ only adds spaces, seeding and observation scaling.
 Observation: the bar's features normalized with mean/std fitted on the env's
 own window and clipped to ``±NORM_CLIP`` (exactly what ``ActorCritic`` feeds
 its MLP), followed by the current position clipped to the same bound.
-Action: index into ``exposure_levels``; the level is the target exposure.
+Action: with ``action_mode="discrete"`` an index into ``exposure_levels`` (the
+level is the target exposure); with ``"continuous"`` the target exposure itself,
+a ``Box`` over [-1, 1]. Levels outside [``min_exposure``, ``max_exposure``] are
+masked, and any action is executed clamped into that range. ``long_only=True``
+is ``min_exposure=0``.
 """
 
 from __future__ import annotations
@@ -94,7 +98,8 @@ class TradingGymEnv(gym.Env):
 
     def __init__(self, data: str | Path | pd.DataFrame, *, lookback: int = 64,
                  train_window: tuple[int, int] | None = None, episode_bars: int | None = None,
-                 exposure_levels: tuple[float, ...] = DEFAULT_LEVELS, long_only: bool = False,
+                 exposure_levels: tuple[float, ...] = DEFAULT_LEVELS, action_mode: str = "discrete",
+                 min_exposure: float | None = None, max_exposure: float = 1.0, long_only: bool = False,
                  costs: CostConfig | dict | None = None, env_config: EnvConfig | dict | None = None,
                  calendar: str = "equity", render_mode: str | None = None):
         if render_mode is not None:
@@ -130,23 +135,45 @@ class TradingGymEnv(gym.Env):
         n_features = self._feature_rows.shape[1]
         self.observation_space = spaces.Box(-NORM_CLIP, NORM_CLIP, shape=(n_features + 1,), dtype=np.float32)
 
+        if min_exposure is None:
+            min_exposure = 0.0 if long_only else -1.0
+        elif long_only and min_exposure < 0:
+            raise ValueError(f"long_only contradicts min_exposure={min_exposure}")
+        if not -1.0 <= min_exposure <= max_exposure <= 1.0:
+            raise ValueError(f"need -1 <= min_exposure <= max_exposure <= 1, got {min_exposure} and {max_exposure}")
+        self.exposure_range = (float(min_exposure), float(max_exposure))
+        self.long_only = min_exposure >= 0
+        self.action_mode = action_mode
         self.exposure_levels = tuple(float(level) for level in exposure_levels)
-        if not self.exposure_levels or any(abs(level) > 1.0 for level in self.exposure_levels):
-            raise ValueError(f"exposure_levels must be non-empty and inside [-1, 1], got {exposure_levels}")
-        self.long_only = long_only
-        self.action_space = spaces.Discrete(len(self.exposure_levels))
-        self._allowed = np.array([not (long_only and level < 0) for level in self.exposure_levels], dtype=bool)
-        # A disallowed level is executed as flat: the constraint holds even for
-        # learners that ignore action_masks() (and for check_env's random actions).
-        self._targets = [torch.tensor([level if allowed else 0.0], dtype=torch.float64)
-                         for level, allowed in zip(self.exposure_levels, self._allowed)]
+        if action_mode == "continuous":
+            # Always [-1, 1], clamped into the range when executed, as the trainer's continuous policy:
+            # learners expect a symmetric Box (Stable-Baselines3's checker warns otherwise).
+            self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        elif action_mode == "discrete":
+            if not self.exposure_levels or any(abs(level) > 1.0 for level in self.exposure_levels):
+                raise ValueError(f"exposure_levels must be non-empty and inside [-1, 1], got {exposure_levels}")
+            self.action_space = spaces.Discrete(len(self.exposure_levels))
+            self._allowed = np.array([min_exposure <= level <= max_exposure for level in self.exposure_levels])
+            if not self._allowed.any():
+                raise ValueError(f"no exposure level inside [{min_exposure}, {max_exposure}]: {exposure_levels}")
+            # A disallowed level is executed clamped into the range (flat for a short level when
+            # long-only): the constraint holds even for learners that ignore action_masks() (and
+            # for check_env's random actions).
+            self._targets = [torch.tensor([self._clamp(level)], dtype=torch.float64) for level in self.exposure_levels]
+        else:
+            raise ValueError(f"unknown action_mode '{action_mode}' (expected discrete or continuous)")
         self._done = True
 
+    def _clamp(self, exposure: float) -> float:
+        return min(max(exposure, self.exposure_range[0]), self.exposure_range[1])
+
     def action_masks(self) -> np.ndarray:
-        """Allowed actions as a bool array (the ``MaskablePPO`` convention).
+        """Allowed actions as a bool array (the ``MaskablePPO`` convention; discrete mode).
 
         For ``action_space.sample(mask=...)`` pass ``env.action_masks().astype(np.int8)``.
         """
+        if self.action_mode != "discrete":
+            raise ValueError("continuous actions have no mask: the action space's bounds are the exposure range")
         return self._allowed.copy()
 
     def _observation(self, bar: int, position: float) -> np.ndarray:
@@ -169,19 +196,28 @@ class TradingGymEnv(gym.Env):
         info = {"nav": 1.0, "cost": 0.0, "position": 0.0, "traded": 0.0, "bar": start}
         return self._observation(start, 0.0), info
 
+    def _target(self, action) -> torch.Tensor:
+        if self.action_mode == "discrete":
+            index = int(action)
+            if not 0 <= index < self.action_space.n:
+                raise ValueError(f"action {action} is outside Discrete({self.action_space.n})")
+            return self._targets[index]
+        exposure = np.asarray(action, dtype=np.float64).reshape(-1)
+        if exposure.shape != (1,) or not np.isfinite(exposure[0]):
+            raise ValueError(f"action {action!r} is not one finite target exposure")
+        return torch.tensor([self._clamp(float(exposure[0]))], dtype=torch.float64)
+
     def step(self, action):
         if self._done:
             raise RuntimeError("the episode is over: call reset() before step()")
-        action = int(action)
-        if not 0 <= action < self.action_space.n:
-            raise ValueError(f"action {action} is outside Discrete({self.action_space.n})")
-        result = self.env.step(self._targets[action])
+        result = self.env.step(self._target(action))
         terminated, truncated = bool(result.terminated.item()), bool(result.truncated.item())
         self._done = terminated or truncated
         position = float(result.position.item())
         bar = int(self.env.t.item())
         info = {"nav": float(result.nav.item()), "cost": float(result.cost.item()), "position": position,
-                "traded": float(result.traded.item()), "bar": bar}
+                "traded": float(result.traded.item()), "bar": bar,
+                **{f"shaping/{name}": float(term.item()) for name, term in result.shaping.items()}}
         return self._observation(bar, position), float(result.reward.item()), terminated, truncated, info
 
 

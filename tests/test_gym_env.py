@@ -34,20 +34,41 @@ def no_warnings(check, *args):
     return [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
-@pytest.mark.parametrize("long_only", [False, True])
-def test_gymnasium_env_checker_passes_without_warnings(long_only):
+SETTINGS = [{}, {"long_only": True}, {"max_exposure": 0.5}, {"action_mode": "continuous"},
+            {"action_mode": "continuous", "min_exposure": 0.0}]
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_gymnasium_env_checker_passes_without_warnings(kwargs):
     from gymnasium.utils.env_checker import check_env
 
     # Made through the registry so the checker can also test the spec (render modes).
-    env = gym.make(ENV_ID, data="sample:GSPC", long_only=long_only).unwrapped
+    env = gym.make(ENV_ID, data="sample:GSPC", **kwargs).unwrapped
     assert no_warnings(check_env, env) == []
 
 
-@pytest.mark.parametrize("long_only", [False, True])
-def test_sb3_env_checker_passes_without_warnings(long_only):
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_sb3_env_checker_passes_without_warnings(kwargs):
     from stable_baselines3.common.env_checker import check_env
 
-    assert no_warnings(check_env, TradingGymEnv("sample:GSPC", long_only=long_only)) == []
+    assert no_warnings(check_env, TradingGymEnv("sample:GSPC", **kwargs)) == []
+
+
+def test_exposure_range_masks_levels_and_bounds_continuous_actions():
+    capped = TradingGymEnv("sample:GSPC", max_exposure=0.5)
+    assert capped.action_masks().tolist() == [True, True, True, True, False]
+    capped.reset(options={"start": 1000})
+    assert capped.step(4)[4]["position"] == pytest.approx(0.5, abs=0.05)  # a masked 1.0 runs as 0.5
+    long_only = TradingGymEnv("sample:GSPC", action_mode="continuous", long_only=True)
+    assert long_only.action_space == gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+    long_only.reset(options={"start": 1000})
+    assert long_only.step(np.array([-0.7], dtype=np.float32))[4]["position"] == 0.0
+    with pytest.raises(ValueError, match="one finite target exposure"):
+        long_only.step(np.array([np.nan], dtype=np.float32))
+    with pytest.raises(ValueError, match="min_exposure <= max_exposure"):
+        TradingGymEnv("sample:GSPC", min_exposure=0.6, max_exposure=0.5)
+    with pytest.raises(ValueError, match="no exposure level inside"):
+        TradingGymEnv("sample:GSPC", exposure_levels=(-1.0, 1.0), min_exposure=-0.5, max_exposure=0.5)
 
 
 def test_registered_on_import_and_made_with_defaults():
@@ -95,11 +116,13 @@ def test_seeded_resets_are_reproducible():
     assert len(starts) > 1
 
 
-def test_rollouts_match_the_batched_env(gspc_bars):
+@pytest.mark.parametrize("action_mode", ["discrete", "continuous"])
+def test_rollouts_match_the_batched_env(gspc_bars, action_mode):
     """Three single-env episodes equal the three columns of one batched TradingEnv (rewards, NAV, obs)."""
     costs = CostConfig(commission_bps=2, half_spread_bps=3, slippage_bps=1, borrow_bps_per_year=50)
     episode_bars = 60
-    singles = [TradingGymEnv(str(GSPC), costs=costs, episode_bars=episode_bars) for _ in range(3)]
+    singles = [TradingGymEnv(str(GSPC), costs=costs, episode_bars=episode_bars, action_mode=action_mode)
+               for _ in range(3)]
     first, last = singles[0].window
     starts = [first, 2500, last - 20]  # the last episode ends on the data, the others truncate
     series = prepare_series(gspc_bars, LOOKBACK, torch.device("cpu"))
@@ -107,14 +130,20 @@ def test_rollouts_match_the_batched_env(gspc_bars):
     batched.reset(torch.tensor(starts), torch.full((len(starts),), last))
     levels = torch.tensor(singles[0].exposure_levels, dtype=torch.float64)
     mean, std = series.feature_stats(singles[0].window)
-    actions = np.random.default_rng(1).integers(0, len(levels), size=(episode_bars, len(starts)))
+    rng = np.random.default_rng(1)
+    if action_mode == "discrete":
+        actions = rng.integers(0, len(levels), size=(episode_bars, len(starts)))
+        targets = [levels[torch.from_numpy(row)] for row in actions]
+    else:
+        actions = rng.uniform(-1, 1, size=(episode_bars, len(starts), 1)).astype(np.float32)
+        targets = [torch.from_numpy(row[:, 0]) for row in actions]
 
     for env, start in zip(singles, starts):
         obs, _ = env.reset(options={"start": start})
         assert obs[-1] == 0.0
     done = [False] * len(starts)
     for k in range(episode_bars):
-        result = batched.step(levels[torch.from_numpy(actions[k])])
+        result = batched.step(targets[k])
         expected_obs = torch.clamp((result.features - mean) / torch.clamp(std, min=1e-6), -NORM_CLIP, NORM_CLIP)
         for i, env in enumerate(singles):
             if done[i]:
@@ -184,3 +213,15 @@ def test_long_only_masks_and_enforces_negative_levels(env):
     long_only.reset(seed=0)
     _, _, _, _, info = long_only.step(0)  # a masked level (-1) is executed as flat
     assert info["position"] == 0.0 and info["traded"] == 0.0
+
+
+def test_info_reports_each_shaping_term_inside_the_reward():
+    env = TradingGymEnv("sample:GSPC", env_config={"drawdown_penalty": 2.0, "turnover_penalty": 0.1})
+    env.reset(options={"start": 1000})
+    nav = 1.0
+    for action in (4, 0, 4, 2):
+        _, reward, _, _, info = env.step(action)
+        shaping = info["shaping/drawdown"] + info["shaping/turnover"]
+        assert info["shaping/turnover"] == pytest.approx(-0.1 * info["traded"], rel=1e-6)
+        assert reward == pytest.approx(np.log(info["nav"] / nav) + shaping, abs=1e-6)
+        nav = info["nav"]
