@@ -73,9 +73,13 @@ class PPOConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when this worker has a GPU, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"ppo.device is '{name}' but this worker has no CUDA device; use 'auto' or 'cpu'")
+    return device
 
 
 @dataclass

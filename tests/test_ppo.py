@@ -274,6 +274,17 @@ def test_layers_start_orthogonal_with_the_usual_gains():
         assert not layer.bias.any()
 
 
+def test_auto_device_is_cuda_only_when_the_worker_has_one(monkeypatch):
+    from ml.ppo import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="ppo.device is 'cuda' but this worker has no CUDA device"):
+        resolve_device("cuda")
+
+
 def test_deterministic_mode_follows_each_runs_config(monkeypatch):
     """On for a deterministic run (with the fixed cuBLAS workspace CUDA products need for it),
     off again for the next run that does not ask for it, and the same seed gives the same weights."""
