@@ -173,7 +173,7 @@ class TradingGymEnv(gym.Env):
         For ``action_space.sample(mask=...)`` pass ``env.action_masks().astype(np.int8)``.
         """
         if self.action_mode != "discrete":
-            raise ValueError("continuous actions have no mask: the action space's bounds are the exposure range")
+            raise ValueError("continuous actions have no mask: they are clamped into [min_exposure, max_exposure]")
         return self._allowed.copy()
 
     def _observation(self, bar: int, position: float) -> np.ndarray:
