@@ -12,6 +12,11 @@ from ml.policy import ActorCritic
 from ml.portfolio import SAME_ALLOCATION_TOLERANCE
 
 
+def hundredths(exposure: torch.Tensor) -> torch.Tensor:
+    """Exposures to 0.01: the resolution at which two decisions count as the same."""
+    return torch.round(exposure * 100)
+
+
 def level_shares(exposure: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Share of exposures nearest to each level (exact counts in discrete mode; an exposure
     exactly halfway between two levels counts for the lower one)."""
@@ -34,12 +39,12 @@ def dominant_share(exposure: torch.Tensor, portfolio: bool = False) -> float:
         median = weights.kthvalue((weights.shape[0] + 1) // 2, dim=0).values
         spread = (weights - median).abs().amax(dim=1)
         return (spread <= SAME_ALLOCATION_TOLERANCE).float().mean().item()
-    hundredths = torch.round(exposure.reshape(-1) * 100)
-    lowest = hundredths.min()
-    if hundredths.max() - lowest <= 10_000:  # exposures in a bounded range: count instead of sorting
-        counts = torch.bincount((hundredths - lowest).long())
+    rounded = hundredths(exposure.reshape(-1))
+    lowest = rounded.min()
+    if rounded.max() - lowest <= 10_000:  # exposures in a bounded range: count instead of sorting
+        counts = torch.bincount((rounded - lowest).long())
     else:  # NaN (a diverged policy) or a huge range
-        _, counts = torch.unique(hundredths, return_counts=True)
+        _, counts = torch.unique(rounded, return_counts=True)
     return (counts.max() / exposure.numel()).item()
 
 
@@ -53,8 +58,8 @@ def hold_share(exposure: torch.Tensor, dones: torch.Tensor, portfolio: bool = Fa
     if portfolio:
         kept = (exposure[1:] - exposure[:-1]).abs().amax(dim=-1) <= SAME_ALLOCATION_TOLERANCE
     else:
-        hundredths = torch.round(exposure * 100)
-        kept = hundredths[1:] == hundredths[:-1]
+        rounded = hundredths(exposure)
+        kept = rounded[1:] == rounded[:-1]
     continuing = dones[1:] == 0
     return ((kept & continuing).sum() / continuing.sum().clamp(min=1)).item()
 

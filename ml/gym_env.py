@@ -142,7 +142,6 @@ class TradingGymEnv(gym.Env):
         if not -1.0 <= min_exposure <= max_exposure <= 1.0:
             raise ValueError(f"need -1 <= min_exposure <= max_exposure <= 1, got {min_exposure} and {max_exposure}")
         self.exposure_range = (float(min_exposure), float(max_exposure))
-        self.long_only = min_exposure >= 0
         self.action_mode = action_mode
         self.exposure_levels = tuple(float(level) for level in exposure_levels)
         if action_mode == "continuous":
