@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml setup.py ml/csrc/tanh_mlp.cpp
+$(STAMP): requirements.txt pyproject.toml setup.py ml/fastpath/csrc/tanh_mlp.cpp
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (torch 2.13.0 wheel is cp311)"; exit 1; }
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt

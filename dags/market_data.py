@@ -32,6 +32,8 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Asset, AssetAlias, Param, dag, task
 
+from ml.config import INTERVALS  # imports no torch: parsing stays fast
+
 MARKET_DATA_CURATED = Asset("market_data_curated")
 # An Asset listed in outlets gets an event on every success; emitting through an
 # alias instead lets the task update the Asset only when curated data changed.
@@ -65,7 +67,7 @@ def log_failure(context) -> None:
         "symbols": Param(DEFAULT_SYMBOLS, type="array", minItems=1, uniqueItems=True,
                          items={"type": "string", "minLength": 1, "pattern": r"^[A-Za-z0-9^._=-]+$"},
                          description="Tickers (yfinance) or sample names; one mapped task each."),
-        "interval": Param("1d", enum=["1d", "1h", "30m", "15m", "5m"], description="Bar interval."),
+        "interval": Param("1d", enum=list(INTERVALS), description="Bar interval (yfinance spelling)."),
         "start": Param(None, type=["null", "string"], format="date",
                        description="First date of the first pull (YYYY-MM-DD); later pulls resume from the lake."),
         "source": Param(DEFAULT_SOURCE, enum=["sample", "file", "yfinance"],

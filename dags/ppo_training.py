@@ -20,6 +20,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
+from ml.config import INTERVALS  # imports no torch: parsing stays fast
+
 
 # Where training runs: the Docker/Celery stack sets these to its `gpu` queue and pool. The
 # defaults suit the embedded LocalExecutor (which ignores queues and needs no extra pool).
@@ -61,7 +63,7 @@ def log_failure(context) -> None:
         "symbol": Param("GSPC", type="string", minLength=1, description="Ticker (yfinance) or sample name."),
         "data_path": Param(None, type=["null", "string"],
                            description="CSV/parquet path when source is 'file'; lake root when source is 'lake'."),
-        "interval": Param("1d", enum=["1d", "1h", "30m", "15m", "5m"], description="Bar interval."),
+        "interval": Param("1d", enum=list(INTERVALS), description="Bar interval (yfinance spelling)."),
         "start": Param(None, type=["null", "string"], format="date", description="First date to use (YYYY-MM-DD)."),
         "timesteps": Param(500_000, type="integer", minimum=1024, maximum=1_000_000_000,
                            description="PPO environment steps per walk-forward fold."),
@@ -81,11 +83,18 @@ def log_failure(context) -> None:
 def ppo_training():
     @task
     def load_data(params=None, run_id=None, dag=None, triggering_asset_events=None) -> str:
+        from airflow.sdk.exceptions import AirflowFailException
+
         from ml import orchestration, pipeline
+        from ml.config import ConfigError
 
         run_dir = orchestration.run_dir_for(dag.dag_id, run_id)
         event = orchestration.newest_asset_event(triggering_asset_events)
-        pipeline.load_data(run_dir, orchestration.config_from_params(params, event))
+        try:
+            config = orchestration.config_from_params(params, event)
+        except ConfigError as error:  # a bad setting will not fix itself: fail now, without retries
+            raise AirflowFailException(f"invalid pipeline config: {error}") from None
+        pipeline.load_data(run_dir, config)
         return str(run_dir)
 
     @task
@@ -125,16 +134,16 @@ def ppo_training():
 
     @task
     def export_onnx(run_dir: str) -> str:
-        from ml import release
+        from ml import pipeline
 
-        release.export_model(run_dir)
+        pipeline.export_model(run_dir)
         return run_dir
 
     @task
     def register(run_dir: str) -> dict:
-        from ml import release
+        from ml import pipeline
 
-        result = release.register(run_dir)
+        result = pipeline.register(run_dir)
         return {"model_name": result["model_name"], "version": result["version"], "champion": result["champion"]}
 
     run_dir = start_tracking(validate_data(load_data()))

@@ -17,6 +17,11 @@ import logging
 import sys
 from pathlib import Path
 
+from ml.config import ConfigError
+
+# Each command imports what it needs inside its function: `serve` must run on numpy and
+# onnxruntime alone, and `--help` or `config` must not wait for torch.
+
 
 def _pipeline(args: argparse.Namespace) -> int:
     from ml.config import load_config
@@ -33,7 +38,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         overrides["ppo"] = {"total_timesteps": args.timesteps}
     if args.device:
         overrides.setdefault("ppo", {})["device"] = args.device
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides)  # refused here, before any work, when a field is invalid
     result = run_pipeline(config, Path(args.out))
     print(json.dumps(result, indent=2))
     return 0
@@ -74,7 +79,7 @@ def _build_suites(_args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from ml.reporting import registry_summary
+    from ml.release.summary import registry_summary
 
     print(registry_summary(args.model, args.tracking_uri))
     return 0
@@ -83,7 +88,7 @@ def _summary(args: argparse.Namespace) -> int:
 def _registry(args: argparse.Namespace) -> int:
     import os
 
-    from ml import registry
+    from ml.release import registry
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -151,6 +156,7 @@ def _config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     pipeline = commands.add_parser("pipeline", help="run the whole training pipeline in-process")
@@ -219,4 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("alembic", "mlflow", "great_expectations", "httpx", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ConfigError as error:  # one line naming the field; the traceback only when asked for
+        if args.debug:
+            raise
+        print(f"config error: {error}", file=sys.stderr)
+        return 2

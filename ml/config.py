@@ -1,50 +1,173 @@
-"""The pipeline's configuration: typed dataclasses, loadable from JSON/YAML.
+"""The pipeline's configuration: typed dataclasses, loadable from JSON/YAML, checked on load.
 
-Every field has a default, so a config file (or an Airflow conf) names only
-what it changes. Unknown keys are refused by name.
+This is the bottom layer: it imports nothing from ``ml`` (and no torch), so a
+config can be loaded and refused cheaply before any work starts. Every field
+has a default, so a config file (or an Airflow conf) names only what it
+changes. Unknown keys, wrong types, out-of-range values and unknown choices
+are refused with the dotted field, the value and the rule:
+``ppo.gamma = 7: must be in (0, 1]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
-from ml.env import CostConfig, EnvConfig
-from ml.evaluation.splits import SplitConfig
-from ml.ppo import PPOConfig
+# yfinance's spellings; the data sources, the annualization and the DAG Params read this list.
+INTERVALS = ("1m", "2m", "5m", "15m", "30m", "60m", "90m", "1h", "1d", "5d", "1wk", "1mo", "3mo")
+SOURCES = ("sample", "file", "yfinance", "lake")
+CALENDARS = ("equity", "crypto")
+ACTION_MODES = ("discrete", "continuous", "portfolio")
+DEVICES = ("auto", "cpu", "cuda")
+# Validation metrics that can pick the checkpoint and the seed (keys of a backtest's metrics).
+SELECTION_METRICS = ("sharpe", "sortino", "calmar", "total_return", "annualized_return")
 
 
-@dataclass
+class ConfigError(ValueError):
+    pass
+
+
+def _setting(default: Any, check: Callable[[Any], bool] | None = None, rule: str = "",
+             choices: tuple | None = None) -> Any:
+    """A field with a default and the rule its value must follow (checked when a config is loaded)."""
+    if choices is not None:
+        check, rule = (lambda value: value in choices), f"must be one of {list(choices)}"
+    return field(default=default, metadata={"check": check, "rule": rule})
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value is None or value >= low), f"must be >= {low:g}"
+
+
+def _between(low: float, high: float, low_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    opening = "(" if low_open else "["
+    return ((lambda value: (low < value if low_open else low <= value) and value <= high),
+            f"must be in {opening}{low:g}, {high:g}]")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: str = "sample"  # sample | file | yfinance | lake
+    source: str = _setting("sample", choices=SOURCES)
     symbol: str = "GSPC"
-    symbols: tuple[str, ...] = ()  # two or more: portfolio mode over these (with ppo.action_mode: portfolio)
-    interval: str = "1d"
+    symbols: tuple[str, ...] = ()  # two or more: portfolio mode over these (with action.mode: portfolio)
+    interval: str = _setting("1d", choices=INTERVALS)
     path: str | None = None  # the file for source=file; the lake root for source=lake
     start: str | None = None
     end: str | None = None
     auto_adjust: bool = True  # yfinance: adjusted prices (recorded with the data)
-    calendar: str = "equity"  # equity | crypto, for annualization
+    calendar: str = _setting("equity", choices=CALENDARS)  # for annualization
 
 
-@dataclass
+@dataclass(frozen=True)
+class CostConfig:
+    commission_bps: float = _setting(1.0, *_at_least(0))  # fee on traded notional
+    half_spread_bps: float = _setting(1.0, *_at_least(0))  # half the bid/ask spread, paid on every trade
+    slippage_bps: float = _setting(1.0, *_at_least(0))  # adverse price impact, paid on every trade
+    borrow_bps_per_year: float = _setting(0.0, *_at_least(0))  # charged per bar on short notional
+
+    @property
+    def price_impact(self) -> float:
+        """Fraction by which the fill price is worse than the reference price."""
+        return (self.half_spread_bps + self.slippage_bps) * 1e-4
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    episode_bars: int = _setting(256, *_at_least(1))  # truncation limit during training
+    ruin_fraction: float = _setting(0.5, *_between(0, 1))  # terminate when NAV falls below this share of the start
+    periods_per_year: float = _setting(252.0, lambda v: v > 0, "must be > 0")  # for the borrow cost per bar
+    compile: bool = False  # fuse the accounting with torch.compile (pays a one-off compile, ~30 s on CPU)
+    # Reward shaping, added to the log-NAV reward and reported term by term (0 = off):
+    drawdown_penalty: float = _setting(0.0, *_at_least(0))  # x fall of NAV below the episode's peak
+    volatility_penalty: float = _setting(0.0, *_at_least(0))  # x squared log return of the step
+    turnover_penalty: float = _setting(0.0, *_at_least(0))  # x traded notional over NAV
+
+
+@dataclass(frozen=True)
+class ActionConfig:
+    """What the policy decides: one of the exposure levels, any exposure in a range, or portfolio weights."""
+
+    mode: str = _setting("discrete", choices=ACTION_MODES)
+    exposure_levels: tuple[float, ...] = _setting(
+        (-1.0, -0.5, 0.0, 0.5, 1.0), lambda v: len(v) > 0 and all(-1 <= x <= 1 for x in v),
+        "must be non-empty, each level in [-1, 1]")
+    min_exposure: float = _setting(-1.0, *_between(-1, 1))  # 0.0 = long-only (levels below are masked)
+    max_exposure: float = _setting(1.0, *_between(-1, 1))
+    # A deterministic policy whose decisions are (nearly) all the same this often has collapsed:
+    # the training alarm, the evaluation's collapse check and the gate's no-collapse rule read it.
+    collapse_share: float = _setting(0.98, *_between(0, 1, low_open=True))
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    total_timesteps: int = _setting(500_000, *_at_least(1))
+    num_envs: int = _setting(512, *_at_least(1))
+    num_steps: int = _setting(64, *_at_least(1))  # rollout length per update
+    learning_rate: float = _setting(3e-4, lambda v: v > 0, "must be > 0")
+    anneal_lr: bool = True
+    gamma: float = _setting(0.99, *_between(0, 1, low_open=True))
+    gae_lambda: float = _setting(0.95, *_between(0, 1))
+    num_minibatches: int = _setting(4, *_at_least(1))
+    update_epochs: int = _setting(4, *_at_least(1))
+    norm_adv: bool = True
+    clip_coef: float = _setting(0.2, lambda v: v > 0, "must be > 0")
+    clip_vloss: bool = True
+    ent_coef: float = _setting(0.01, *_at_least(0))  # entropy bonus at the start ...
+    ent_coef_final: float = _setting(0.002, *_at_least(0))  # ... annealed linearly to this
+    vf_coef: float = _setting(0.5, *_at_least(0))
+    max_grad_norm: float = _setting(0.5, lambda v: v > 0, "must be > 0")
+    target_kl: float | None = _setting(0.05, lambda v: v is None or v > 0, "must be > 0 or null")
+    reward_scale: float = _setting(100.0, lambda v: v > 0, "must be > 0")  # log returns are ~1e-2; for the value loss
+    hidden: tuple[int, ...] = _setting((64, 64), lambda v: len(v) > 0 and all(x >= 1 for x in v),
+                                       "must be non-empty, each width >= 1")
+    eval_every: int = _setting(4, *_at_least(1))  # updates between validation scores
+    checkpoint_every: int = _setting(5, *_at_least(1))  # updates between resumable checkpoints
+    progress: bool = True
+    seed: int = _setting(1, *_at_least(0))
+    device: str = _setting("auto", choices=DEVICES)
+    deterministic: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        return max(1, self.total_timesteps // self.batch_size)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    n_folds: int = _setting(2, *_at_least(1))
+    test_months: int = _setting(12, *_at_least(1))
+    validation_months: int = _setting(12, *_at_least(1))
+    train_months: int | None = _setting(None, *_at_least(1))  # None = expanding window from the first usable bar
+    purge_bars: int | None = _setting(None, *_at_least(0))  # None = lookback + 1 (window + one-bar fill horizon)
+    embargo_bars: int = _setting(5, *_at_least(0))
+    min_train_bars: int = _setting(500, *_at_least(1))
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """The promotion policy: every enabled rule must pass for a version to become `champion`."""
 
-    parity_tolerance: float = 1e-5  # max |onnxruntime - torch| on real windows
-    parity_windows: int = 256
-    require_no_collapse: bool = True  # refuse a policy that picks one exposure on >= 98% of test bars
+    parity_tolerance: float = _setting(1e-5, lambda v: v > 0, "must be > 0")  # max |onnxruntime - torch|
+    parity_windows: int = _setting(256, *_at_least(1))
+    require_no_collapse: bool = True  # refuse a policy whose test decisions collapsed (action.collapse_share)
     require_beats_cash: bool = True  # mean test total return after costs must exceed cash ...
     cash_margin: float = 0.0  # ... by this much
     compare_with_champion: bool = True  # when a champion exists, beat it on bars neither trained on ...
     champion_margin: float = 0.0  # ... by this much Sharpe
 
 
-@dataclass
+@dataclass(frozen=True)
 class RegistryConfig:
     model_name: str | None = None  # default: ppo_<symbol>_<interval> (ppo_<sym1>_<sym2>_... for a portfolio)
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else a SQLite store in the output dir
@@ -53,41 +176,50 @@ class RegistryConfig:
     promote: bool = True  # set `champion` when the gate passes
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    lookback: int = 64
-    selection_metric: str = "sharpe"  # validation metric that picks the checkpoint (and the seed)
-    seeds: tuple[int, ...] = (1,)  # PPO seeds trained per fold; validation picks one, test shows the spread
+    lookback: int = _setting(64, *_at_least(2))
+    selection_metric: str = _setting("sharpe", choices=SELECTION_METRICS)  # picks the checkpoint (and the seed)
+    seeds: tuple[int, ...] = _setting((1,), lambda v: len(v) > 0 and all(s >= 0 for s in v),
+                                      "must list at least one seed, each >= 0")
     costs: CostConfig = field(default_factory=CostConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    action: ActionConfig = field(default_factory=ActionConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     splits: SplitConfig = field(default_factory=SplitConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
-    def portfolio(self) -> bool:
-        return bool(self.data.symbols)
+    def symbols(self) -> tuple[str, ...]:
+        """The assets traded, in the order of the asset axis: one for a single-asset run."""
+        return self.data.symbols or (self.data.symbol,)
 
     @property
     def model_name(self) -> str:
-        symbols = "_".join(self.data.symbols) if self.portfolio else self.data.symbol
-        return self.registry.model_name or f"ppo_{symbols}_{self.data.interval}".replace("^", "")
+        return self.registry.model_name or f"ppo_{'_'.join(self.symbols)}_{self.data.interval}".replace("^", "")
 
     def check(self) -> "PipelineConfig":
         """Refuse combinations that cannot run, naming the fields."""
-        symbols, mode = self.data.symbols, self.ppo.action_mode
-        levels = self.ppo.exposure_levels
-        if len(set(levels)) != len(levels):
-            raise ConfigError(f"ppo.exposure_levels {list(levels)}: each exposure level must appear once")
+        symbols, action = self.data.symbols, self.action
+        if len(set(action.exposure_levels)) != len(action.exposure_levels):
+            raise ConfigError(f"action.exposure_levels = {list(action.exposure_levels)}: "
+                              "each exposure level must appear once")
+        if action.min_exposure > action.max_exposure:
+            raise ConfigError(f"action.min_exposure = {action.min_exposure}: must be <= action.max_exposure "
+                              f"({action.max_exposure})")
+        if action.mode == "discrete" and not any(action.min_exposure - 1e-9 <= level <= action.max_exposure + 1e-9
+                                                 for level in action.exposure_levels):
+            raise ConfigError(f"action.exposure_levels = {list(action.exposure_levels)}: no level inside "
+                              f"[{action.min_exposure}, {action.max_exposure}] (action.min_exposure/max_exposure)")
         if symbols and len(set(symbols)) < 2:
-            raise ConfigError(f"data.symbols {list(symbols)}: portfolio mode needs at least two distinct symbols")
-        if symbols and mode != "portfolio":
-            raise ConfigError(f"data.symbols lists a portfolio {list(symbols)}: set ppo.action_mode: portfolio "
-                              f"(got '{mode}')")
-        if mode == "portfolio" and not symbols:
-            raise ConfigError("ppo.action_mode 'portfolio' needs data.symbols (two or more)")
+            raise ConfigError(f"data.symbols = {list(symbols)}: portfolio mode needs at least two distinct symbols")
+        if symbols and action.mode != "portfolio":
+            raise ConfigError(f"data.symbols lists a portfolio {list(symbols)}: set action.mode: portfolio "
+                              f"(got '{action.mode}')")
+        if action.mode == "portfolio" and not symbols:
+            raise ConfigError("action.mode = portfolio: needs data.symbols (two or more)")
         if symbols and self.data.source == "file":
             raise ConfigError("data.symbols: portfolio mode reads sample, lake or yfinance data, "
                               "not a single file (data.source: file)")
@@ -97,28 +229,65 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    pass
+# Settings that moved section; a file that still uses the old place is told the new one.
+MOVED = {"ppo.action_mode": "action.mode", "ppo.exposure_levels": "action.exposure_levels",
+         "ppo.min_exposure": "action.min_exposure", "ppo.max_exposure": "action.max_exposure",
+         "ppo.collapse_share": "action.collapse_share"}
 
 
-def _build(cls, values: dict, where: str):
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """``value`` as the field's type, or a ConfigError naming the field, the value and the type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} = {value!r}: must be a list")
+        return tuple(_coerce(item, args[0], f"{path}[{i}]") for i, item in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} = {value!r}: must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} = {value!r}: must be a whole number")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{path} = {value!r}: must be a finite number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} = {value!r}: must be a string")
+        return value
+    raise TypeError(f"{path}: no loader for type {hint}")
+
+
+def _build(cls, values: Any, where: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"config '{where}' must be a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{where or 'config'} = {values!r}: must be a mapping of fields")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown config field(s) {unknown} in '{where}' (known: {sorted(known)})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in values:
+        path = f"{where}.{name}" if where else str(name)
+        if path in MOVED:
+            raise ConfigError(f"{path}: this setting is now {MOVED[path]}")
+        if name not in fields:
+            raise ConfigError(f"{path}: unknown config field (known in {where or 'the top level'}: {sorted(fields)})")
     kwargs = {}
     for name, value in values.items():
-        hint = hints[name]
-        path = f"{where}.{name}" if where else name
+        hint, path = hints[name], f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, path)
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
+            continue
+        given, value = value, _coerce(value, hint, path)
+        check, rule = fields[name].metadata.get("check"), fields[name].metadata.get("rule")
+        if check is not None and value is not None and not check(value):
+            raise ConfigError(f"{path} = {given}: {rule}")
+        kwargs[name] = value
     return cls(**kwargs)
 
 
@@ -138,11 +307,19 @@ def config_from_dict(values: dict | None) -> PipelineConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """Defaults, then the file, then ``overrides``; checked before anything runs."""
     values: dict = {}
     if path:
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror or type(exc).__name__})") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML/JSON{where}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: must hold a mapping of config sections, got a {type(values).__name__}")
     return config_from_dict(merge(values, overrides or {}))
+

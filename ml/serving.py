@@ -63,13 +63,13 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
         if not path.exists():
             raise FileNotFoundError(f"{uri}: no ONNX model there")
         return path
-    import mlflow
+    # MLflow is heavy and only needed for registry URIs; a service that loads a file never imports it.
+    import mlflow.artifacts
 
-    from ml.registry import fluent_tracking
-
-    # `models:/` is resolved through the registry URI, which follows the process-wide tracking URI.
-    with fluent_tracking(tracking_uri or mlflow.get_tracking_uri()):
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp()))
+    # Explicit URIs for this download only: two loads from different stores in one process
+    # (threads included) never see each other's store.
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(),
+                                                      tracking_uri=tracking_uri, registry_uri=tracking_uri))
     found = sorted(folder.rglob("*.onnx"))
     if not found:
         raise FileNotFoundError(f"{uri}: the model artifact holds no .onnx file")

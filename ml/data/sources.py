@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ml.config import INTERVALS
 from ml.data.schema import DataError, normalize_bars
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
@@ -62,7 +63,7 @@ def load_sample(symbol: str = "GSPC", interval: str = "1d") -> pd.DataFrame:
 # may cover; daily and longer intervals have neither limit.
 YAHOO_HISTORY_DAYS = {"1m": 30, "2m": 60, "5m": 60, "15m": 60, "30m": 60, "90m": 60, "60m": 730, "1h": 730}
 YAHOO_REQUEST_DAYS = {"1m": 8}
-YAHOO_INTERVALS = ("1m", "2m", "5m", "15m", "30m", "60m", "90m", "1h", "1d", "5d", "1wk", "1mo", "3mo")
+YAHOO_INTERVALS = INTERVALS
 # Words in yfinance's per-ticker error log that no retry will fix.
 _PERMANENT_ERRORS = ("delisted", "YFInvalidPeriodError", "YFTzMissingError", "not found")
 

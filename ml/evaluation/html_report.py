@@ -258,8 +258,8 @@ _TEMPLATE = """<!DOCTYPE html>
 """
 
 
-def render_html_report(run_dir: Path, report: dict, images: dict[str, Path]) -> Path:
-    """Write ``run_dir/report.html`` from a report.json dict; ``images`` maps captions to PNG files."""
+def render_html_report(path: Path, report: dict, images: dict[str, Path]) -> Path:
+    """Write the page to ``path`` from a report.json dict; ``images`` maps captions to PNG files."""
     folds = report["folds"]
     if not folds:
         raise ValueError("the report has no folds")
@@ -278,7 +278,7 @@ def render_html_report(run_dir: Path, report: dict, images: dict[str, Path]) -> 
         uncertainty={"interval": "sharpe_ci_low" in present, "psr": "psr" in present, "dsr": "dsr" in present},
         images=[(caption, _data_uri(path)) for caption, path in images.items()],
     )
-    path = Path(run_dir) / "report.html"
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path

@@ -13,16 +13,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-
-@dataclass(frozen=True)
-class SplitConfig:
-    n_folds: int = 2
-    test_months: int = 12
-    validation_months: int = 12
-    train_months: int | None = None  # None = expanding window from the first usable bar
-    purge_bars: int | None = None  # None = lookback + 1 (window + one-bar fill horizon)
-    embargo_bars: int = 5
-    min_train_bars: int = 500
+from ml.config import SplitConfig
 
 
 @dataclass(frozen=True)

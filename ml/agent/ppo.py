@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,55 +20,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ml.action_diagnostics import action_metrics, dominant_share, hold_share
-from ml.allocator import keep_freed_memory
-from ml.env import TradingEnv
-from ml.policy import ActorCritic
-from ml.portfolio import PortfolioEnv
+from ml.agent.checkpoint import (load_training_state, restore_random_streams, sampling_rng_state,
+                                 save_training_state, seed_everything)
+from ml.agent.diagnostics import dominant_share, hold_share
+from ml.agent.policy import ActorCritic
+from ml.config import PPOConfig
+from ml.env.trading_env import TradingEnv
+from ml.fastpath import keep_freed_memory
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PPOConfig:
-    total_timesteps: int = 500_000
-    num_envs: int = 512
-    num_steps: int = 64  # rollout length per update
-    learning_rate: float = 3e-4
-    anneal_lr: bool = True
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    num_minibatches: int = 4
-    update_epochs: int = 4
-    norm_adv: bool = True
-    clip_coef: float = 0.2
-    clip_vloss: bool = True
-    ent_coef: float = 0.01  # entropy bonus at the start ...
-    ent_coef_final: float = 0.002  # ... annealed linearly to this
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    target_kl: float | None = 0.05
-    reward_scale: float = 100.0  # log returns are ~1e-2; scale for the value loss only
-    hidden: tuple[int, ...] = (64, 64)
-    action_mode: str = "discrete"  # discrete: one of exposure_levels; continuous: any exposure in range
-    exposure_levels: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
-    min_exposure: float = -1.0  # 0.0 = long-only (levels below are masked, continuous actions clamped)
-    max_exposure: float = 1.0
-    eval_every: int = 4  # updates between validation scores
-    checkpoint_every: int = 5  # updates between resumable checkpoints (when a folder is given)
-    collapse_share: float = 0.98  # deterministic policy picking one level this often = collapsed
-    progress: bool = True
-    seed: int = 1
-    device: str = "auto"
-    deterministic: bool = False
-
-    @property
-    def batch_size(self) -> int:
-        return self.num_envs * self.num_steps
-
-    @property
-    def num_updates(self) -> int:
-        return max(1, self.total_timesteps // self.batch_size)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,48 +89,16 @@ def bootstrap_truncated(rewards: torch.Tensor, truncated_states: list[tuple[torc
     rewards.view(-1).index_add_(0, rows, gamma * final_value)
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed numpy and torch, and switch deterministic algorithms on or off for this run."""
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        # cuBLAS sums in a fixed order only with a fixed workspace; without this setting torch
-        # refuses every CUDA matrix product in deterministic mode.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # Only on a change: the call also imports and sets inductor's config, which a plain run never needs.
-    if torch.are_deterministic_algorithms_enabled() != deterministic:
-        torch.use_deterministic_algorithms(deterministic)
-
-
-def sampling_rng_state(device: torch.device) -> torch.Tensor:
-    """State of the global generator that action sampling draws from on ``device``."""
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def set_sampling_rng_state(device: torch.device, state: torch.Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Write then rename, so a crash mid-write never leaves a corrupt checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    partial.replace(path)
-
-
-def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, segment: tuple[int, int],
+def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[int, int],
           validate: Callable[[ActorCritic], float],
           log: Callable[[dict, int], None] | None = None,
-          checkpoint_path: Path | None = None) -> TrainResult:
+          checkpoint_path: Path | None = None, collapse_share: float = 0.98) -> TrainResult:
     """Train on bars [segment[0], segment[1]] with random episode starts inside it.
 
     With ``checkpoint_path``, state is saved every ``cfg.checkpoint_every`` updates and a
     later call with the same path resumes after the last saved update: same weights, optimizer,
     random streams and open episodes, so it ends as the uninterrupted run would have.
+    ``collapse_share``: the alarm fires when this share of deterministic decisions is the same one.
     """
     device = env.device
     if device.type == "cpu":
@@ -189,11 +116,9 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
     n_feat = env.features.shape[1]
     obs_features = torch.zeros((cfg.num_steps, cfg.num_envs, n_feat), device=device)
     obs_position = torch.zeros((cfg.num_steps, cfg.num_envs) + env.position_shape, device=device)
-    discrete = agent.mode == "discrete"
-    portfolio = agent.mode == "portfolio"
-    action_shape = () if discrete else tuple(agent.log_std.shape)
-    actions = torch.zeros((cfg.num_steps, cfg.num_envs) + action_shape,
-                          dtype=torch.long if discrete else torch.float32, device=device)
+    space = agent.action_space
+    actions = torch.zeros((cfg.num_steps, cfg.num_envs) + space.action_shape, dtype=space.action_dtype,
+                          device=device)
     logprobs = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
     rewards = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
     dones = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
@@ -207,16 +132,10 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
     history: list[dict] = []
     start_time, global_step, first_update = time.perf_counter(), 0, 1
     if checkpoint_path is not None and Path(checkpoint_path).exists():
-        # Loaded on the CPU: a retry may run on a worker of the other kind (GPU or CPU queue).
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        saved = load_training_state(checkpoint_path)
         agent.load_state_dict(saved["agent"])
         optimizer.load_state_dict(saved["optimizer"])
-        if saved["device"] == device.type:
-            generator.set_state(saved["generator"])
-            set_sampling_rng_state(device, saved["sampling_rng"])
-        else:  # CPU and CUDA generators have different states
-            logger.warning("resuming a run checkpointed on %s on %s: random streams restart from the seed",
-                           saved["device"], device.type)
+        restore_random_streams(saved, device, generator)
         env.load_episode_state(saved["episodes"])
         next_features, next_position = env.observe()
         next_done = saved["next_done"].to(device)
@@ -245,7 +164,7 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
                 action, logprob = agent.sample(actor)
             values[step], actions[step], logprobs[step] = value, action, logprob
             greedy[step] = agent.greedy(actor)
-            result = env.step(agent.exposure(action))
+            result = env.step(agent.target(action))
             rewards[step] = result.reward * cfg.reward_scale
             truncated = result.truncated.nonzero().squeeze(1)
             if truncated.numel():
@@ -322,10 +241,10 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
         explained_var = (1 - (b_returns - b_values).var() / variance).item() if variance > 0 else float("nan")
         # Decisions of the policy that collected this rollout, on the states it visited.
         with torch.no_grad():
-            sampled_exposure = agent.exposure(b_actions)
-        greedy_exposure = greedy.reshape((-1,) + env.position_shape)
-        greedy_share = dominant_share(greedy_exposure, portfolio)
-        collapsed = greedy_share >= cfg.collapse_share
+            sampled_target = agent.target(b_actions)
+        greedy_target = greedy.reshape((-1,) + env.position_shape)
+        greedy_share = dominant_share(space, greedy_target)
+        collapsed = greedy_share >= collapse_share
         metrics = {
             "loss/policy": pg_loss.item(), "loss/value": v_loss.item(), "loss/entropy": entropy.item(),
             "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
@@ -333,10 +252,10 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
             "ent_coef": ent_coef, "epochs": epoch, "mean_reward": rewards.mean().item() / cfg.reward_scale,
             "steps_per_second": (global_step - steps_at_start) / (time.perf_counter() - start_time),
             "turnover_per_step": traded.item() / cfg.num_steps,
-            "hold_share": hold_share(sampled_exposure.reshape(greedy.shape), dones, portfolio),
+            "hold_share": hold_share(space, sampled_target.reshape(greedy.shape), dones),
             **{f"shaping/{name}": float(total) / cfg.num_steps for name, total in shaping_sums.items()},
             "collapse_alarm": float(collapsed),
-            **action_metrics(agent, sampled_exposure, greedy_exposure),
+            **space.action_metrics(sampled_target, greedy_target),
         }
         if update % cfg.eval_every == 0 or update == cfg.num_updates:
             agent.eval()
@@ -353,19 +272,19 @@ def train(cfg: PPOConfig, env: TradingEnv | PortfolioEnv, agent: ActorCritic, se
         bar.update(1)
         bar.set_postfix(sps=f"{metrics['steps_per_second']:,.0f}", val=f"{best_score:.2f}", refresh=False)
         if checkpoint_path is not None and (update % cfg.checkpoint_every == 0 or update == cfg.num_updates):
-            _save_checkpoint(Path(checkpoint_path), {
+            save_training_state(Path(checkpoint_path), {
                 "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "device": device.type,
                 "generator": generator.get_state(), "sampling_rng": sampling_rng_state(device),
                 "episodes": env.episode_state(), "next_done": next_done,
-                "best_state": best_state, "best_score": best_score, "best_update": best_update,
+                "best_state": best_state, "best_score": float(best_score), "best_update": best_update,
                 "history": history, "global_step": global_step, "update": update})
     bar.close()
 
     agent.load_state_dict(best_state)
     elapsed = time.perf_counter() - start_time
     with torch.no_grad():  # the alarm concerns the weights we keep, on the states of the last rollout
-        kept_share = dominant_share(agent.decide(obs_features.reshape(-1, n_feat),
-                                                 obs_position.reshape((-1,) + env.position_shape)), portfolio)
+        kept_share = dominant_share(space, agent.decide(obs_features.reshape(-1, n_feat),
+                                                        obs_position.reshape((-1,) + env.position_shape)))
     return TrainResult(agent=agent.eval(), best_update=best_update, best_score=float(best_score),
                        history=history, steps_per_second=(global_step - steps_at_start) / max(elapsed, 1e-9),
-                       resumed_from_update=resumed_from, collapse_alarm=kept_share >= cfg.collapse_share)
+                       resumed_from_update=resumed_from, collapse_alarm=kept_share >= collapse_share)

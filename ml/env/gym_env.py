@@ -6,7 +6,7 @@ costs, rewards and termination are the batched environment's own; this module
 only adds spaces, seeding and observation scaling.
 
     import gymnasium as gym
-    import ml.gym_env  # registers ml/Trading-v0
+    import ml.env.gym_env  # registers ml/Trading-v0
 
     env = gym.make("ml/Trading-v0", data="ml/sample/GSPC.csv")  # or "sample:GSPC", or a DataFrame
     obs, info = env.reset(seed=0)
@@ -35,12 +35,14 @@ import pandas as pd
 import torch
 from gymnasium import spaces
 
+from ml.agent.policy import NORM_CLIP
+from ml.config import ActionConfig, CostConfig, EnvConfig
 from ml.data.schema import OHLCV_FIELDS, DataError
 from ml.data.sources import load_file, load_sample, sample_path
-from ml.env import CostConfig, EnvConfig, TradingEnv
+from ml.env.action_space import make_action_space
+from ml.env.trading_env import TradingEnv
 from ml.evaluation.metrics import periods_per_year
-from ml.market import MarketSeries, prepare_series
-from ml.policy import NORM_CLIP
+from ml.market.series import MarketSeries, prepare_series
 
 ENV_ID = "ml/Trading-v0"
 DEFAULT_LEVELS = (-1.0, -0.5, 0.0, 0.5, 1.0)
@@ -125,8 +127,6 @@ class TradingGymEnv(gym.Env):
             config = EnvConfig(**env_config) if isinstance(env_config, dict) else env_config
         if episode_bars is not None:
             config = replace(config, episode_bars=int(episode_bars))
-        self.env = TradingEnv(self.series.ohlcv, self.series.features, 1, costs, config,
-                              self.series.fill_at_open)
 
         # Normalize every bar once; an observation is then a row lookup.
         mean, std = self.series.feature_stats(self.window)
@@ -144,36 +144,25 @@ class TradingGymEnv(gym.Env):
         self.exposure_range = (float(min_exposure), float(max_exposure))
         self.action_mode = action_mode
         self.exposure_levels = tuple(float(level) for level in exposure_levels)
-        if action_mode == "continuous":
-            # Always [-1, 1], clamped into the range when executed, as the trainer's continuous policy:
-            # learners expect a symmetric Box (Stable-Baselines3's checker warns otherwise).
-            self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
-        elif action_mode == "discrete":
-            if not self.exposure_levels or any(abs(level) > 1.0 for level in self.exposure_levels):
-                raise ValueError(f"exposure_levels must be non-empty and inside [-1, 1], got {exposure_levels}")
-            self.action_space = spaces.Discrete(len(self.exposure_levels))
-            self._allowed = np.array([min_exposure <= level <= max_exposure for level in self.exposure_levels])
-            if not self._allowed.any():
-                raise ValueError(f"no exposure level inside [{min_exposure}, {max_exposure}]: {exposure_levels}")
-            # A disallowed level is executed clamped into the range (flat for a short level when
-            # long-only): the constraint holds even for learners that ignore action_masks() (and
-            # for check_env's random actions).
-            self._targets = [torch.tensor([self._clamp(level)], dtype=torch.float64) for level in self.exposure_levels]
-        else:
+        if action_mode not in ("discrete", "continuous"):
             raise ValueError(f"unknown action_mode '{action_mode}' (expected discrete or continuous)")
+        if not self.exposure_levels or any(abs(level) > 1.0 for level in self.exposure_levels):
+            raise ValueError(f"exposure_levels must be non-empty and inside [-1, 1], got {exposure_levels}")
+        try:
+            self.trading_space = make_action_space(ActionConfig(action_mode, self.exposure_levels, min_exposure,
+                                                                max_exposure))
+        except ValueError as error:
+            raise ValueError(f"{error}: {exposure_levels}") from None
+        self.action_space = self.trading_space.gym_space()
+        self.env = TradingEnv(self.series, 1, self.trading_space, costs, config)
         self._done = True
-
-    def _clamp(self, exposure: float) -> float:
-        return min(max(exposure, self.exposure_range[0]), self.exposure_range[1])
 
     def action_masks(self) -> np.ndarray:
         """Allowed actions as a bool array (the ``MaskablePPO`` convention; discrete mode).
 
         For ``action_space.sample(mask=...)`` pass ``env.action_masks().astype(np.int8)``.
         """
-        if self.action_mode != "discrete":
-            raise ValueError("continuous actions have no mask: they are clamped into [min_exposure, max_exposure]")
-        return self._allowed.copy()
+        return self.trading_space.gym_action_mask()
 
     def _observation(self, bar: int, position: float) -> np.ndarray:
         obs = np.empty(self.observation_space.shape, dtype=np.float32)
@@ -195,21 +184,10 @@ class TradingGymEnv(gym.Env):
         info = {"nav": 1.0, "cost": 0.0, "position": 0.0, "traded": 0.0, "bar": start}
         return self._observation(start, 0.0), info
 
-    def _target(self, action) -> torch.Tensor:
-        if self.action_mode == "discrete":
-            index = int(action)
-            if not 0 <= index < self.action_space.n:
-                raise ValueError(f"action {action} is outside Discrete({self.action_space.n})")
-            return self._targets[index]
-        exposure = np.asarray(action, dtype=np.float64).reshape(-1)
-        if exposure.shape != (1,) or not np.isfinite(exposure[0]):
-            raise ValueError(f"action {action!r} is not one finite target exposure")
-        return torch.tensor([self._clamp(float(exposure[0]))], dtype=torch.float64)
-
     def step(self, action):
         if self._done:
             raise RuntimeError("the episode is over: call reset() before step()")
-        result = self.env.step(self._target(action))
+        result = self.env.step(self.trading_space.gym_target(action, self.action_space))
         terminated, truncated = bool(result.terminated.item()), bool(result.truncated.item())
         self._done = terminated or truncated
         position = float(result.position.item())
@@ -222,4 +200,4 @@ class TradingGymEnv(gym.Env):
 
 # Registration on import; gymnasium >= 1.0 no longer loads entry-point plugins by itself.
 if ENV_ID not in gym.registry:
-    gym.register(id=ENV_ID, entry_point="ml.gym_env:TradingGymEnv")
+    gym.register(id=ENV_ID, entry_point="ml.env.gym_env:TradingGymEnv")

@@ -22,43 +22,23 @@ import numpy as np
 import onnx
 import torch
 
-from ml.policy import PortfolioPolicy, TradingPolicy
-
-INPUT_NAMES = ["ohlcv", "position"]
-OUTPUT_NAMES = ["target_exposure", "action_probs", "value"]
-CONTINUOUS_OUTPUT_NAMES = ["target_exposure", "action_std", "value"]
-PORTFOLIO_INPUT_NAMES = ["ohlcv", "weights"]
-PORTFOLIO_OUTPUT_NAMES = ["target_weights", "value"]
+from ml.agent.policy import ExportPolicy
+from ml.serving import create_session
 
 
-def input_names(policy: TradingPolicy | PortfolioPolicy) -> list[str]:
-    return PORTFOLIO_INPUT_NAMES if isinstance(policy, PortfolioPolicy) else INPUT_NAMES
-
-
-def output_names(policy: TradingPolicy | PortfolioPolicy) -> list[str]:
-    if isinstance(policy, PortfolioPolicy):
-        return PORTFOLIO_OUTPUT_NAMES
-    return CONTINUOUS_OUTPUT_NAMES if policy.actor_critic.mode == "continuous" else OUTPUT_NAMES
-
-
-def example_inputs(policy: TradingPolicy | PortfolioPolicy) -> tuple[torch.Tensor, torch.Tensor]:
-    lookback, assets = policy.features.lookback, policy.actor_critic.n_assets
-    if isinstance(policy, PortfolioPolicy):
-        return torch.rand(2, lookback, assets, 5) + 1.0, torch.zeros(2, assets)
-    return torch.rand(2, lookback, 5) + 1.0, torch.zeros(2, 1)
-
-
-def export_onnx(policy: TradingPolicy | PortfolioPolicy, path: str | Path, metadata: dict[str, str]) -> Path:
+def export_onnx(policy: ExportPolicy, path: str | Path, metadata: dict[str, str]) -> Path:
     """Write the policy graph with a dynamic batch axis and ``metadata_props``."""
     path = Path(path)
     policy = policy.cpu().eval()
-    names = input_names(policy)
+    space = policy.action_space
+    names = list(space.input_names)
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            policy, example_inputs(policy), input_names=names, output_names=output_names(policy),
-            dynamic_shapes={names[0]: {0: batch}, names[1]: {0: batch}},
+            policy, space.example_inputs(policy.features.lookback), input_names=names,
+            output_names=list(space.output_names),
+            dynamic_shapes=({0: batch}, {0: batch}),
             dynamo=True, external_data=False, verbose=False,
         )
     model = program.model_proto
@@ -82,30 +62,24 @@ class ParityResult:
                 "provider": self.provider, "tolerance": self.tolerance}
 
 
-def real_windows(ohlcv: np.ndarray, lookback: int, first: int, last: int, count: int,
-                 levels: list[float], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` windows ending on bars in [first, last], with positions drawn from the levels.
-
-    For a portfolio series ([T, A, 5]) the windows are [count, L, A, 5] and the positions
-    random long-only weights [count, A] (a cash share is drawn too).
-    """
+def real_windows(policy: ExportPolicy, ohlcv: np.ndarray, first: int, last: int, count: int,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` windows of the policy's input shape ending on bars in [first, last] of ``ohlcv``
+    [T, A, 5], with positions the action space draws (exposure levels, or random long-only weights)."""
     rng = np.random.default_rng(seed)
+    lookback = policy.features.lookback
     ends = rng.integers(max(first, lookback - 1), last + 1, size=count)
     windows = np.stack([ohlcv[e - lookback + 1:e + 1] for e in ends]).astype("float32")
-    if ohlcv.ndim == 3:
-        assets = ohlcv.shape[1]
-        return windows, rng.dirichlet(np.ones(assets + 1), size=count)[:, :assets].astype("float32")
-    positions = rng.choice(np.asarray(levels, dtype="float32"), size=(count, 1))
-    return windows, positions
+    example = policy.action_space.example_inputs(lookback)[0]
+    return windows.reshape((count,) + tuple(example.shape[1:])), policy.action_space.example_positions(rng, count)
 
 
-def check_parity(policy: TradingPolicy | PortfolioPolicy, onnx_path: str | Path, windows: np.ndarray,
+def check_parity(policy: ExportPolicy, onnx_path: str | Path, windows: np.ndarray,
                  positions: np.ndarray, tolerance: float = 1e-5) -> ParityResult:
     """Run onnxruntime and torch on the same real windows (and positions or weights); compare every output."""
-    from ml.serving import create_session
-
+    space = policy.action_space
     session = create_session(onnx_path)
-    got = session.run(output_names(policy), dict(zip(input_names(policy), (windows, positions))))
+    got = session.run(list(space.output_names), dict(zip(space.input_names, (windows, positions))))
     with torch.no_grad():
         want = [t.numpy() for t in policy.cpu().eval()(torch.from_numpy(windows), torch.from_numpy(positions))]
     diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))

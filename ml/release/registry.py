@@ -14,8 +14,14 @@ import time
 from pathlib import Path
 
 import mlflow
+import onnx
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+
+from ml.release.lock import registry_lock
+from ml.serving import create_session, cuda_driver_present, resolve_model_path
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -79,8 +85,6 @@ def flatten(values: dict, prefix: str = "") -> dict:
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict, step: int | None = None) -> None:
     """One batched call; non-finite values are left out (MLflow cannot chart them)."""
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     batch = [Metric(key.replace("+", "p"), float(value), now, step or 0) for key, value in metrics.items()
              if isinstance(value, (int, float)) and math.isfinite(value)]
@@ -94,17 +98,13 @@ def register_onnx(tracking_uri: str, run_id: str, model_name: str, onnx_path: Pa
 
     Idempotent per run: a retried task finds the version this run already registered.
     """
-    import onnx
-    from mlflow.models import infer_signature
-
-    from ml.serving import create_session, cuda_driver_present
-
     client = MlflowClient(tracking_uri)
     existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
     if existing:
         return str(existing[0].version)
-    outputs = create_session(onnx_path).run(None, input_example)
-    signature = infer_signature(input_example, {"target_exposure": outputs[0]})
+    session = create_session(onnx_path)
+    outputs = session.run(None, input_example)  # every output goes into the signature
+    signature = infer_signature(input_example, {o.name: value for o, value in zip(session.get_outputs(), outputs)})
     providers = (["CUDAExecutionProvider"] if cuda_driver_present() else []) + ["CPUExecutionProvider"]
     with fluent_tracking(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
@@ -123,8 +123,6 @@ def alias_version(tracking_uri: str, model_name: str, alias: str) -> str | None:
 
 def download_model(tracking_uri: str, model_name: str, version: str) -> Path:
     """The version's ONNX file on local disk."""
-    from ml.serving import resolve_model_path
-
     return resolve_model_path(f"models:/{model_name}/{version}", tracking_uri)
 
 
@@ -155,8 +153,6 @@ class PromotionError(RuntimeError):
 
 def promote(tracking_uri: str, model_name: str, version: str) -> dict:
     """Manual promotion of a version that passed its gate."""
-    from ml.promotion import registry_lock
-
     with registry_lock(tracking_uri, model_name):
         previous = move_champion(tracking_uri, model_name, version, "promoted by hand")
     return {"model_name": model_name, "champion": version, "previous": previous}
@@ -164,8 +160,6 @@ def promote(tracking_uri: str, model_name: str, version: str) -> dict:
 
 def rollback(tracking_uri: str, model_name: str, to_version: str | None = None) -> dict:
     """Re-point `champion` to an earlier version (default: the one it replaced)."""
-    from ml.promotion import registry_lock
-
     client = MlflowClient(tracking_uri)
     with registry_lock(tracking_uri, model_name):
         current = alias_version(tracking_uri, model_name, CHAMPION)

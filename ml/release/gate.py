@@ -1,18 +1,13 @@
-"""The promotion gate and alias moves: which version may become `champion`, and rollback.
+"""The promotion gate: which version may become `champion`.
 
 The gate is an explicit policy (``GateConfig``); every decision is written
-onto the model version with its numbers and reasons. Alias moves happen under
-a registry lock and re-check the champion they compared against, so two
-racing pipeline runs can never leave `champion` on a version that did not
-pass.
+onto the model version with its numbers and reasons (``ml.release.registry``),
+and alias moves happen under the registry lock (``ml.release.lock``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +16,11 @@ import pandas as pd
 import torch
 
 from ml.config import GateConfig, PipelineConfig
+from ml.env.action_space import make_action_space
 from ml.evaluation.backtest import run_backtest
 from ml.evaluation.metrics import periods_per_year
-from ml.evaluation.portfolio_backtest import run_portfolio_backtest
+from ml.market.series import MarketSeries
+from ml.serving import Policy
 
 
 @dataclass
@@ -43,7 +40,7 @@ class GateDecision:
         return {"passed": self.passed, "reasons": self.reasons, "checks": self.checks, "numbers": self.numbers}
 
 
-def evaluate_gate(report: dict, parity: dict, gate: GateConfig,
+def evaluate_gate(report: dict, parity: dict, gate: GateConfig, collapse_share: float,
                   champion_comparison: dict | None = None) -> GateDecision:
     """Apply the configured rules to a run's report; ``champion_comparison`` when a champion exists."""
     decision = GateDecision(passed=True)
@@ -63,8 +60,8 @@ def evaluate_gate(report: dict, parity: dict, gate: GateConfig,
         collapsed = [f["index"] for f in report["folds"] if f["policy"]["collapse"]["alarm"]]
         decision.add("no_collapse", not collapsed,
                      "no collapse alarm" if not collapsed else
-                     f"collapse alarm on fold(s) {collapsed}: the deterministic policy chose one exposure "
-                     f"on >= 98% of test bars")
+                     f"collapse alarm on fold(s) {collapsed}: the deterministic policy made one decision "
+                     f"on >= {collapse_share:.0%} of test bars")
     if gate.require_beats_cash and finite:
         mean_return = float(np.mean([t["total_return"] for t in tests]))
         decision.add("beats_cash", mean_return > gate.cash_margin,
@@ -83,32 +80,27 @@ def evaluate_gate(report: dict, parity: dict, gate: GateConfig,
     return decision
 
 
-def onnx_decide(policy, ohlcv: np.ndarray):
-    """A backtest decision function that runs an exported model (``ml.serving.Policy``) on raw windows.
-
-    Single asset: exposure from ``ohlcv`` [T, 5]; portfolio: weights from ``ohlcv`` [T, A, 5].
-    """
+def onnx_decide(policy: Policy, ohlcv: np.ndarray):
+    """A backtest decision function that runs an exported model on raw windows of ``ohlcv`` [T, A, 5]."""
     session, lookback = policy.session, policy.lookback
-    names = ("target_weights", "weights") if policy.symbols is not None else ("target_exposure", "position")
+    # The graph's own names and window shape: [1, L, 5] + position, or [1, L, A, 5] + weights.
+    (window_input, window_shape), (position_input, _) = [(i.name, i.shape) for i in session.get_inputs()]
+    target_output = session.get_outputs()[0].name
+    shape = (1, *window_shape[1:])
 
     def decide(_features, position, t):
-        window = ohlcv[t - lookback + 1:t + 1][None].astype(np.float32)
+        window = ohlcv[t - lookback + 1:t + 1].reshape(shape).astype(np.float32)
         held = position.reshape(1, -1).cpu().numpy().astype(np.float32)
-        out = session.run([names[0]], {"ohlcv": window, names[1]: held})[0]
+        out = session.run([target_output], {window_input: window, position_input: held})[0]
         return torch.as_tensor(out.reshape(-1))
 
     return decide
 
 
 def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champion_version: str,
-                             champion_train_end: str, bars: pd.DataFrame, window: tuple[int, int],
+                             champion_train_end: str, series: MarketSeries, window: tuple[int, int],
                              gap: int, config: PipelineConfig) -> dict:
     """Backtest both exported models on the recent bars that neither trained on."""
-    from ml.serving import Policy
-
-    from ml.rundir import prepare_market
-
-    series = prepare_market(bars, config, torch.device("cpu"))
     timestamps = series.timestamps
     first_unseen = int(timestamps.searchsorted(pd.Timestamp(champion_train_end), side="right")) + gap
     first, last = max(window[0], first_unseen), window[1]
@@ -121,35 +113,9 @@ def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champio
         policy = Policy(path, prefer_gpu=False)
         if first < policy.lookback - 1:
             return {"skipped": f"{name} needs {policy.lookback} bars of history before the window"}
-        if config.portfolio:
-            backtest = run_portfolio_backtest(onnx_decide(policy, ohlcv), series, (first, last), config.costs)
-        else:
-            backtest = run_backtest(onnx_decide(policy, ohlcv), series.ohlcv, series.features, (first, last),
-                                    timestamps, config.costs, series.fill_at_open)
+        backtest = run_backtest(onnx_decide(policy, ohlcv), series, (first, last), config.costs,
+                                make_action_space(config.action, series.n_assets))
         sharpe[name] = backtest.metrics(ppy)["sharpe"]
     return {"challenger_sharpe": sharpe["challenger"], "champion_sharpe": sharpe["champion"],
             "champion_version": champion_version, "start": timestamps.iloc[first].date().isoformat(),
             "end": timestamps.iloc[last].date().isoformat(), "bars": last - first}
-
-
-@contextlib.contextmanager
-def registry_lock(tracking_uri: str, model_name: str):
-    """Serialize alias moves for one model (a file lock beside a local store, else in the temp dir).
-
-    With a remote tracking server, runs of one model must also be serialized by the
-    scheduler (the training DAG runs with max_active_runs=1).
-    """
-    if tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri[len("sqlite:///"):]).parent
-    elif tracking_uri.startswith("file:"):
-        folder = Path(tracking_uri[len("file:"):].lstrip("/")).parent
-    else:
-        folder = Path(tempfile.gettempdir())
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{model_name}.promotion.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-

@@ -11,8 +11,8 @@ with the batch split across torch's threads: MKL runs a product whose long
 dimension is the inner one on one thread, half the speed on two cores).
 
 ``tanh_mlp`` runs a whole MLP (tanh layers, then a linear head) that way, and
-takes its backward from the compiled kernel ``ml._tanh_mlp`` when it is built
-(``ml/csrc/tanh_mlp.cpp``): one pass over the batch in cache-sized blocks
+takes its backward from the compiled kernel ``ml.fastpath._tanh_mlp`` when it is built
+(``ml/fastpath/csrc/tanh_mlp.cpp``): one pass over the batch in cache-sized blocks
 instead of layer-by-layer passes over memory.
 
 On CUDA, in other dtypes, while exporting or tracing, or in a torch build
@@ -36,7 +36,7 @@ def _onednn_linear():
 
 def _compiled_kernel():
     try:
-        from ml import _tanh_mlp
+        from ml.fastpath import _tanh_mlp
     except ImportError:  # built without a C++ compiler: the layer-by-layer backward runs
         return None
     return _tanh_mlp
@@ -127,6 +127,11 @@ class _TanhMlp(torch.autograd.Function):
         activations, weights = rest[:hidden_layers], rest[hidden_layers:]
         grads = _KERNEL.tanh_mlp_backward(x, activations, weights, grad.contiguous(), BLOCK_ROWS)
         return (None, *grads)
+
+
+def kernel_built() -> bool:
+    """Whether the compiled backward is importable (built by ``make venv``)."""
+    return _KERNEL is not None
 
 
 def uses_kernel(x: torch.Tensor) -> bool:

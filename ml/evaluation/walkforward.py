@@ -1,7 +1,8 @@
 """One walk-forward fold: train on its train window, select on validation, report on test.
 
 Selection (which update's weights to keep) reads the validation backtest
-only; the test backtest runs once, after training, for the report.
+only; the test backtest and the baselines run once, after training, on the
+identical window and costs, for the report.
 """
 
 from __future__ import annotations
@@ -10,28 +11,25 @@ from dataclasses import replace
 from typing import Callable
 
 import numpy as np
+import torch
 
+from ml.agent.checkpoint import seed_everything
+from ml.agent.policy import ActorCritic
+from ml.agent.ppo import TrainResult, train
 from ml.config import PipelineConfig
-from ml.env import TradingEnv
-from ml.evaluation.backtest import Backtest, baseline_exposures, exposure_series_policy, run_backtest
+from ml.env.action_space import make_action_space
+from ml.env.trading_env import TradingEnv
+from ml.evaluation.backtest import Backtest, run_backtest, run_baselines
 from ml.evaluation.metrics import bar_returns, periods_per_year
-from ml.evaluation.statistics import deflated_sharpe_ratio, probabilistic_sharpe_ratio, sharpe_ci
 from ml.evaluation.splits import Fold
-from ml.market import MarketSeries
-from ml.policy import ActorCritic
-from ml.ppo import TrainResult, seed_everything, train
-
-COLLAPSE_SHARE = 0.98  # deterministic policy choosing one exposure this often has collapsed
-
-
-def policy_decide(agent: ActorCritic):
-    return lambda features, position, _t: agent.decide(features, position)
+from ml.evaluation.statistics import deflated_sharpe_ratio, probabilistic_sharpe_ratio, sharpe_ci
+from ml.market.series import MarketSeries
 
 
 def backtest_policy(agent: ActorCritic, series: MarketSeries, segment: tuple[int, int],
                     config: PipelineConfig) -> Backtest:
-    return run_backtest(policy_decide(agent), series.ohlcv, series.features, segment,
-                        series.timestamps, config.costs, series.fill_at_open)
+    return run_backtest(lambda features, position, _t: agent.decide(features, position), series, segment,
+                        config.costs, agent.action_space)
 
 
 def selection_score(backtest: Backtest, config: PipelineConfig) -> float:
@@ -39,26 +37,28 @@ def selection_score(backtest: Backtest, config: PipelineConfig) -> float:
     return float(metrics[config.selection_metric])
 
 
+def new_agent(series: MarketSeries, config: PipelineConfig, fold: Fold) -> ActorCritic:
+    """A freshly initialized policy for the series, normalized on the fold's training window."""
+    agent = ActorCritic(series.features.shape[1], make_action_space(config.action, series.n_assets),
+                        config.ppo.hidden)
+    mean, std = series.feature_stats(fold.train)
+    agent.set_normalization(mean.cpu(), std.cpu())
+    return agent
+
+
 def train_fold(series: MarketSeries, fold: Fold, config: PipelineConfig,
                log: Callable[[dict, int], None] | None = None, checkpoint_path=None) -> TrainResult:
     ppo = config.ppo
     seed_everything(ppo.seed, ppo.deterministic)  # the initial weights are part of the seeded run
-    agent = ActorCritic(series.feature_module.n_features, ppo.exposure_levels, ppo.hidden,
-                        ppo.action_mode, ppo.min_exposure, ppo.max_exposure)
-    mean, std = series.feature_stats(fold.train)
-    agent.set_normalization(mean.cpu(), std.cpu())
+    agent = new_agent(series, config, fold)
     env_config = replace(config.env, periods_per_year=periods_per_year(config.data.interval, config.data.calendar))
-    env = TradingEnv(series.ohlcv, series.features, ppo.num_envs, config.costs, env_config, series.fill_at_open)
+    env = TradingEnv(series, ppo.num_envs, agent.action_space, config.costs, env_config)
 
     def validate(candidate: ActorCritic) -> float:
         return selection_score(backtest_policy(candidate, series, fold.validation, config), config)
 
-    return train(ppo, env, agent.to(series.device), fold.train, validate, log, checkpoint_path)
-
-
-def collapse_check(backtest: Backtest) -> dict:
-    exposure, share = backtest.dominant_decision()
-    return {"alarm": share >= COLLAPSE_SHARE, "dominant_exposure": exposure, "dominant_share": share}
+    return train(ppo, env, agent.to(series.device), fold.train, validate, log, checkpoint_path,
+                 collapse_share=config.action.collapse_share)
 
 
 def uncertainty(backtest: Backtest, ppy: float, trial_sharpes: list[float] | None = None) -> dict:
@@ -82,29 +82,20 @@ def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: 
     """Policy on validation and test, baselines on the identical test window and costs."""
     ppy = periods_per_year(config.data.interval, config.data.calendar)
     agent = agent.to(series.device).eval()
+    space = agent.action_space
     validation = backtest_policy(agent, series, fold.validation, config)
     test = backtest_policy(agent, series, fold.test, config)
-    close = series.ohlcv[:, 3].double().cpu().numpy()
-    baselines = {
-        name: run_backtest(exposure_series_policy(exposures, series.device), series.ohlcv, series.features,
-                           fold.test, series.timestamps, config.costs, series.fill_at_open)
-        for name, exposures in baseline_exposures(close, config.ppo.exposure_levels, seed=fold.index).items()
-    }
+    baselines = run_baselines(series, fold.test, config.costs, space, seed=fold.index)
     result = {
         "index": fold.index,
         **fold.dates(series.timestamps),
         "policy": {"validation": validation.metrics(ppy),
                    "test": test.metrics(ppy) | uncertainty(test, ppy, trial_sharpes),
-                   "collapse": collapse_check(test),
-                   "test_exposure_histogram": _histogram(test.decision)},
+                   "collapse": space.collapse_report(torch.from_numpy(test.decision), config.action.collapse_share),
+                   **space.decision_summary(test.decision, series.symbols)},
         "baselines": {name: bt.metrics(ppy) | uncertainty(bt, ppy) for name, bt in baselines.items()},
     }
     return result, test, baselines
-
-
-def _histogram(decisions: np.ndarray) -> dict[str, float]:
-    values, counts = np.unique(np.round(decisions, 1), return_counts=True)
-    return {f"{v:+.2f}": float(c / counts.sum()) for v, c in zip(values, counts)}
 
 
 def aggregate(folds: list[dict]) -> dict:
@@ -124,4 +115,3 @@ def aggregate(folds: list[dict]) -> dict:
         out["folds_beating"][name] = {"sharpe": f"{wins}/{len(folds)}"}
     out["collapse_alarm"] = any(f["policy"]["collapse"]["alarm"] for f in folds)
     return out
-

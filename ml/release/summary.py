@@ -6,7 +6,7 @@ import os
 
 from mlflow.tracking import MlflowClient
 
-from ml.registry import CHALLENGER, CHAMPION, alias_version
+from ml.release.registry import CHALLENGER, CHAMPION, alias_version
 
 
 def registry_summary(model_name: str, tracking_uri: str | None = None) -> str:

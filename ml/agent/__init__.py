@@ -1,0 +1,1 @@
+"""The agent: the actor-critic policy, PPO, training checkpoints and action diagnostics."""

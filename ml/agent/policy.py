@@ -1,0 +1,138 @@
+"""The policy: feature normalization + actor-critic MLP, over any action space.
+
+``ActorCritic`` works on precomputed features (fast, used in training);
+``ExportPolicy`` wraps it with the feature module so that raw OHLCV windows go
+in and the action space's outputs come out: that is the graph exported to ONNX.
+What the actor's outputs mean (levels, a Gaussian exposure, portfolio weights)
+is the action space's business (``ml.env.action_space``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ml import fastpath
+from ml.env.action_space import ActionSpace, action_space_from_dict
+from ml.market.features import FeatureModule
+
+NORM_CLIP = 5.0
+
+
+def layer_init(layer: nn.Linear, std: float = float(np.sqrt(2)), bias: float = 0.0) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class ActorCritic(nn.Module):
+    """Shared tanh backbone with an actor head (sized by the action space) and a critic head.
+
+    The input is the normalized features and the current position (one exposure, or the
+    weights of a portfolio). Gaussian action spaces add a state-independent learned log std.
+    """
+
+    def __init__(self, n_features: int, action_space: ActionSpace, hidden: tuple[int, ...] = (64, 64)):
+        super().__init__()
+        self.action_space = action_space
+        self.hidden = tuple(hidden)
+        self.register_buffer("feature_mean", torch.zeros(n_features))
+        self.register_buffer("feature_std", torch.ones(n_features))
+        layers: list[nn.Module] = []
+        width = n_features + action_space.n_assets  # features + current position
+        for size in hidden:
+            layers += [layer_init(nn.Linear(width, size)), nn.Tanh()]
+            width = size
+        self.backbone = nn.Sequential(*layers)
+        self.actor = layer_init(nn.Linear(width, action_space.n_outputs), std=0.01)
+        self.critic = layer_init(nn.Linear(width, 1), std=1.0)
+        self.log_std = nn.Parameter(torch.full((action_space.n_outputs,), -0.5)) if action_space.gaussian else None
+
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Statistics fitted on the training window only."""
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(torch.clamp(std, min=1e-6))
+
+    def forward(self, features: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actor outputs [B, K] (logits, or a Gaussian's mean) and value [B]."""
+        normalized = torch.clamp((features - self.feature_mean) / self.feature_std, -NORM_CLIP, NORM_CLIP)
+        inputs = torch.cat([normalized, position.reshape(-1, self.action_space.n_assets)], dim=-1)
+        actor_bias = self.action_space.mask_actor_bias(self.actor.bias)
+        if fastpath.applies(inputs):
+            # Both heads in one product: the backward to the backbone is then one matrix product
+            # instead of two thin ones and a sum, which on CPU cost more than the product itself.
+            layers = [(linear.weight, linear.bias) for linear in self.backbone[::2]]  # the (Linear, Tanh) pairs
+            heads = fastpath.tanh_mlp(inputs, layers, (torch.cat([self.actor.weight, self.critic.weight]),
+                                                       torch.cat([actor_bias, self.critic.bias])))
+            return heads[:, :-1], heads[:, -1]
+        hidden = self.backbone(inputs)
+        return F.linear(hidden, self.actor.weight, actor_bias), self.critic(hidden).squeeze(-1)
+
+    def log_prob_entropy(self, actor: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of ``action`` and the entropy, per sample, in closed form."""
+        return self.action_space.log_prob_entropy(actor, self.log_std, action)
+
+    def sample(self, actor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An action drawn from the policy's distribution and its log-probability."""
+        action = self.action_space.sample(actor, self.log_std)
+        return action, self.log_prob_entropy(actor, action)[0]
+
+    def target(self, action: torch.Tensor) -> torch.Tensor:
+        """Target [B, A] of a sampled action."""
+        return self.action_space.to_target(action)
+
+    def greedy(self, actor: torch.Tensor) -> torch.Tensor:
+        """Deterministic target [B, A]: the most probable level, the clamped mean, or the mean's weights."""
+        return self.action_space.greedy(actor)
+
+    @torch.no_grad()
+    def decide(self, features: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        actor, _ = self(features, position)
+        return self.greedy(actor)
+
+
+class ExportPolicy(nn.Module):
+    """Raw windows + current position -> the action space's outputs: the exported ONNX graph.
+
+    One asset: ohlcv [B, L, 5] + position [B, 1] -> target_exposure [B, 1], then action_probs
+    [B, K] (discrete) or action_std [B, 1] (continuous), then value [B, 1].
+    A portfolio: ohlcv [B, L, A, 5] + weights [B, A] -> target_weights [B, A], value [B, 1];
+    every asset's window goes through the same feature module, asset after asset as in training.
+    """
+
+    def __init__(self, feature_module: FeatureModule, actor_critic: ActorCritic):
+        super().__init__()
+        self.features = feature_module
+        self.actor_critic = actor_critic
+
+    @property
+    def action_space(self) -> ActionSpace:
+        return self.actor_critic.action_space
+
+    def forward(self, ohlcv: torch.Tensor, position: torch.Tensor):
+        features = self.features(self.action_space.asset_windows(ohlcv)).reshape(ohlcv.shape[0], -1)
+        actor, value = self.actor_critic(features, position)
+        return self.action_space.export_outputs(actor, value, self.actor_critic.log_std)
+
+
+def policy_checkpoint(actor_critic: ActorCritic, feature_module: FeatureModule) -> dict:
+    """What it takes to rebuild the policy: weights, sizes and the action space (tensors and plain types)."""
+    return {
+        "state_dict": {k: v.detach().cpu() for k, v in actor_critic.state_dict().items()},
+        "n_features": actor_critic.feature_mean.numel(),
+        "hidden": list(actor_critic.hidden),
+        "action_space": actor_critic.action_space.to_dict(),
+        "lookback": feature_module.lookback,
+        "use_range": feature_module.use_range,
+        "use_volume": feature_module.use_volume,
+    }
+
+
+def load_policy(checkpoint: dict) -> ExportPolicy:
+    features = FeatureModule(checkpoint["lookback"], checkpoint["use_range"], checkpoint["use_volume"])
+    actor_critic = ActorCritic(checkpoint["n_features"], action_space_from_dict(checkpoint["action_space"]),
+                               tuple(checkpoint["hidden"]))
+    actor_critic.load_state_dict(checkpoint["state_dict"])
+    return ExportPolicy(features, actor_critic).eval()

@@ -1,0 +1,1 @@
+"""The trading environment: what an action means (action spaces), fills, costs and NAV accounting."""

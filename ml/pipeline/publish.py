@@ -1,0 +1,126 @@
+"""Publishing a trained run: export the policy to ONNX, check parity, register, apply the gate.
+
+    export_model -> register
+
+Both read the run folder that the earlier stages filled and return small references.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
+from ml.agent.policy import load_policy
+from ml.config import PipelineConfig
+from ml.market.features import FEATURE_SET_VERSION
+from ml.market.series import MarketSeries
+from ml.pipeline.rundir import RunFolder, code_version, load_agent, read_config, read_json, read_market, write_json
+from ml.release import registry
+from ml.release.export import check_parity, export_onnx, real_windows
+from ml.release.gate import compare_on_unseen_window, evaluate_gate
+from ml.release.lock import registry_lock
+from ml.serving import Policy
+
+
+def export_model(run_dir: Path) -> dict:
+    """ONNX of the most recent fold's policy, checked against torch on real windows."""
+    run = RunFolder(run_dir)
+    config = read_config(run)
+    data = read_json(run.data)
+    tracking = read_json(run.tracking)
+    latest = read_json(run.folds)[-1]
+    _, checkpoint = load_agent(run, latest["index"])
+    policy = load_policy(checkpoint)
+    space = policy.action_space
+    metadata = {
+        "lookback": config.lookback, "interval": data["interval"], "symbol": data["symbol"],
+        "feature_set_version": FEATURE_SET_VERSION,
+        "features": ",".join(policy.features.names),
+        "action_semantics": space.semantics(),
+        "action_mode": space.mode,
+        "close_only": str(data["close_only"]).lower(),
+        "training_window": f"{latest['train']['start']}/{latest['train']['end']}",
+        "validation_window": f"{latest['validation']['start']}/{latest['validation']['end']}",
+        "dataset_hash": data["dataset_hash"], "mlflow_run_id": tracking["run_id"],
+        "code_version": code_version(),
+    }
+    if config.data.symbols:
+        metadata["symbols"] = ",".join(config.data.symbols)  # the order of the asset axis
+    path = export_onnx(policy, run.model, metadata)
+    ohlcv = read_market(run, config, torch.device("cpu")).ohlcv.numpy()
+    first, last = latest["test"]["first_bar"], latest["test"]["last_bar"]
+    windows, positions = real_windows(policy, ohlcv, first, last, config.gate.parity_windows)
+    parity = check_parity(policy, path, windows, positions, config.gate.parity_tolerance)
+    np.savez(run.parity_windows, ohlcv=windows[:4], position=positions[:4])
+    write_json(run.parity, parity.as_dict())
+    return {"onnx": str(path), "parity": parity.as_dict()}
+
+
+def register(run_dir: Path) -> dict:
+    """Log artifacts, register the ONNX version, apply the gate, move aliases under the registry lock."""
+    run = RunFolder(run_dir)
+    if run.registration.exists():  # a retry never registers or promotes twice
+        return read_json(run.registration)
+    config = read_config(run)
+    data = read_json(run.data)
+    tracking = read_json(run.tracking)
+    report = read_json(run.report)
+    parity = read_json(run.parity)
+    uri, run_id, name = tracking["tracking_uri"], tracking["run_id"], config.model_name
+
+    client = MlflowClient(uri)
+    for artifact in run.report_artifacts():
+        client.log_artifact(run_id, str(artifact), artifact_path="report")
+    client.log_artifacts(run_id, str(run.plots), artifact_path="report/plots")
+    example = np.load(run.parity_windows)
+    policy = Policy(run.model, prefer_gpu=False)
+    input_names = [i.name for i in policy.session.get_inputs()]  # ohlcv, then position or weights
+    version = registry.register_onnx(uri, run_id, name, run.model,
+                                     dict(zip(input_names, (example["ohlcv"], example["position"]))),
+                                     tags={"dataset_hash": data["dataset_hash"], "code_version": code_version()})
+
+    with registry_lock(uri, name):
+        champion = registry.alias_version(uri, name, registry.CHAMPION)
+        comparison = None
+        if champion and champion != version and config.gate.compare_with_champion:
+            comparison = _compare_with_champion(run, config, uri, name, champion)
+        decision = evaluate_gate(report, parity, config.gate, config.action.collapse_share, comparison).as_dict()
+        benchmark = report["benchmark"]
+        policy_mean, hold = report["aggregate"]["policy"], report["aggregate"]["baselines"][benchmark]
+        description = (
+            f"Gate {'PASSED' if decision['passed'] else 'FAILED'}: " + "; ".join(decision["reasons"])
+            + f". Mean test Sharpe {policy_mean['sharpe']:.2f} vs {benchmark.replace('_', ' ')} {hold['sharpe']:.2f}; "
+            f"total return {policy_mean['total_return']:+.2%} vs {hold['total_return']:+.2%}."
+        )
+        registry.record_decision(uri, name, version, decision, description)
+        client.set_registered_model_alias(name, registry.CHALLENGER, version)
+        promoted = bool(decision["passed"] and config.registry.promote)
+        if promoted:
+            registry.move_champion(uri, name, version, "passed the promotion gate")
+    client.set_tag(run_id, "gate.passed", str(decision["passed"]).lower())
+    client.set_terminated(run_id)
+    result = {"model_name": name, "version": version, "champion": promoted,
+              "champion_version": registry.alias_version(uri, name, registry.CHAMPION),
+              "previous_champion": champion, "gate": decision, "champion_comparison": comparison,
+              "tracking_uri": uri, "run_id": run_id, "promote_requested": config.registry.promote}
+    write_json(run.registration, result)
+    return result
+
+
+def _compare_with_champion(run: RunFolder, config: PipelineConfig, uri: str, name: str, champion: str) -> dict:
+    """Both models on the latest test window, cut to the bars the champion never trained on."""
+    champion_path = registry.download_model(uri, name, champion)
+    metadata = Policy(champion_path, prefer_gpu=False).metadata
+    # The champion was selected on its validation window: that counts as seen too.
+    seen_until = metadata.get("validation_window") or metadata.get("training_window", "")
+    if "/" not in seen_until:
+        return {"skipped": f"champion v{champion} records no training window"}
+    latest = read_json(run.folds)[-1]
+    window = (latest["test"]["first_bar"], latest["test"]["last_bar"])
+    gap = latest["test"]["first_bar"] - latest["validation"]["last_bar"]
+    series: MarketSeries = read_market(run, config, torch.device("cpu"))
+    return compare_on_unseen_window(run.model, champion_path, champion, seen_until.split("/")[1], series, window,
+                                    gap, config)

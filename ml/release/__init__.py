@@ -1,0 +1,1 @@
+"""Releasing a policy: ONNX export and parity, the promotion gate, the MLflow registry."""
