@@ -32,15 +32,15 @@ import time
 import numpy as np
 import torch
 
-from ml.allocator import keep_freed_memory
-from ml.config import config_from_dict
+from ml.config import ActionConfig, CostConfig, EnvConfig, PPOConfig, config_from_dict
 from ml.data.sources import load_sample
-from ml.env import CostConfig, EnvConfig, TradingEnv
+from ml.env.action_space import make_action_space
+from ml.env.gym_env import DEFAULT_LEVELS, TradingGymEnv
+from ml.env.trading_env import TradingEnv
 from ml.evaluation.splits import walk_forward_folds
-from ml.gym_env import DEFAULT_LEVELS, TradingGymEnv
-from ml.market import prepare_series
-from ml.ppo import PPOConfig
-from ml.walkforward import train_fold
+from ml.evaluation.walkforward import train_fold
+from ml.fastpath import keep_freed_memory
+from ml.market.series import prepare_series
 
 DATA = "sample:GSPC"
 LOOKBACK = 64
@@ -117,7 +117,7 @@ def dummy_vec_env_rate(n_envs: int, window: tuple[int, int], steps: int) -> floa
 def batched_env_rate(series, n_envs: int, window: tuple[int, int], steps: int) -> float:
     """Our batched TradingEnv with the same random discrete levels and autoreset."""
     lo, hi = window
-    env = TradingEnv(series.ohlcv, series.features, n_envs, CostConfig(), EnvConfig(), series.fill_at_open)
+    env = TradingEnv(series, n_envs, make_action_space(ActionConfig()), CostConfig(), EnvConfig())
     generator = torch.Generator().manual_seed(0)
     ends = torch.full((n_envs,), hi)
     levels = torch.tensor(DEFAULT_LEVELS, dtype=torch.float64)

@@ -27,9 +27,11 @@ import torch
 
 from ml.data.schema import ohlcv_array
 from ml.data.sources import load_sample
-from ml.export import export_onnx
-from ml.features import FeatureModule
-from ml.policy import ActorCritic, TradingPolicy
+from ml.agent.policy import ActorCritic, ExportPolicy
+from ml.config import ActionConfig
+from ml.env.action_space import make_action_space
+from ml.market.features import FeatureModule
+from ml.release.export import export_onnx
 from ml.serving import Policy
 
 LOOKBACK = 64
@@ -38,15 +40,15 @@ P99_TARGET_US = 200.0
 THROUGHPUT_TARGET = 1_000_000
 
 
-def build_policy(ohlcv: np.ndarray) -> TradingPolicy:
+def build_policy(ohlcv: np.ndarray) -> ExportPolicy:
     torch.manual_seed(0)
     features = FeatureModule(LOOKBACK, use_range=True, use_volume=True)
-    agent = ActorCritic(features.n_features, LEVELS)
+    agent = ActorCritic(features.n_features, make_action_space(ActionConfig(exposure_levels=LEVELS)))
     # Normalization from real windows so the MLP sees inputs on the trained scale.
     with torch.no_grad():
         sample = features(torch.from_numpy(real_windows(ohlcv, 2048, seed=1)[0]))
     agent.set_normalization(sample.mean(0), sample.std(0))
-    return TradingPolicy(features, agent).eval()
+    return ExportPolicy(features, agent).eval()
 
 
 def real_windows(ohlcv: np.ndarray, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -22,15 +22,13 @@ from dataclasses import replace
 
 import torch
 
-from ml.config import config_from_dict
+from ml.config import ActionConfig, CostConfig, EnvConfig, config_from_dict
 from ml.data.sources import load_sample
-from ml.env import CostConfig, EnvConfig, TradingEnv
+from ml.env.action_space import make_action_space
+from ml.env.trading_env import TradingEnv
 from ml.evaluation.splits import walk_forward_folds
-from ml.market import prepare_series
-from ml.policy import ActorCritic
-from ml.portfolio import PortfolioEnv, PortfolioSeries, prepare_portfolio
-from ml.portfolio_walkforward import train_portfolio_fold
-from ml.walkforward import backtest_policy, train_fold
+from ml.evaluation.walkforward import backtest_policy, new_agent, train_fold
+from ml.market.series import prepare_series
 
 
 def sync(device: torch.device) -> None:
@@ -40,18 +38,17 @@ def sync(device: torch.device) -> None:
 
 def env_steps_per_second(series, n_envs: int, steps: int, compiled: bool = False) -> float:
     device = series.device
-    if isinstance(series, PortfolioSeries):
-        env = PortfolioEnv(series, n_envs, CostConfig(), EnvConfig(episode_bars=256))
-    else:
-        env = TradingEnv(series.ohlcv, series.features, n_envs, CostConfig(),
-                         EnvConfig(episode_bars=256, compile=compiled))
+    space = make_action_space(ActionConfig(mode="portfolio" if series.n_assets > 1 else "continuous"),
+                              series.n_assets)
+    env = TradingEnv(series, n_envs, space, CostConfig(), EnvConfig(episode_bars=256, compile=compiled))
     lo, hi = 100, series.ohlcv.shape[0] - 1
     generator = torch.Generator(device=device).manual_seed(0)
     ends = torch.full((n_envs,), hi, device=device)
     env.reset(torch.randint(lo, hi, (n_envs,), device=device, generator=generator), ends)
     # Single asset: exposures in [-1, 1]; portfolio: random weights summing to at most 1.
-    actions = torch.rand((steps, n_envs) + env.position_shape, device=device, generator=generator)
-    actions = actions * 2 - 1 if not env.position_shape else actions / env.position_shape[0]
+    assets = series.n_assets
+    actions = torch.rand((steps, n_envs, assets), device=device, generator=generator)
+    actions = actions * 2 - 1 if assets == 1 else actions / assets
 
     def run(count: int) -> None:
         for k in range(count):
@@ -69,13 +66,13 @@ def env_steps_per_second(series, n_envs: int, steps: int, compiled: bool = False
 
 
 def ppo_steps_per_second(series, n_envs: int, timesteps: int, device: str) -> float:
-    portfolio = isinstance(series, PortfolioSeries)
+    portfolio = series.n_assets > 1
     config = config_from_dict({
         "ppo": {"num_envs": n_envs, "num_steps": 64, "total_timesteps": timesteps, "eval_every": 10**9,
-                "device": device, **({"action_mode": "portfolio"} if portfolio else {})},
-        **({"data": {"symbols": list(series.symbols)}} if portfolio else {})})
+                "device": device},
+        **({"data": {"symbols": list(series.symbols)}, "action": {"mode": "portfolio"}} if portfolio else {})})
     fold = walk_forward_folds(series.timestamps, config.lookback, config.splits)[-1]
-    result = (train_portfolio_fold if portfolio else train_fold)(series, fold, config)
+    result = train_fold(series, fold, config)
     return result.steps_per_second
 
 
@@ -104,10 +101,11 @@ def profile_training(series, n_envs: int, updates: int, device: torch.device) ->
 
     config = config_from_dict({"ppo": {"device": device.type}})
     fold = walk_forward_folds(series.timestamps, config.lookback, config.splits)[-1]
-    agent = ActorCritic(series.features.shape[1], config.ppo.exposure_levels, config.ppo.hidden)
+    agent = new_agent(series, config, fold)
     places = [(device.type, series)]
     if cuda:  # the same single-episode loop on the CPU, for comparison
-        places.append(("cpu", replace(series, ohlcv=series.ohlcv.cpu(), features=series.features.cpu())))
+        places.append(("cpu", replace(series, ohlcv=series.ohlcv.cpu(), features=series.features.cpu(),
+                                      fill_at_open=series.fill_at_open.cpu())))
     for label, where in places:
         agent.to(where.device)
         backtest_policy(agent, where, fold.validation, config)  # warm-up
@@ -159,7 +157,7 @@ def main() -> None:
     print()
     print_table(series, args, compiled=True)
     if args.portfolio:
-        portfolio = prepare_portfolio({s: load_sample(s) for s in ("GSPC", "KO")}, 64, device)
+        portfolio = prepare_series({s: load_sample(s) for s in ("GSPC", "KO")}, 64, device)
         print("\nPortfolio mode, GSPC + KO + cash (one step = one decision over both assets):\n")
         print_table(portfolio, args, compiled=False)
     if args.profile:

@@ -14,17 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from ml.config import ConfigError
+from ml.config import ConfigError, load_config
 
 # Each command imports what it needs inside its function: `serve` must run on numpy and
 # onnxruntime alone, and `--help` or `config` must not wait for torch.
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from ml.config import load_config
     from ml.pipeline import run_pipeline
 
     overrides: dict = {}
@@ -86,8 +86,6 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> int:
-    import os
-
     from ml.release import registry
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -138,8 +136,6 @@ def _serve(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     """Print the effective config (defaults, or a file merged over them) as YAML."""
     import yaml
-
-    from ml.config import load_config
 
     def plain(value):
         if isinstance(value, dict):

@@ -30,7 +30,7 @@ class MlflowRegistryHook(BaseHook):
             raise AirflowFailException("no MLflow tracking URI: pass tracking_uri or set MLFLOW_TRACKING_URI")
 
     def champion(self, model_name: str) -> str | None:
-        from ml.registry import CHAMPION, alias_version
+        from ml.release.registry import CHAMPION, alias_version
 
         return alias_version(self.tracking_uri, model_name, CHAMPION)
 
@@ -42,7 +42,7 @@ class MlflowRegistryHook(BaseHook):
 
     @staticmethod
     def _move(action) -> dict:
-        from ml import registry
+        from ml.release import registry
 
         try:
             return action(registry)

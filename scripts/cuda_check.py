@@ -28,16 +28,15 @@ from pathlib import Path
 
 import torch
 
-from ml.config import config_from_dict
+from ml.agent.policy import ActorCritic, load_policy, policy_checkpoint
+from ml.config import ActionConfig, CostConfig, EnvConfig, config_from_dict
 from ml.data.sources import load_sample
-from ml.env import CostConfig, EnvConfig, TradingEnv
+from ml.env.action_space import make_action_space
+from ml.env.trading_env import TradingEnv
 from ml.evaluation.splits import walk_forward_folds
-from ml.export import check_parity, export_onnx, real_windows
-from ml.market import prepare_series
-from ml.policy import ActorCritic, load_policy, policy_checkpoint
-from ml.portfolio import PortfolioEnv, prepare_portfolio
-from ml.portfolio_walkforward import train_portfolio_fold
-from ml.walkforward import evaluate_fold, train_fold
+from ml.evaluation.walkforward import evaluate_fold, train_fold
+from ml.market.series import prepare_series
+from ml.release.export import check_parity, export_onnx, real_windows
 
 LOOKBACK = 64
 CPU = torch.device("cpu")
@@ -102,18 +101,19 @@ def check_environments(device: torch.device, bars: dict) -> None:
     config = EnvConfig(episode_bars=64)
 
     def single(dev, compiled=False):
-        return TradingEnv(series[dev].ohlcv, series[dev].features, 512, COSTS,
+        return TradingEnv(series[dev], 512, make_action_space(ActionConfig()).to(dev), COSTS,
                           replace(config, compile=compiled))
 
     want = books(single, 512, 300, (), CPU)
     compare_books("single-asset env", books(single, 512, 300, (), device), want)
     compare_books("compiled single-asset env", books(lambda dev: single(dev, True), 512, 300, (), device), want)
 
-    portfolio = {dev: prepare_portfolio({s: bars[s] for s in ("GSPC", "KO")}, LOOKBACK, dev) for dev in (device, CPU)}
+    portfolio = {dev: prepare_series({s: bars[s] for s in ("GSPC", "KO")}, LOOKBACK, dev) for dev in (device, CPU)}
     close("features of GSPC + KO", portfolio[device].features, portfolio[CPU].features, 1e-4)
 
     def multi(dev):
-        return PortfolioEnv(portfolio[dev], 512, COSTS, config)
+        return TradingEnv(portfolio[dev], 512, make_action_space(ActionConfig(mode="portfolio"), 2).to(dev),
+                          COSTS, config)
 
     compare_books("portfolio env", books(multi, 512, 300, (2,), device), books(multi, 512, 300, (2,), CPU))
 
@@ -122,7 +122,7 @@ def check_policies(device: torch.device) -> None:
     torch.manual_seed(3)
     features, generator = torch.randn(4096, 14) * 2, torch.Generator().manual_seed(4)
     for mode, n_assets in (("discrete", 1), ("continuous", 1), ("portfolio", 2)):
-        agent = ActorCritic(14, (-1.0, -0.5, 0.0, 0.5, 1.0), (64, 64), mode, n_assets=n_assets)
+        agent = ActorCritic(14, make_action_space(ActionConfig(mode=mode), n_assets), (64, 64))
         agent.set_normalization(features.mean(dim=0), features.std(dim=0))
         position = torch.rand((4096, n_assets), generator=generator)
         with torch.no_grad():
@@ -148,7 +148,7 @@ def check_training(device: torch.device, bars: dict) -> None:
     series = prepare_series(bars["GSPC"], config.lookback, device)
     fold = walk_forward_folds(series.timestamps, config.lookback, config.splits)[0]
     for mode in ("discrete", "continuous"):
-        mode_config = replace(config, ppo=replace(config.ppo, action_mode=mode))
+        mode_config = replace(config, action=replace(config.action, mode=mode))
         first, second = train_fold(series, fold, mode_config), train_fold(series, fold, mode_config)
         check(f"{mode} training on {device.type}: finite metrics", finite_history(first.history))
         check(f"{mode} training on {device.type}: deterministic mode repeats the weights",
@@ -160,11 +160,11 @@ def check_training(device: torch.device, bars: dict) -> None:
             check_export(first.agent, series, config)
             check_resume(series, fold, mode_config, first, prepare_series(bars["GSPC"], config.lookback, CPU))
 
-    portfolio_config = config_from_dict({"ppo": {**ppo, "action_mode": "portfolio"},
+    portfolio_config = config_from_dict({"ppo": ppo, "action": {"mode": "portfolio"},
                                          "data": {"symbols": ["GSPC", "KO"]}})
-    portfolio = prepare_portfolio({s: bars[s] for s in ("GSPC", "KO")}, config.lookback, device)
+    portfolio = prepare_series({s: bars[s] for s in ("GSPC", "KO")}, config.lookback, device)
     fold = walk_forward_folds(portfolio.timestamps, config.lookback, config.splits)[0]
-    first, second = (train_portfolio_fold(portfolio, fold, portfolio_config) for _ in range(2))
+    first, second = (train_fold(portfolio, fold, portfolio_config) for _ in range(2))
     check(f"portfolio training on {device.type}: finite metrics", finite_history(first.history))
     check(f"portfolio training on {device.type}: deterministic mode repeats the weights",
           same_weights(first.agent, second.agent))
@@ -202,10 +202,9 @@ def check_resume(series, fold, config, uninterrupted, cpu_series) -> None:
 
 def check_export(agent: ActorCritic, series, config) -> None:
     """A policy trained on the device exports with parity (export and onnxruntime run on CPU)."""
-    policy = load_policy(policy_checkpoint(agent, series.feature_module, config.ppo.hidden))
+    policy = load_policy(policy_checkpoint(agent, series.feature_module))
     ohlcv = series.ohlcv.cpu().numpy()
-    windows, positions = real_windows(ohlcv, config.lookback, config.lookback, len(ohlcv) - 1, 256,
-                                      list(config.ppo.exposure_levels), seed=1)
+    windows, positions = real_windows(policy, ohlcv, config.lookback, len(ohlcv) - 1, 256, seed=1)
     with tempfile.TemporaryDirectory() as folder:
         path = export_onnx(policy, Path(folder) / "policy.onnx", {"lookback": config.lookback})
         parity = check_parity(policy, path, windows, positions)

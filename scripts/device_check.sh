@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one call of a few minutes: the CUDA paths against the CPU
 # (scripts/cuda_check.py), then the CUDA throughput tables and a profile of one training run
 # (benchmarks/throughput.py). Needs python3 with torch, numpy, pandas, scipy, pyyaml, tqdm,
-# jinja2, onnx, onnxscript and onnxruntime; the CPU kernel (ml._tanh_mlp) is not needed.
+# jinja2, onnx, onnxscript and onnxruntime; the CPU kernel (ml.fastpath._tanh_mlp) is not needed.
 # Logs go to $OUT (or .local/device-check); each stage runs even if an earlier one failed,
 # and the exit status says whether all passed.
 set -uo pipefail

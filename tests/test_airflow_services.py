@@ -184,7 +184,7 @@ def check_champion_serves(env: dict[str, str], run_id: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from ml.orchestration import run_dir_for
-    from ml.registry import CHAMPION, alias_version
+    from ml.release.registry import CHAMPION, alias_version
     from ml.serving import Policy
 
     uri = env["MLFLOW_TRACKING_URI"]

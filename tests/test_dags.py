@@ -91,7 +91,7 @@ def test_airflow_dags_test_trains_registers_and_promotes(airflow_env, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from ml.registry import CHAMPION, alias_version
+    from ml.release.registry import CHAMPION, alias_version
     from ml.serving import Policy
 
     uri = airflow_env["MLFLOW_TRACKING_URI"]
@@ -133,7 +133,7 @@ def test_airflow_dags_test_market_data_curates_the_lake_and_reruns_change_nothin
 
 def test_airflow_dags_test_model_promotion(airflow_env):
     """Runs after the ppo_training test registered a champion in the same store."""
-    from ml.registry import CHAMPION, alias_version
+    from ml.release.registry import CHAMPION, alias_version
 
     uri = airflow_env["MLFLOW_TRACKING_URI"]
     champion = alias_version(uri, "ppo_GSPC_1d", CHAMPION)
@@ -156,14 +156,14 @@ def test_airflow_dags_test_trains_a_portfolio_from_a_config_file(airflow_env, tm
     """The same DAG runs portfolio mode when its config file names several symbols."""
     config_file = tmp_path / "portfolio.json"
     config_file.write_text(json.dumps({**TINY_CONFIG, "data": {"symbols": ["GSPC", "KO"]},
-                                       "ppo": {**TINY_CONFIG["ppo"], "action_mode": "portfolio"}}))
+                                       "action": {"mode": "portfolio"}}))
     conf = {"source": "sample", "start": "2009-01-01", "timesteps": 4096, "config_file": str(config_file)}
     proc = subprocess.run([AIRFLOW, "dags", "test", "ppo_training", "-c", json.dumps(conf)],
                           env=airflow_env, capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
 
-    from ml.registry import CHAMPION, alias_version
+    from ml.release.registry import CHAMPION, alias_version
     from ml.serving import Policy
 
     uri = airflow_env["MLFLOW_TRACKING_URI"]

@@ -4,15 +4,18 @@ the future never leaks into the present, batched equals single."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from ml.config import ActionConfig, CostConfig, EnvConfig
 from ml.data.schema import ohlcv_array
-from ml.env import BPS, CostConfig, EnvConfig, TradingEnv
-from ml.features import MIN_LOOKBACK, FeatureModule, series_features
-from ml.market import prepare_series
+from ml.env.action_space import make_action_space
+from ml.env.trading_env import BPS, TradingEnv
+from ml.market.features import MIN_LOOKBACK, FeatureModule, series_features
+from ml.market.series import prepare_series
 from tests.conftest import synthetic_bars
 
 LOOKBACK = 64
@@ -23,15 +26,24 @@ def series():
     return prepare_series(synthetic_bars(600), LOOKBACK, torch.device("cpu"))
 
 
-def make_env(series, n, costs=CostConfig(), episode_bars=10_000, fill_at_open=True):
-    return TradingEnv(series.ohlcv, series.features, n, costs, EnvConfig(episode_bars=episode_bars),
-                      fill_at_open=fill_at_open)
+SPACE = make_action_space(ActionConfig())  # one asset; the env keeps exposures in [-1, 1]
+
+
+def make_env(series, n, costs=CostConfig(), episode_bars=10_000, config=None):
+    return TradingEnv(series, n, SPACE, costs, config or EnvConfig(episode_bars=episode_bars))
+
+
+def prices(series):
+    """Close and fill reference per bar of the one asset, [T] float64, read from the raw bars."""
+    close = series.ohlcv[:, 0, 3].double()
+    reference = series.ohlcv[:, 0, 0].double() if bool(series.fill_at_open[0]) else close
+    return close, reference
 
 
 def test_series_features_equal_per_window_forward(series):
     module = series.feature_module
     for t in (LOOKBACK - 1, 100, 377, 599):
-        window = series.ohlcv[t - LOOKBACK + 1:t + 1][None]
+        window = series.ohlcv[t - LOOKBACK + 1:t + 1, 0][None]
         # Equal up to float32 rounding (a batched matmul may sum in another order than a single row).
         torch.testing.assert_close(series.features[t], module(window)[0], rtol=1e-6, atol=1e-6)
     assert torch.isnan(series.features[:LOOKBACK - 1]).all()
@@ -40,7 +52,7 @@ def test_series_features_equal_per_window_forward(series):
 
 def test_features_never_read_the_future(series):
     t = 300
-    perturbed = series.ohlcv.clone()
+    perturbed = series.ohlcv[:, 0].clone()
     perturbed[t + 1:] *= torch.linspace(0.5, 3.0, perturbed.shape[0] - t - 1)[:, None]
     after = series_features(series.feature_module, perturbed)
     torch.testing.assert_close(after[:t + 1], series.features[:t + 1], equal_nan=True, rtol=0, atol=0)
@@ -65,7 +77,7 @@ def test_close_and_volume_series_keeps_its_volume_feature(gspc_bars):
     bars[["open", "high", "low"]] = np.nan  # a source that gives close and volume only
     close_volume = prepare_series(bars, LOOKBACK, torch.device("cpu"))
     module = close_volume.feature_module
-    assert module.use_volume and not module.use_range and not close_volume.fill_at_open
+    assert module.use_volume and not module.use_range and close_volume.fill_at_open.tolist() == [False]
     full = prepare_series(gspc_bars, LOOKBACK, torch.device("cpu"))
     volume_z = full.feature_module.names.index("volume_z_20")
     torch.testing.assert_close(close_volume.features[:, -1], full.features[:, volume_z], equal_nan=True)
@@ -78,8 +90,8 @@ def test_fill_at_next_open_with_hand_computed_costs(series):
     env.reset(torch.tensor([t0]), torch.tensor([500]))
     result = env.step(torch.tensor([1.0]))
 
-    open_next = float(series.ohlcv[t0 + 1, 0])
-    close_next = float(series.ohlcv[t0 + 1, 3])
+    open_next = float(series.ohlcv[t0 + 1, 0, 0])
+    close_next = float(series.ohlcv[t0 + 1, 0, 3])
     units = 1.0 / open_next  # full NAV at the next open, sized at the reference price
     fill_price = open_next * (1 + 10 * BPS)  # half-spread + slippage, adverse for a buy
     commission = units * fill_price * 10 * BPS
@@ -89,7 +101,7 @@ def test_fill_at_next_open_with_hand_computed_costs(series):
     assert float(result.cost[0]) == pytest.approx(units * (fill_price - open_next) + commission, rel=1e-12)
     assert float(result.reward[0]) == pytest.approx(math.log(nav), rel=1e-6)
     # The close the agent decided on plays no part in the fill.
-    assert float(series.ohlcv[t0, 3]) != pytest.approx(open_next)
+    assert float(series.ohlcv[t0, 0, 3]) != pytest.approx(open_next)
 
 
 def test_selling_gets_an_adverse_price_too(series):
@@ -97,10 +109,10 @@ def test_selling_gets_an_adverse_price_too(series):
     env = make_env(series, 1, costs)
     env.reset(torch.tensor([100]), torch.tensor([500]))
     env.step(torch.tensor([1.0]))
-    units_held = float(env.units[0])
+    units_held = float(env.units[0, 0])
     cash_before = float(env.cash[0])
     env.step(torch.tensor([0.0]))
-    reference = float(series.ohlcv[102, 0])
+    reference = float(series.ohlcv[102, 0, 0])
     assert float(env.cash[0]) == pytest.approx(cash_before + units_held * reference * (1 - 5 * BPS), rel=1e-12)
 
 
@@ -111,7 +123,7 @@ def test_short_pays_borrow_on_its_notional_at_the_close(series):
     env.reset(torch.tensor([t0]), torch.tensor([500]))
     result = env.step(torch.tensor([-0.5]))
 
-    open_next, close_next = float(series.ohlcv[t0 + 1, 0]), float(series.ohlcv[t0 + 1, 3])
+    open_next, close_next = float(series.ohlcv[t0 + 1, 0, 0]), float(series.ohlcv[t0 + 1, 0, 3])
     units = -0.5 / open_next
     borrow = 0.5 / open_next * close_next * 1 * BPS  # short notional at the close x one bar's rate
     cash = 1.0 - units * open_next - borrow
@@ -129,18 +141,20 @@ def test_money_is_conserved_at_every_step(series):
     starts = torch.arange(n) * 20 + LOOKBACK
     env.reset(starts, torch.full((n,), 599))
     generator = torch.Generator().manual_seed(0)
-    close, reference = env.close, env.fill_reference
+    close, reference = prices(series)
     for _ in range(40):
-        t, units_before, nav_before = env.t.clone(), env.units.clone(), env.nav.clone()
+        t, units_before, nav_before = env.t.clone(), env.units[:, 0].clone(), env.nav.clone()
         target = torch.rand(n, generator=generator) * 2 - 1
         result = env.step(target)
+        units = env.units[:, 0]
         # NAV is cash plus the marked position ...
-        torch.testing.assert_close(result.nav, env.cash + env.units * close[env.t], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(result.nav, env.cash + units * close[env.t], rtol=1e-12, atol=1e-12)
         # ... and it changes only by price moves on what was held, minus costs paid.
-        pnl = units_before * (reference[t + 1] - close[t]) + env.units * (close[t + 1] - reference[t + 1])
+        pnl = units_before * (reference[t + 1] - close[t]) + units * (close[t + 1] - reference[t + 1])
         torch.testing.assert_close(result.nav - nav_before, pnl - result.cost, rtol=1e-9, atol=1e-12)
         assert (result.cost >= 0).all()
-        torch.testing.assert_close(result.position.double(), target.double(), rtol=0, atol=0.05)
+        assert result.position.shape == (n, 1)
+        torch.testing.assert_close(result.position[:, 0].double(), target.double(), rtol=0, atol=0.05)
 
 
 def test_reward_at_t_does_not_see_bars_after_the_fill(series):
@@ -149,8 +163,8 @@ def test_reward_at_t_does_not_see_bars_after_the_fill(series):
     actions = torch.tensor([1.0, -0.5, 0.0, 0.5, -1.0] * 6)
 
     def rollout(ohlcv):
-        features = series_features(series.feature_module, ohlcv)
-        env = TradingEnv(ohlcv, features, 1, CostConfig(), EnvConfig(episode_bars=1000))
+        features = series_features(series.feature_module, ohlcv[:, 0])
+        env = make_env(replace(series, ohlcv=ohlcv, features=features), 1, episode_bars=1000)
         env.reset(torch.tensor([t0]), torch.tensor([599]))
         observations, rewards = [env.observe()[0].clone()], []
         for a in actions[:steps]:
@@ -212,9 +226,9 @@ def test_truncated_and_terminated_are_kept_apart(series):
 
 
 def test_ruin_terminates(series):
-    prices = series.ohlcv.clone()
-    prices[102:, :4] *= 0.3  # a 70% crash one bar after the fill
-    env = TradingEnv(prices, series.features, 1, CostConfig(), EnvConfig(ruin_fraction=0.5))
+    crashed = series.ohlcv.clone()
+    crashed[102:, :, :4] *= 0.3  # a 70% crash one bar after the fill
+    env = make_env(replace(series, ohlcv=crashed), 1, config=EnvConfig(ruin_fraction=0.5))
     env.reset(torch.tensor([100]), torch.tensor([599]))
     assert not bool(env.step(torch.tensor([1.0])).terminated[0])
     result = env.step(torch.tensor([1.0]))
@@ -223,14 +237,13 @@ def test_ruin_terminates(series):
 
 def test_close_only_series_fills_at_next_close(ko_bars):
     series = prepare_series(ko_bars.iloc[:400].reset_index(drop=True), LOOKBACK, torch.device("cpu"))
-    assert not series.fill_at_open
-    env = TradingEnv(series.ohlcv, series.features, 1, CostConfig(0, 0, 0), EnvConfig(),
-                     fill_at_open=series.fill_at_open)
+    assert series.fill_at_open.tolist() == [False]
+    env = make_env(series, 1, CostConfig(0, 0, 0), config=EnvConfig())
     env.reset(torch.tensor([200]), torch.tensor([399]))
     first = env.step(torch.tensor([1.0]))
     assert float(first.reward[0]) == pytest.approx(0.0, abs=1e-12)  # bought at the close it is marked at
     second = env.step(torch.tensor([1.0]))
-    expected = math.log(float(series.ohlcv[202, 3]) / float(series.ohlcv[201, 3]))
+    expected = math.log(float(series.ohlcv[202, 0, 3]) / float(series.ohlcv[201, 0, 3]))
     assert float(second.reward[0]) == pytest.approx(expected, abs=1e-6)
 
 
@@ -246,7 +259,7 @@ def test_compiled_accounting_equals_eager(series):
     targets = torch.rand(steps, n, generator=torch.Generator().manual_seed(5)) * 2 - 1
     books = []
     for compile_ in (False, True):
-        env = TradingEnv(series.ohlcv, series.features, n, costs, EnvConfig(episode_bars=10_000, compile=compile_))
+        env = make_env(series, n, costs, config=EnvConfig(episode_bars=10_000, compile=compile_))
         env.reset(torch.arange(n) * 5 + LOOKBACK, torch.full((n,), 599))
         navs = [env.step(targets[k]).nav for k in range(steps)]
         books.append(torch.stack(navs))
@@ -256,7 +269,7 @@ def test_compiled_accounting_equals_eager(series):
 def test_shaping_terms_are_added_to_the_reward_and_reported_apart(series):
     plain_env = make_env(series, 4)
     config = EnvConfig(episode_bars=10_000, drawdown_penalty=2.0, volatility_penalty=50.0, turnover_penalty=0.01)
-    shaped_env = TradingEnv(series.ohlcv, series.features, 4, CostConfig(), config)
+    shaped_env = make_env(series, 4, config=config)
     starts, ends = torch.tensor([100, 200, 300, 400]), torch.full((4,), 599)
     plain_env.reset(starts, ends)
     shaped_env.reset(starts, ends)

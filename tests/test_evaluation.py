@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from ml.config import PipelineConfig, config_from_dict
+from ml.config import (ACTION_MODES, INTERVALS, SELECTION_METRICS, SOURCES, ActionConfig, ConfigError, CostConfig,
+                       PipelineConfig, SplitConfig, config_from_dict, load_config)
+from ml.env.action_space import DiscreteExposure, make_action_space
 from ml.evaluation import metrics
-from ml.evaluation.backtest import baseline_exposures, exposure_series_policy, run_backtest
-from ml.evaluation.splits import SplitConfig, walk_forward_folds
-from ml.env import CostConfig
-from ml.market import prepare_series
-from tests.conftest import synthetic_bars
+from ml.evaluation.backtest import run_backtest, target_series_policy
+from ml.evaluation.splits import walk_forward_folds
+from ml.market.series import prepare_series
+from tests.conftest import ROOT, synthetic_bars
 
 
 def test_hand_computed_metrics():
@@ -104,11 +107,12 @@ def test_rolling_train_window_and_too_little_data():
 
 
 def test_baselines_are_causal():
-    close = np.exp(np.cumsum(np.random.default_rng(0).normal(0, 0.01, 500)))
-    base = baseline_exposures(close, (-1.0, 0.0, 1.0))
-    changed = close.copy()
-    changed[300:] *= 2.0
-    after = baseline_exposures(changed, (-1.0, 0.0, 1.0))
+    bars = synthetic_bars(500, drift=0.0, vol=0.01, seed=0)
+    changed = bars.copy()
+    changed.loc[300:, ["open", "high", "low", "close"]] *= 2.0
+    space = DiscreteExposure((-1.0, 0.0, 1.0))
+    base = space.baselines(prepare_series(bars, 64, torch.device("cpu")))
+    after = space.baselines(prepare_series(changed, 64, torch.device("cpu")))
     for name in base:
         np.testing.assert_array_equal(base[name][:300], after[name][:300])
 
@@ -118,8 +122,8 @@ def test_buy_and_hold_backtest_tracks_the_asset_minus_entry_cost():
     series = prepare_series(bars, 64, torch.device("cpu"))
     costs = CostConfig(commission_bps=5, half_spread_bps=0, slippage_bps=0)
     segment = (100, 399)
-    bt = run_backtest(exposure_series_policy(np.ones(400), series.device), series.ohlcv, series.features,
-                      segment, series.timestamps, costs, fill_at_open=True)
+    bt = run_backtest(target_series_policy(np.ones((400, 1)), series.device), series, segment, costs,
+                      make_action_space(ActionConfig()))
     opens, closes = bars["open"].to_numpy(), bars["close"].to_numpy()
     units = 1.0 / opens[101]
     expected = (1.0 - units * opens[101] * 5e-4) + units * (closes[399] - opens[101])
@@ -131,7 +135,7 @@ def test_buy_and_hold_backtest_tracks_the_asset_minus_entry_cost():
 
 def test_checkpoint_selection_never_runs_on_test(monkeypatch):
     """Training and selection backtest only validation bars; test is not touched during training."""
-    from ml import walkforward
+    from ml.evaluation import walkforward
 
     bars = synthetic_bars(1400)
     config = config_from_dict({"ppo": {"total_timesteps": 4096, "num_envs": 32, "num_steps": 32, "eval_every": 1},
@@ -142,9 +146,9 @@ def test_checkpoint_selection_never_runs_on_test(monkeypatch):
     seen = []
     real = walkforward.run_backtest
 
-    def spy(decide, ohlcv, features, segment, *args, **kwargs):
+    def spy(decide, series, segment, *args, **kwargs):
         seen.append(segment)
-        return real(decide, ohlcv, features, segment, *args, **kwargs)
+        return real(decide, series, segment, *args, **kwargs)
 
     monkeypatch.setattr(walkforward, "run_backtest", spy)
     for fold in folds:
@@ -154,17 +158,78 @@ def test_checkpoint_selection_never_runs_on_test(monkeypatch):
 
 
 def test_config_refuses_unknown_fields():
-    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['learning_rat'\] in 'ppo'"):
+    with pytest.raises(ValueError, match=r"ppo.learning_rat: unknown config field \(known in ppo: \[.*'learning_rate'"):
         config_from_dict({"ppo": {"learning_rat": 1e-3}})
-    config = config_from_dict({"ppo": {"exposure_levels": [0.0, 1.0]}})
-    assert config.ppo.exposure_levels == (0.0, 1.0)
-    with pytest.raises(ValueError, match=r"ppo.exposure_levels \[0.0, 0.5, 0.0\]: each exposure level must appear once"):
-        config_from_dict({"ppo": {"exposure_levels": [0.0, 0.5, 0.0]}})
+    config = config_from_dict({"action": {"exposure_levels": [0.0, 1.0]}})
+    assert config.action.exposure_levels == (0.0, 1.0)
+    with pytest.raises(ValueError,
+                       match=r"action.exposure_levels = \[0.0, 0.5, 0.0\]: each exposure level must appear once"):
+        config_from_dict({"action": {"exposure_levels": [0.0, 0.5, 0.0]}})
     assert isinstance(config, PipelineConfig)
 
 
 def test_documented_example_config_is_the_defaults():
-    from ml.config import load_config
-    from tests.conftest import ROOT
-
     assert load_config(ROOT / "docs" / "example-config.yaml") == PipelineConfig()
+
+
+def _known(section) -> str:
+    import dataclasses
+
+    return str(sorted(f.name for f in dataclasses.fields(section)))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"ppo": {"gamma": 7}}, "ppo.gamma = 7: must be in (0, 1]"),
+    ({"ppo": {"gamma": 0}}, "ppo.gamma = 0: must be in (0, 1]"),
+    ({"ppo": {"num_envs": 0}}, "ppo.num_envs = 0: must be >= 1"),
+    ({"lookback": 1}, "lookback = 1: must be >= 2"),
+    ({"seeds": []}, "seeds = []: must list at least one seed, each >= 0"),
+    ({"splits": {"n_folds": 0}}, "splits.n_folds = 0: must be >= 1"),
+    ({"costs": {"commission_bps": -1}}, "costs.commission_bps = -1: must be >= 0"),
+    ({"action": {"mode": "foo"}}, f"action.mode = foo: must be one of {list(ACTION_MODES)}"),
+    ({"data": {"source": "ftp"}}, f"data.source = ftp: must be one of {list(SOURCES)}"),
+    ({"data": {"interval": "2h"}}, f"data.interval = 2h: must be one of {list(INTERVALS)}"),
+    ({"selection_metric": "alpha"}, f"selection_metric = alpha: must be one of {list(SELECTION_METRICS)}"),
+    ({"ppo": {"num_envs": "many"}}, "ppo.num_envs = 'many': must be a whole number"),
+    ({"ppo": {"anneal_lr": "yes"}}, "ppo.anneal_lr = 'yes': must be true or false"),
+    ({"ppo": {"action_mode": "continuous"}}, "ppo.action_mode: this setting is now action.mode"),
+    ({"ppo": {"learning_rat": 1e-3}},
+     "ppo.learning_rat: unknown config field (known in ppo: " + _known(PipelineConfig().ppo) + ")"),
+    ({"learning_rate": 1e-3},
+     "learning_rate: unknown config field (known in the top level: " + _known(PipelineConfig()) + ")"),
+])
+def test_every_invalid_value_is_refused_with_the_field_the_value_and_the_rule(values, message):
+    with pytest.raises(ConfigError) as refused:
+        config_from_dict(values)
+    assert str(refused.value) == message
+    assert isinstance(refused.value, ValueError)
+
+
+def test_a_config_file_is_refused_with_the_same_message(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("ppo:\n  gamma: 7\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == "ppo.gamma = 7: must be in (0, 1]"
+
+
+def test_importing_the_config_imports_no_torch():
+    """A config is loaded and refused before any heavy work: ml.config must stay light."""
+    code = "import sys, ml.config; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_selection_metric_is_a_backtest_metric():
+    from ml.evaluation.walkforward import selection_score
+
+    bars = synthetic_bars(400)
+    series = prepare_series(bars, 64, torch.device("cpu"))
+    bt = run_backtest(target_series_policy(np.ones((400, 1)), series.device), series, (100, 399), CostConfig(),
+                      make_action_space(ActionConfig()))
+    computed = bt.metrics(metrics.periods_per_year("1d"))
+    assert SELECTION_METRICS
+    for name in SELECTION_METRICS:
+        assert name in computed, name
+        assert selection_score(bt, config_from_dict({"selection_metric": name})) == computed[name]

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from ml.agent.policy import NORM_CLIP
+from ml.config import ActionConfig, CostConfig, EnvConfig
 from ml.data.sources import sample_path
-from ml.env import CostConfig, EnvConfig, TradingEnv
-from ml.gym_env import ENV_ID, TradingGymEnv
-from ml.market import prepare_series
-from ml.policy import NORM_CLIP
+from ml.env.action_space import make_action_space
+from ml.env.gym_env import ENV_ID, TradingGymEnv
+from ml.env.trading_env import TradingEnv
+from ml.market.series import prepare_series
 from tests.conftest import synthetic_bars
 
 GSPC = sample_path("GSPC")
@@ -72,7 +74,7 @@ def test_exposure_range_masks_levels_and_bounds_continuous_actions():
 
 
 def test_registered_on_import_and_made_with_defaults():
-    assert gym.registry[ENV_ID].entry_point == "ml.gym_env:TradingGymEnv"
+    assert gym.registry[ENV_ID].entry_point == "ml.env.gym_env:TradingGymEnv"
     env = gym.make(ENV_ID, data=str(GSPC))
     assert isinstance(env.unwrapped, TradingGymEnv)
     assert env.action_space == gym.spaces.Discrete(5)
@@ -84,7 +86,7 @@ def test_registered_on_import_and_made_with_defaults():
         assert env.observation_space.contains(obs) and np.isfinite(reward)
         assert {"nav", "cost", "position"} <= set(info)
     # The "module:id" form imports the module first, as an entry-point-free fallback.
-    assert isinstance(gym.make(f"ml.gym_env:{ENV_ID}", data=str(GSPC)).unwrapped, TradingGymEnv)
+    assert isinstance(gym.make(f"ml.env.gym_env:{ENV_ID}", data=str(GSPC)).unwrapped, TradingGymEnv)
 
 
 def test_accepts_a_normalized_dataframe(gspc_bars):
@@ -126,7 +128,8 @@ def test_rollouts_match_the_batched_env(gspc_bars, action_mode):
     first, last = singles[0].window
     starts = [first, 2500, last - 20]  # the last episode ends on the data, the others truncate
     series = prepare_series(gspc_bars, LOOKBACK, torch.device("cpu"))
-    batched = TradingEnv(series.ohlcv, series.features, len(starts), costs, EnvConfig(episode_bars=episode_bars))
+    space = make_action_space(ActionConfig(mode=action_mode))
+    batched = TradingEnv(series, len(starts), space, costs, EnvConfig(episode_bars=episode_bars))
     batched.reset(torch.tensor(starts), torch.full((len(starts),), last))
     levels = torch.tensor(singles[0].exposure_levels, dtype=torch.float64)
     mean, std = series.feature_stats(singles[0].window)
@@ -153,7 +156,7 @@ def test_rollouts_match_the_batched_env(gspc_bars, action_mode):
             assert info["nav"] == pytest.approx(float(result.nav[i]), abs=1e-6)
             assert info["cost"] == pytest.approx(float(result.cost[i]), abs=1e-9)
             np.testing.assert_allclose(obs[:-1], expected_obs[i].numpy(), atol=1e-6)
-            assert obs[-1] == pytest.approx(float(result.position[i]), abs=1e-6)
+            assert obs[-1] == pytest.approx(float(result.position[i, 0]), abs=1e-6)
             assert (terminated, truncated) == (bool(result.terminated[i]), bool(result.truncated[i]))
             done[i] = terminated or truncated
         # Park finished columns on an early bar so the batched env never steps past the data.

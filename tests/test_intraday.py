@@ -11,8 +11,8 @@ from ml.config import config_from_dict
 from ml.data.validation import validate_bars
 from ml.evaluation.metrics import sharpe_ratio
 from ml.evaluation.splits import walk_forward_folds
-from ml.market import prepare_series
-from ml.walkforward import evaluate_fold, train_fold
+from ml.evaluation.walkforward import evaluate_fold, train_fold
+from ml.market.series import prepare_series
 from tests.test_data_intervals import bars_at, equity_hours
 
 HOURLY_BARS_PER_YEAR = 252 * 7  # 09:30..15:30 New York, seven bars a session
@@ -34,7 +34,7 @@ def test_hourly_bars_train_and_report_with_intraday_annualization(hourly):
     bars, config = hourly
     assert validate_bars(bars, "SPY 1h").success
     series = prepare_series(bars, config.lookback, torch.device("cpu"))
-    assert series.fill_at_open and {"range_1", "volume_z_20"} <= set(series.feature_module.names)
+    assert series.fill_at_open.tolist() == [True] and {"range_1", "volume_z_20"} <= set(series.feature_module.names)
     assert torch.isfinite(series.features[config.lookback - 1:]).all()
 
     (fold,) = walk_forward_folds(series.timestamps, config.lookback, config.splits)

@@ -15,7 +15,7 @@ from ml.config import config_from_dict
 from ml.data.schema import ohlcv_array
 from ml.data.sources import load_sample
 from ml.pipeline import run_pipeline
-from ml.registry import CHAMPION, alias_version
+from ml.release.registry import CHAMPION, alias_version
 from ml.serving import Policy
 from tests.servers import BIN, free_port, moto_s3, stop, wait_until_up
 from tests.test_pipeline import TINY

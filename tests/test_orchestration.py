@@ -57,5 +57,5 @@ def test_a_config_file_turns_a_dag_run_into_a_portfolio_run():
     from tests.conftest import ROOT
 
     config = config_from_params({**PARAMS, "config_file": str(ROOT / "docs" / "portfolio-config.yaml")})
-    assert config.portfolio and config.data.symbols == ("GSPC", "KO") and config.ppo.action_mode == "portfolio"
+    assert bool(config.data.symbols) and config.data.symbols == ("GSPC", "KO") and config.action.mode == "portfolio"
     assert config.model_name == "ppo_GSPC_KO_1d" and config.ppo.total_timesteps == 8192

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from ml.config import config_from_dict
 from ml.data.validation import DataValidationError
 from ml.pipeline import REPORT_SCHEMA_VERSION, load_data, run_pipeline, validate_data
-from ml.registry import CHALLENGER, CHAMPION, alias_version
+from ml.release.registry import CHALLENGER, CHAMPION, alias_version
 from ml.serving import Policy
 from tests.conftest import ROOT
 
@@ -128,7 +128,7 @@ def test_bad_data_stops_before_training(tmp_path, gspc_bars):
     load_data(run_dir, config_from_dict({"data": {"source": "file", "path": str(path), "symbol": "GLITCH"}}))
     with pytest.raises(DataValidationError, match="no abnormal one-bar jump"):
         validate_data(run_dir)
-    assert json.loads((run_dir / "validation.json").read_text())["success"] is False
+    assert json.loads((run_dir / "validation.json").read_text())["GLITCH"]["success"] is False
     assert not (run_dir / "tracking.json").exists()
 
 
@@ -144,6 +144,18 @@ def test_cli_pipeline_writes_report_model_and_curves(tmp_path, shared_market):
     for name in ("report.json", "model.onnx", "fold_0_test_equity.csv", "fold_1_test_equity.csv"):
         assert (out / name).exists(), name
     assert json.loads((out / "config.json").read_text())["ppo"]["total_timesteps"] == 2048
+
+
+def test_cli_refuses_a_bad_config_in_one_line_before_any_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  gamma: 7\n")
+    out = tmp_path / "never"
+    proc = subprocess.run([sys.executable, "-m", "ml", "pipeline", "--out", str(out), "--config", str(bad)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == ["config error: ppo.gamma = 7: must be in (0, 1]"], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_a_pipeline_run_leaves_no_tracking_uri_behind(pipeline_run):

@@ -1,4 +1,5 @@
-"""Portfolio mode: the single-asset invariants, asset by asset, and PPO learning to allocate."""
+"""Portfolio mode: the single-asset invariants over several assets, a portfolio of one trading like
+one of several, and PPO learning to allocate."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from ml.config import config_from_dict
+from ml.agent.diagnostics import dominant_share
+from ml.agent.policy import ActorCritic, ExportPolicy, load_policy, policy_checkpoint
+from ml.config import ActionConfig, CostConfig, EnvConfig, config_from_dict
 from ml.data.schema import DataError
-from ml.env import BPS, CostConfig, EnvConfig, TradingEnv
-from ml.evaluation.backtest import exposure_series_policy, run_backtest
-from ml.evaluation.portfolio_backtest import portfolio_baselines, run_portfolio_backtest
+from ml.env.action_space import PortfolioWeights, make_action_space
+from ml.env.trading_env import BPS, TradingEnv
+from ml.evaluation.backtest import Backtest, run_backtest, target_series_policy
 from ml.evaluation.splits import walk_forward_folds
-from ml.features import series_features
-from ml.export import check_parity, export_onnx, real_windows
-from ml.market import prepare_series
-from ml.policy import ActorCritic, PortfolioPolicy, load_policy, policy_checkpoint
-from ml.portfolio import PortfolioEnv, align_bars, prepare_portfolio, project_weights
-from ml.portfolio_walkforward import evaluate_portfolio_fold, train_portfolio_fold
+from ml.evaluation.walkforward import evaluate_fold, train_fold
+from ml.market.features import series_features
+from ml.market.series import align_bars, prepare_series
+from ml.release.export import check_parity, export_onnx, real_windows
 from tests.conftest import synthetic_bars
 
 LOOKBACK = 64
@@ -38,11 +39,21 @@ def two_assets(n: int = 600, drifts=(0.0005, -0.0002), vol: float = 0.01) -> dic
 
 @pytest.fixture(scope="module")
 def series():
-    return prepare_portfolio(two_assets(), LOOKBACK, CPU)
+    return prepare_series(two_assets(), LOOKBACK, CPU)
+
+
+WEIGHTS = PortfolioWeights(2)
+EXPOSURE = make_action_space(ActionConfig(mode="continuous"))  # one asset, exposure in [-1, 1]
 
 
 def make_env(series, n, costs=CostConfig(), episode_bars=10_000):
-    return PortfolioEnv(series, n, costs, EnvConfig(episode_bars=episode_bars))
+    return TradingEnv(series, n, WEIGHTS, costs, EnvConfig(episode_bars=episode_bars))
+
+
+def prices(series):
+    """Close and fill reference per bar and asset, [T, A] float64, read from the raw bars."""
+    close = series.ohlcv[:, :, 3].double()
+    return close, torch.where(series.fill_at_open, series.ohlcv[:, :, 0].double(), close)
 
 
 def test_assets_are_aligned_on_the_bars_they_all_have():
@@ -62,8 +73,11 @@ def test_symbols_without_common_bars_are_refused_by_name():
     frames["BBB"] = frames["BBB"].assign(timestamp=frames["BBB"]["timestamp"] + pd.Timedelta(days=3650))
     with pytest.raises(DataError, match=r"\['AAA', 'BBB'\] share only 0 bars"):
         align_bars(frames)
-    with pytest.raises(DataError, match="at least two symbols"):
-        align_bars({"AAA": frames["AAA"]})
+    # One symbol is a series of one asset; a portfolio (weights over assets plus cash) needs two.
+    timestamps, ohlcv = align_bars({"AAA": frames["AAA"]})
+    assert ohlcv.shape == (100, 1, 5)
+    with pytest.raises(ValueError, match="at least two assets"):
+        PortfolioWeights(1)
 
 
 def test_features_per_asset_equal_the_single_asset_features(series):
@@ -76,7 +90,7 @@ def test_features_per_asset_equal_the_single_asset_features(series):
 
 def test_weights_are_long_only_and_sum_to_at_most_one():
     raw = torch.tensor([[0.5, -0.2], [0.9, 0.6], [0.2, 0.3]])
-    torch.testing.assert_close(project_weights(raw), torch.tensor([[0.5, 0.0], [0.6, 0.4], [0.2, 0.3]]))
+    torch.testing.assert_close(WEIGHTS.project(raw), torch.tensor([[0.5, 0.0], [0.6, 0.4], [0.2, 0.3]]))
 
 
 def test_fills_at_next_open_with_hand_computed_costs(series):
@@ -107,10 +121,10 @@ def test_money_is_conserved_at_every_step(series):
     env = make_env(series, n, costs)
     env.reset(torch.arange(n) * 20 + LOOKBACK, torch.full((n,), 599))
     generator = torch.Generator().manual_seed(0)
-    close, reference = env.close, env.fill_reference
+    close, reference = prices(series)
     for _ in range(40):
         t, units_before, nav_before = env.t.clone(), env.units.clone(), env.nav.clone()
-        target = project_weights(torch.rand(n, 2, generator=generator) * 0.7)
+        target = WEIGHTS.project(torch.rand(n, 2, generator=generator) * 0.7)
         result = env.step(target)
         # NAV is cash plus every marked position ...
         torch.testing.assert_close(result.nav, env.cash + (env.units * close[env.t]).sum(-1), rtol=1e-12, atol=1e-12)
@@ -122,10 +136,11 @@ def test_money_is_conserved_at_every_step(series):
 
 
 def test_one_asset_of_a_portfolio_trades_like_the_single_asset_environment(series):
-    """Weights (w, 0) give exactly the NAV of exposure w in the single-asset environment."""
+    """Weights (w, 0) over two assets give exactly the NAV of exposure w in a series of that asset alone."""
     costs = CostConfig(commission_bps=3, half_spread_bps=2, slippage_bps=1)
     single_series = prepare_series(two_assets()["AAA"], LOOKBACK, CPU)
-    single = TradingEnv(single_series.ohlcv, single_series.features, 1, costs, EnvConfig(episode_bars=10_000))
+    assert single_series.symbols == ["AAA"] and single_series.ohlcv.shape[1] == 1
+    single = TradingEnv(single_series, 1, EXPOSURE, costs, EnvConfig(episode_bars=10_000))
     portfolio = make_env(series, 1, costs)
     for env in (single, portfolio):
         env.reset(torch.tensor([80]), torch.tensor([500]))
@@ -166,7 +181,7 @@ def test_batched_equals_single_episodes(series):
     n, steps = 6, 25
     starts = torch.tensor([70, 90, 150, 200, 333, 400])
     generator = torch.Generator().manual_seed(3)
-    targets = project_weights(torch.rand(steps, n, 2, generator=generator))
+    targets = WEIGHTS.project(torch.rand(steps, n, 2, generator=generator))
     batched = make_env(series, n)
     batched.reset(starts, torch.full((n,), 599))
     batched_navs = torch.stack([batched.step(targets[s]).nav for s in range(steps)])
@@ -180,7 +195,7 @@ def test_batched_equals_single_episodes(series):
 def test_close_only_assets_fill_at_the_next_close():
     frames = two_assets(400)
     frames["BBB"] = frames["BBB"].assign(open=np.nan, high=np.nan, low=np.nan, volume=np.nan)
-    mixed = prepare_portfolio(frames, LOOKBACK, CPU)
+    mixed = prepare_series(frames, LOOKBACK, CPU)
     assert mixed.fill_at_open.tolist() == [True, False]
     assert not mixed.feature_module.use_range  # only features every asset has data for
     env = make_env(mixed, 1, CostConfig(0, 0, 0))
@@ -194,16 +209,19 @@ def test_close_only_assets_fill_at_the_next_close():
 def test_holding_one_asset_alone_matches_the_single_asset_buy_and_hold(series):
     costs = CostConfig()
     segment = (200, 450)
-    baselines = portfolio_baselines(series)
+    baselines = WEIGHTS.baselines(series)
     assert set(baselines) == {"cash", "equal_weight", "hold_AAA", "hold_BBB"}
-    portfolio = run_portfolio_backtest(baselines["hold_AAA"], series, segment, costs)
+
+    def replay(targets, on=series, space=WEIGHTS):
+        return run_backtest(target_series_policy(targets, CPU), on, segment, costs, space)
+
+    portfolio = replay(baselines["hold_AAA"])
     single_series = prepare_series(two_assets()["AAA"], LOOKBACK, CPU)
-    single = run_backtest(exposure_series_policy(np.ones(600), CPU), single_series.ohlcv, single_series.features,
-                          segment, single_series.timestamps, costs, True)
+    single = replay(np.ones((600, 1)), single_series, EXPOSURE)
     np.testing.assert_allclose(portfolio.nav, single.nav, rtol=1e-12)
-    cash = run_portfolio_backtest(baselines["cash"], series, segment, costs)
+    cash = replay(baselines["cash"])
     assert (cash.nav == 1.0).all() and cash.cost.sum() == 0.0
-    equal = run_portfolio_backtest(baselines["equal_weight"], series, segment, costs)
+    equal = replay(baselines["equal_weight"])
     np.testing.assert_allclose(equal.decision, 0.5)
     assert 0.45 < equal.weights[-1, 0] < 0.55
 
@@ -211,19 +229,21 @@ def test_holding_one_asset_alone_matches_the_single_asset_buy_and_hold(series):
 def _learning_setup(timesteps: int):
     frames = two_assets(1400, drifts=(0.003, -0.003), vol=0.004)
     config = config_from_dict({
+        "data": {"symbols": ["AAA", "BBB"]},
+        "action": {"mode": "portfolio"},
         "ppo": {"total_timesteps": timesteps, "num_envs": 64, "num_steps": 32, "eval_every": 2, "seed": 1,
                 "learning_rate": 1e-3},
         "splits": {"n_folds": 1, "test_months": 6, "validation_months": 6, "min_train_bars": 300},
     })
-    series = prepare_portfolio(frames, config.lookback, CPU)
+    series = prepare_series(frames, config.lookback, CPU)
     fold = walk_forward_folds(series.timestamps, config.lookback, config.splits)[0]
     return config, series, fold
 
 
 def test_ppo_learns_to_allocate_to_the_rising_asset():
     config, series, fold = _learning_setup(150_000)
-    result = train_portfolio_fold(series, fold, config)
-    report, test, baselines = evaluate_portfolio_fold(result.agent, series, fold, config)
+    result = train_fold(series, fold, config)
+    report, test, baselines = evaluate_fold(result.agent, series, fold, config)
     weights = report["policy"]["test_mean_weights"]
     assert weights["AAA"] > 0.8 and weights["BBB"] < 0.05, weights
     assert report["policy"]["test"]["sharpe"] > report["baselines"]["equal_weight"]["sharpe"]
@@ -235,16 +255,17 @@ def test_ppo_learns_to_allocate_to_the_rising_asset():
 
 def test_portfolio_policy_exports_to_onnx_with_parity(tmp_path, series):
     torch.manual_seed(0)
-    agent = ActorCritic(series.features.shape[1], (0.0, 1.0), (32, 32), "portfolio", n_assets=2)
+    agent = ActorCritic(series.features.shape[1], PortfolioWeights(2), (32, 32))
     mean, std = series.feature_stats((LOOKBACK, 400))
     agent.set_normalization(mean, std)
-    policy = load_policy(policy_checkpoint(agent, series.feature_module, (32, 32)))
-    assert isinstance(policy, PortfolioPolicy)
+    policy = load_policy(policy_checkpoint(agent, series.feature_module))
+    assert isinstance(policy, ExportPolicy) and isinstance(policy.action_space, PortfolioWeights)
+    assert policy.action_space.n_assets == 2 and policy.actor_critic.hidden == (32, 32)
     path = export_onnx(policy, tmp_path / "portfolio.onnx", {"lookback": LOOKBACK, "assets": "AAA,BBB"})
     model = onnx.load(str(path))
     assert [i.name for i in model.graph.input] == ["ohlcv", "weights"]
     assert [o.name for o in model.graph.output] == ["target_weights", "value"]
-    windows, weights = real_windows(series.ohlcv.numpy(), LOOKBACK, 100, 599, 256, [], seed=1)
+    windows, weights = real_windows(policy, series.ohlcv.numpy(), 100, 599, 256, seed=1)
     assert windows.shape == (256, LOOKBACK, 2, 5) and weights.shape == (256, 2)
     parity = check_parity(policy, path, windows, weights)
     assert parity.passed, parity
@@ -259,18 +280,17 @@ def test_portfolio_policy_exports_to_onnx_with_parity(tmp_path, series):
 def test_a_near_constant_allocation_counts_as_collapsed():
     """A softmax head that ignores its input still jitters in the third decimal: allocations within
     0.025 of the median one count as one; a policy that moves between assets does not."""
-    from ml.evaluation.portfolio_backtest import PortfolioBacktest
-    from ml.action_diagnostics import dominant_share
-
     rng = np.random.default_rng(0)
     jitter = 0.33 + rng.uniform(-0.01, 0.01, size=(500, 2))  # straddles any fixed rounding grid
     moving = rng.dirichlet(np.ones(3), size=500)[:, :2]
-    assert dominant_share(torch.tensor(jitter), portfolio=True) == 1.0
-    assert dominant_share(torch.tensor(moving), portfolio=True) < 0.2
+    assert dominant_share(WEIGHTS, torch.tensor(jitter)) == 1.0
+    assert dominant_share(WEIGHTS, torch.tensor(moving)) < 0.2
+    # A backtest's decisions are judged by the same rule.
     stamps = pd.Series(pd.bdate_range("2020-01-01", periods=501))
-    backtest = PortfolioBacktest(["A", "B"], stamps, np.ones(501), np.zeros((501, 2)), jitter, np.zeros(500),
-                                 np.zeros(500))
-    weights, share = backtest.dominant_decision()
+    backtest = Backtest(["A", "B"], stamps, np.ones(501), np.zeros((501, 2)), jitter, np.zeros(500), np.zeros(500))
+    weights, share = WEIGHTS.dominant(torch.from_numpy(backtest.decision))
     assert share == 1.0 and weights == pytest.approx([0.33, 0.33], abs=0.01)
+    assert WEIGHTS.collapse_report(torch.from_numpy(backtest.decision), 0.98)["alarm"]
     backtest.decision = moving
-    assert backtest.dominant_decision()[1] < 0.2
+    assert WEIGHTS.dominant(torch.from_numpy(backtest.decision))[1] < 0.2
+    assert not WEIGHTS.collapse_report(torch.from_numpy(backtest.decision), 0.98)["alarm"]

@@ -11,15 +11,16 @@ import pytest
 
 from ml.config import ConfigError, config_from_dict
 from ml.pipeline import run_pipeline
-from ml.portfolio import align_bars
-from ml.reporting import registry_summary
-from ml.rundir import symbol_frames
+from ml.market.series import align_bars
+from ml.pipeline.rundir import symbol_frames
+from ml.release.summary import registry_summary
 from ml.serving import InputError, Policy
 
 PORTFOLIO = {
     # GSPC has open/high/low/volume, KO is close-only: a mixed portfolio fills each asset its own way.
     "data": {"source": "sample", "symbols": ["GSPC", "KO"], "start": "2009-01-01"},
-    "ppo": {"action_mode": "portfolio", "total_timesteps": 4096, "num_envs": 64, "num_steps": 32, "eval_every": 1},
+    "action": {"mode": "portfolio"},
+    "ppo": {"total_timesteps": 4096, "num_envs": 64, "num_steps": 32, "eval_every": 1},
     "splits": {"n_folds": 2, "test_months": 6, "validation_months": 6, "min_train_bars": 300},
     # A 4096-step policy cannot be expected to make money: only the soundness rules of the gate apply.
     "gate": {"parity_windows": 64, "require_no_collapse": False, "require_beats_cash": False},
@@ -38,12 +39,12 @@ def portfolio_run(tmp_path_factory):
 
 
 def test_portfolio_config_is_checked_by_field():
-    with pytest.raises(ConfigError, match="set ppo.action_mode: portfolio"):
+    with pytest.raises(ConfigError, match="set action.mode: portfolio"):
         config_from_dict({"data": {"symbols": ["GSPC", "KO"]}})
     with pytest.raises(ConfigError, match="needs data.symbols"):
-        config_from_dict({"ppo": {"action_mode": "portfolio"}})
+        config_from_dict({"action": {"mode": "portfolio"}})
     with pytest.raises(ConfigError, match="at least two distinct symbols"):
-        config_from_dict({"data": {"symbols": ["GSPC", "GSPC"]}, "ppo": {"action_mode": "portfolio"}})
+        config_from_dict({"data": {"symbols": ["GSPC", "GSPC"]}, "action": {"mode": "portfolio"}})
     assert config_from_dict(PORTFOLIO).model_name == "ppo_GSPC_KO_1d"
 
 

@@ -29,7 +29,7 @@ def backtest(market: np.ndarray, position: np.ndarray, cost_rate: float = 0.0005
 
 
 def synthetic_fold(index: int, start: str, policy_position: np.ndarray, market: np.ndarray, seed: int):
-    """One fold's report entry and its test equity curves, as ml.walkforward.evaluate_fold builds them."""
+    """One fold's report entry and its test equity curves, as ml.evaluation.walkforward.evaluate_fold builds them."""
     n = market.size
     timestamps = pd.bdate_range(start, periods=n + 1, tz="UTC")
     close = pd.Series(np.cumprod(1.0 + market))
@@ -72,7 +72,7 @@ def synthetic_fold(index: int, start: str, policy_position: np.ndarray, market: 
 
 
 def aggregate(folds: list[dict]) -> dict:
-    from ml.walkforward import aggregate as pipeline_aggregate  # the pipeline's own definition
+    from ml.evaluation.walkforward import aggregate as pipeline_aggregate  # the pipeline's own definition
 
     return pipeline_aggregate(folds)
 
@@ -104,7 +104,7 @@ def run(tmp_path_factory):
         "Total return per fold": plot_fold_bars(report, out / "fold_return.png", metric="total_return"),
         "Policy exposure": plot_exposure_histogram(report, out / "exposure.png"),
     }
-    html = render_html_report(out, report, images)
+    html = render_html_report(out / "report.html", report, images)
     return report, images, html
 
 
@@ -160,7 +160,7 @@ def test_uncertainty_columns_only_when_the_report_has_them(run, tmp_path):
     for fold in plain["folds"]:
         for key in ("sharpe_ci_low", "sharpe_ci_high", "psr"):
             del fold["policy"]["test"][key]
-    html = render_html_report(tmp_path, plain, {}).read_text(encoding="utf-8")
+    html = render_html_report(tmp_path / "report.html", plain, {}).read_text(encoding="utf-8")
     assert "Sharpe 95% interval" not in html and "PSR" not in html and "<img" not in html
     assert plot_fold_bars(plain, tmp_path / "bars.png").read_bytes().startswith(PNG_MAGIC)
 

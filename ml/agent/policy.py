@@ -16,9 +16,7 @@ from torch import nn
 
 from ml import fastpath
 from ml.env.action_space import ActionSpace, action_space_from_dict
-from ml.market.features import FeatureModule
-
-NORM_CLIP = 5.0
+from ml.market.features import NORM_CLIP, FeatureModule
 
 
 def layer_init(layer: nn.Linear, std: float = float(np.sqrt(2)), bias: float = 0.0) -> nn.Linear:

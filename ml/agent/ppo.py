@@ -267,7 +267,7 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
         if log is not None:
             log(metrics, global_step)
         if collapsed:
-            logger.warning("collapse alarm at update %d: deterministic policy picks one exposure on %.0f%% of states",
+            logger.warning("collapse alarm at update %d: deterministic policy makes one decision on %.0f%% of states",
                            update, 100 * greedy_share)
         bar.update(1)
         bar.set_postfix(sps=f"{metrics['steps_per_second']:,.0f}", val=f"{best_score:.2f}", refresh=False)

@@ -13,7 +13,10 @@ from pathlib import Path
 import pandas as pd
 
 from ml.config import INTERVALS
+from ml.data.lake import Lake
 from ml.data.schema import DataError, normalize_bars
+
+# yfinance is imported where it is called: only the yfinance source needs it, and it is slow to import.
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
 log = logging.getLogger(__name__)
@@ -298,8 +301,6 @@ def load_lake(symbol: str, *, interval: str = "1d", root: str | None = None, sta
     ``version`` pins a curated content hash, so a training run can be repeated
     on exactly the data it saw.
     """
-    from ml.data.lake import Lake
-
     bars = Lake(root).read_curated(symbol, interval, version)
     if start:
         bars = bars[bars["timestamp"] >= pd.Timestamp(start, tz="UTC")]

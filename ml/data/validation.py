@@ -20,6 +20,9 @@ import pandas as pd
 
 from ml.data.schema import BAR_COLUMNS
 
+# great_expectations is imported inside the functions that use it: it takes seconds to import,
+# and the lake, the CLI and serving read this module's rules and results without running GX.
+
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 GX_ROOT = Path(os.environ.get("ML_GX_ROOT", Path(__file__).resolve().parents[2] / "great_expectations"))

@@ -35,13 +35,13 @@ import pandas as pd
 import torch
 from gymnasium import spaces
 
-from ml.agent.policy import NORM_CLIP
 from ml.config import ActionConfig, CostConfig, EnvConfig
 from ml.data.schema import OHLCV_FIELDS, DataError
 from ml.data.sources import load_file, load_sample, sample_path
 from ml.env.action_space import make_action_space
 from ml.env.trading_env import TradingEnv
-from ml.evaluation.metrics import periods_per_year
+from ml.market.calendar import periods_per_year
+from ml.market.features import NORM_CLIP
 from ml.market.series import MarketSeries, prepare_series
 
 ENV_ID = "ml/Trading-v0"

@@ -73,7 +73,7 @@ def run_backtest(decide: Decide, series: MarketSeries, segment: tuple[int, int],
 
 def target_series_policy(targets: np.ndarray, device: torch.device) -> Decide:
     """A decision function that replays precomputed targets [T, A], one row per bar."""
-    series = torch.as_tensor(targets, dtype=torch.float32, device=device)
+    series = torch.tensor(targets, dtype=torch.float32, device=device)  # a copy: baseline arrays may be read-only
     return lambda _features, _position, t: series[t]
 
 

@@ -21,6 +21,8 @@ without oneDNN (or with it switched off), the plain torch ops run.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 
@@ -35,11 +37,10 @@ def _onednn_linear():
 
 
 def _compiled_kernel():
-    try:
-        from ml.fastpath import _tanh_mlp
-    except ImportError:  # built without a C++ compiler: the layer-by-layer backward runs
+    try:  # optional: absent where no C++ compiler built it, and then the layer-by-layer backward runs
+        return importlib.import_module("ml.fastpath._tanh_mlp")
+    except ImportError:
         return None
-    return _tanh_mlp
 
 
 _LINEAR = _onednn_linear()

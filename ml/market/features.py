@@ -16,6 +16,8 @@ RETURN_HORIZONS = (1, 5, 20, 60)
 FAST_WINDOW, SLOW_WINDOW, OSCILLATOR_WINDOW = 20, 60, 14
 HIGH, LOW, CLOSE, VOLUME = 1, 2, 3, 4  # columns of a bar (open is 0)
 MIN_LOOKBACK = max(max(RETURN_HORIZONS), SLOW_WINDOW) + 1
+# Standardized features are clipped to this many standard deviations before the policy sees them.
+NORM_CLIP = 5.0
 _EPS = 1e-8
 
 

@@ -28,7 +28,7 @@ from ml.data.sources import load_bars
 from ml.data.validation import ValidationConfig, require_valid
 from ml.env.action_space import make_action_space
 from ml.evaluation.html_report import render_html_report
-from ml.evaluation.metrics import periods_per_year
+from ml.market.calendar import periods_per_year
 from ml.evaluation.plots import (plot_equity_and_drawdown, plot_exposure_histogram, plot_fold_bars,
                                  plot_mean_weights)
 from ml.evaluation.splits import Fold, walk_forward_folds

@@ -18,7 +18,7 @@ import torch
 from ml.config import GateConfig, PipelineConfig
 from ml.env.action_space import make_action_space
 from ml.evaluation.backtest import run_backtest
-from ml.evaluation.metrics import periods_per_year
+from ml.market.calendar import periods_per_year
 from ml.market.series import MarketSeries
 from ml.serving import Policy
 
