@@ -65,9 +65,17 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
         return path
     # MLflow is heavy and only needed for registry URIs; a service that loads a file never imports it.
     import mlflow.artifacts
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    from mlflow.tracking import MlflowClient
 
     # Explicit URIs for this download only: two loads from different stores in one process
-    # (threads included) never see each other's store.
+    # (threads included) never see each other's store. MLflow resolves a `models:/` URI through the
+    # process-wide registry whatever registry_uri says, so resolve it here with a client of this store.
+    if uri.startswith("models:/"):
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        model = get_model_name_and_version(client, uri)  # (name, version), or (logged model id,)
+        uri = (client.get_logged_model(model[0]).artifact_location if len(model) == 1
+               else client.get_model_version_download_uri(*model))
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(),
                                                       tracking_uri=tracking_uri, registry_uri=tracking_uri))
     found = sorted(folder.rglob("*.onnx"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +79,30 @@ def test_bad_params_are_refused_before_a_run(airflow_env):
                           env=airflow_env, capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
     assert proc.returncode != 0
     assert "timesteps" in (proc.stdout + proc.stderr)
+
+
+def test_a_bad_config_file_fails_the_run_at_load_data_without_retries(airflow_env, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  gamma: 7\n")
+    runs = tmp_path / "runs"  # its own runs folder: the other DAG tests count theirs
+    env = {**airflow_env, "ML_RUNS_DIR": str(runs)}
+    # Its own process group, so a run that hangs in retries (two backoff delays, minutes) is ended whole.
+    proc = subprocess.Popen([AIRFLOW, "dags", "test", "ppo_training", "-c", json.dumps({"config_file": str(bad)})],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=env["AIRFLOW_HOME"], start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"a bad config was retried instead of failing at once: {log[-3000:]}")
+    assert proc.returncode != 0, log[-3000:]
+    assert "ppo.gamma = 7: must be in (0, 1]" in log, log[-3000:]
+    assert "AirflowFailException" in log, log[-3000:]
+    # One attempt, failed for good: never up for retry.
+    assert "up_for_retry" not in log, log[-3000:]
+    assert re.search(r"ppo_training FAILED: task=load_data .* try=1 ", log), log[-3000:]
+    assert not runs.exists() or not any(runs.rglob("*")), sorted(runs.rglob("*"))
 
 
 def test_airflow_dags_test_trains_registers_and_promotes(airflow_env, tmp_path):

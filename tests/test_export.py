@@ -7,27 +7,31 @@ import onnx
 import pytest
 import torch
 
-from ml.export import INPUT_NAMES, OUTPUT_NAMES, check_parity, export_onnx, real_windows
-from ml.features import FeatureModule
-from ml.market import prepare_series
-from ml.policy import ActorCritic, TradingPolicy, load_policy, policy_checkpoint
+from ml.agent.policy import ActorCritic, ExportPolicy, load_policy, policy_checkpoint
+from ml.env.action_space import DiscreteExposure
+from ml.market.features import FeatureModule
+from ml.market.series import prepare_series
+from ml.release.export import check_parity, export_onnx, real_windows
 from ml.serving import InputError, Policy
 
 LOOKBACK = 64
 LEVELS = (-1.0, -0.5, 0.0, 0.5, 1.0)
+# The single-asset contract of a discrete policy, as served.
+INPUT_NAMES = ["ohlcv", "position"]
+OUTPUT_NAMES = ["target_exposure", "action_probs", "value"]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, gspc_bars):
     torch.manual_seed(0)
     series = prepare_series(gspc_bars, LOOKBACK, torch.device("cpu"))
-    agent = ActorCritic(series.feature_module.n_features, LEVELS)
+    agent = ActorCritic(series.features.shape[1], DiscreteExposure(LEVELS))
     mean, std = series.feature_stats((LOOKBACK, 3000))
     agent.set_normalization(mean, std)
-    policy = TradingPolicy(series.feature_module, agent).eval()
+    policy = ExportPolicy(series.feature_module, agent).eval()
     path = export_onnx(policy, tmp_path_factory.mktemp("onnx") / "model.onnx",
                        {"lookback": LOOKBACK, "interval": "1d", "dataset_hash": "abc"})
-    ohlcv = series.ohlcv.numpy()
+    ohlcv = series.ohlcv.numpy()  # [T, 1, 5]
     return policy, path, ohlcv
 
 
@@ -47,7 +51,7 @@ def test_graph_has_the_contract_inputs_and_outputs(exported):
 
 def test_onnxruntime_matches_torch_on_real_windows(exported):
     policy, path, ohlcv = exported
-    windows, positions = real_windows(ohlcv, LOOKBACK, 3100, len(ohlcv) - 1, 512, list(LEVELS))
+    windows, positions = real_windows(policy, ohlcv, 3100, len(ohlcv) - 1, 512)
     parity = check_parity(policy, path, windows, positions, tolerance=1e-5)
     assert parity.passed, parity
     assert parity.provider == "CPUExecutionProvider"
@@ -67,14 +71,14 @@ def test_a_listed_but_unusable_gpu_falls_back_to_cpu_with_a_warning(exported, mo
     else:
         assert session.get_providers() == ["CPUExecutionProvider"]
         assert "CUDA execution provider unavailable" in caplog.text
-    windows, positions = real_windows(ohlcv, LOOKBACK, 3100, len(ohlcv) - 1, 64, list(LEVELS))
+    windows, positions = real_windows(policy, ohlcv, 3100, len(ohlcv) - 1, 64)
     assert check_parity(policy, path, windows, positions).passed
 
 
 @pytest.mark.parametrize("batch", [1, 7, 300])
 def test_dynamic_batch(exported, batch):
     policy, path, ohlcv = exported
-    windows, positions = real_windows(ohlcv, LOOKBACK, 100, 4000, batch, list(LEVELS), seed=batch)
+    windows, positions = real_windows(policy, ohlcv, 100, 4000, batch, seed=batch)
     served = Policy(path).decide(windows, positions)
     assert served.shape == (batch, 1) and served.dtype == np.float32
     assert set(np.unique(served)).issubset(set(LEVELS))
@@ -85,9 +89,9 @@ def test_dynamic_batch(exported, batch):
 
 def test_checkpoint_round_trip_gives_the_same_policy(exported):
     policy, _, ohlcv = exported
-    checkpoint = policy_checkpoint(policy.actor_critic, policy.features, (64, 64))
+    checkpoint = policy_checkpoint(policy.actor_critic, policy.features)
     restored = load_policy(checkpoint)
-    windows, positions = real_windows(ohlcv, LOOKBACK, 100, 4000, 32, list(LEVELS))
+    windows, positions = real_windows(policy, ohlcv, 100, 4000, 32)
     with torch.no_grad():
         a = policy(torch.from_numpy(windows), torch.from_numpy(positions))
         b = restored(torch.from_numpy(windows), torch.from_numpy(positions))
@@ -98,7 +102,7 @@ def test_checkpoint_round_trip_gives_the_same_policy(exported):
 def test_serving_rejects_bad_inputs_by_name(exported):
     _, path, ohlcv = exported
     policy = Policy(path)
-    window = ohlcv[100:100 + LOOKBACK][None].copy()
+    window = ohlcv[100:100 + LOOKBACK, 0][None].copy()
     position = np.zeros((1, 1), dtype=np.float32)
     with pytest.raises(InputError, match=r"ohlcv: shape \(1, 10, 5\)"):
         policy.decide(window[:, :10], position)
@@ -119,7 +123,7 @@ def test_serving_inference_path_needs_no_torch(exported, tmp_path):
     import sys
 
     _, path, ohlcv = exported
-    np.save(tmp_path / "w.npy", ohlcv[200:200 + LOOKBACK][None])
+    np.save(tmp_path / "w.npy", ohlcv[200:200 + LOOKBACK, 0][None])
     code = (
         "import sys, numpy as np\n"
         "sys.modules['torch'] = None  # any import of torch now fails\n"
@@ -136,8 +140,8 @@ def test_serving_inference_path_needs_no_torch(exported, tmp_path):
 def test_feature_module_exports_alone_for_close_only(tmp_path):
     """A close-only model's graph ignores open/high/low/volume columns."""
     module = FeatureModule(LOOKBACK)
-    agent = ActorCritic(module.n_features, (0.0, 1.0))
-    path = export_onnx(TradingPolicy(module, agent), tmp_path / "m.onnx", {"lookback": LOOKBACK})
+    agent = ActorCritic(module.n_features, DiscreteExposure((0.0, 1.0)))
+    path = export_onnx(ExportPolicy(module, agent), tmp_path / "m.onnx", {"lookback": LOOKBACK})
     policy = Policy(path)
     window = (np.random.default_rng(0).random((2, LOOKBACK, 5)) + 1).astype(np.float32)
     scrambled = window.copy()

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from ml.agent.policy import NORM_CLIP
 from ml.config import ActionConfig, CostConfig, EnvConfig
 from ml.data.sources import sample_path
 from ml.env.action_space import make_action_space
 from ml.env.gym_env import ENV_ID, TradingGymEnv
 from ml.env.trading_env import TradingEnv
+from ml.market.features import NORM_CLIP
 from ml.market.series import prepare_series
 from tests.conftest import synthetic_bars
 

@@ -103,11 +103,12 @@ def test_failed_parity_leaves_the_previous_champion(pipeline_run, tmp_path):
     """A second run whose gate fails registers a challenger but never moves champion."""
     _, first = pipeline_run
     uri = first["tracking_uri"]
-    config = config_from_dict({**TINY, "gate": {**TINY["gate"], "parity_tolerance": 0.0},
+    # The tolerance must be positive; one far below float32 resolution fails like zero would.
+    config = config_from_dict({**TINY, "gate": {**TINY["gate"], "parity_tolerance": 1e-12},
                                "registry": {"tracking_uri": uri}})
     result = run_pipeline(config, tmp_path / "second")
     if result["gate"]["checks"]["onnx_parity"]:
-        pytest.fail("parity with tolerance 0 was expected to fail on float32 features")
+        pytest.fail("parity with tolerance 1e-12 was expected to fail on float32 features")
     assert not result["champion"]
     assert alias_version(uri, first["model_name"], CHAMPION) == first["version"]
     assert alias_version(uri, first["model_name"], CHALLENGER) == result["version"]

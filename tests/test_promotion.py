@@ -13,15 +13,22 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ml import registry
-from ml.config import GateConfig
-from ml.export import export_onnx
-from ml.features import FeatureModule
-from ml.policy import ActorCritic, TradingPolicy
-from ml.promotion import evaluate_gate, registry_lock
+from ml.agent.policy import ActorCritic, ExportPolicy
+from ml.config import ActionConfig, GateConfig
+from ml.env.action_space import DiscreteExposure
+from ml.market.features import FeatureModule
+from ml.release import registry
+from ml.release.export import export_onnx
+from ml.release.gate import evaluate_gate as gate_decision
+from ml.release.lock import registry_lock
 from tests.conftest import ROOT
 
 PARITY_OK = {"passed": True, "max_abs_diff": 3e-7, "tolerance": 1e-5, "windows": 64}
+
+
+def evaluate_gate(report, parity, gate, champion_comparison=None):
+    """The gate with the default collapse share of the action settings."""
+    return gate_decision(report, parity, gate, ActionConfig().collapse_share, champion_comparison)
 
 
 def report(returns=(0.05, 0.02), collapsed=(False, False)) -> dict:
@@ -75,8 +82,8 @@ def registry_template(tmp_path_factory):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torch.manual_seed(0)
     module = FeatureModule(64)
-    path = export_onnx(TradingPolicy(module, ActorCritic(module.n_features, (0.0, 1.0))), tmp_path / "m.onnx",
-                       {"lookback": 64})
+    path = export_onnx(ExportPolicy(module, ActorCritic(module.n_features, DiscreteExposure((0.0, 1.0)))),
+                       tmp_path / "m.onnx", {"lookback": 64})
     example = {"ohlcv": (np.random.default_rng(0).random((2, 64, 5)) + 1).astype(np.float32),
                "position": np.zeros((2, 1), np.float32)}
     client = MlflowClient(uri)

@@ -21,9 +21,9 @@ from ml.env.action_space import make_action_space
 from ml.env.trading_env import TradingEnv
 from ml.evaluation.backtest import Backtest, run_backtest, run_baselines
 from ml.evaluation.metrics import bar_returns
-from ml.market.calendar import periods_per_year
 from ml.evaluation.splits import Fold
 from ml.evaluation.statistics import deflated_sharpe_ratio, probabilistic_sharpe_ratio, sharpe_ci
+from ml.market.calendar import periods_per_year
 from ml.market.series import MarketSeries
 
 

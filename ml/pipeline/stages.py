@@ -28,11 +28,11 @@ from ml.data.sources import load_bars
 from ml.data.validation import ValidationConfig, require_valid
 from ml.env.action_space import make_action_space
 from ml.evaluation.html_report import render_html_report
-from ml.market.calendar import periods_per_year
 from ml.evaluation.plots import (plot_equity_and_drawdown, plot_exposure_histogram, plot_fold_bars,
                                  plot_mean_weights)
 from ml.evaluation.splits import Fold, walk_forward_folds
 from ml.evaluation.walkforward import aggregate, backtest_policy, evaluate_fold, train_fold
+from ml.market.calendar import periods_per_year
 from ml.market.series import MarketSeries, align_bars
 from ml.pipeline.rundir import (HISTORY, POLICY, TRAIN_STATE, TRAINING, RunFolder, code_version, load_agent,
                                 market_timestamps, read_bars, read_config, read_folds, read_json, read_market,
