@@ -33,6 +33,11 @@ from ml.market.series import MarketSeries
 BPS = 1e-4
 
 
+def over_assets(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the asset axis ([N, A] -> [N]); one asset is a view, no reduction kernel."""
+    return values.squeeze(-1) if values.shape[-1] == 1 else values.sum(dim=-1)
+
+
 def settle(cash: torch.Tensor, units: torch.Tensor, nav_before: torch.Tensor, target: torch.Tensor,
            reference: torch.Tensor, close: torch.Tensor, price_impact: float, commission_rate: float,
            borrow_per_bar: float):
@@ -40,18 +45,20 @@ def settle(cash: torch.Tensor, units: torch.Tensor, nav_before: torch.Tensor, ta
 
     Returns cash, units, NAV, costs paid, traded notional over NAV, and the log-NAV reward.
     """
-    nav_at_fill = cash + (units * reference).sum(dim=-1)
+    nav_at_fill = cash + over_assets(units * reference)
     target_units = target * nav_at_fill.unsqueeze(-1) / reference
     delta = target_units - units
     traded_value = delta.abs() * reference  # notional at the reference price
     # The fill price is worse than the reference by the impact, in the trade's direction.
     impact_paid = traded_value * price_impact
     cost = impact_paid + (traded_value + impact_paid) * commission_rate
-    cost = (cost + torch.clamp(-target_units, min=0.0) * close * borrow_per_bar).sum(dim=-1)
-    cash = cash - ((delta * reference).sum(dim=-1) + cost)
-    nav = cash + (target_units * close).sum(dim=-1)
+    if borrow_per_bar:  # short notional pays borrow; skipped when free (the default), it is a fifth of the ops
+        cost = cost + torch.clamp(-target_units, min=0.0) * close * borrow_per_bar
+    cost = over_assets(cost)
+    cash = cash - (over_assets(delta * reference) + cost)
+    nav = cash + over_assets(target_units * close)
     reward = torch.log(nav.clamp(min=1e-12) / nav_before)
-    return cash, target_units, nav, cost, traded_value.sum(dim=-1) / nav_at_fill.clamp(min=1e-12), reward
+    return cash, target_units, nav, cost, over_assets(traded_value) / nav_at_fill.clamp(min=1e-12), reward
 
 
 def shaping_terms(config: EnvConfig, nav: torch.Tensor, peak_nav: torch.Tensor, log_return: torch.Tensor,
