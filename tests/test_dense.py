@@ -3,7 +3,9 @@ torch.tanh compute, values and gradients, and the policy's fast path equals its 
 
 from __future__ import annotations
 
+import os
 import platform
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -105,9 +107,14 @@ def _mlp_reference(x, layers, head):
     return F.linear(x, *head)
 
 
-def test_compiled_backward_is_built_and_taken_for_data_inputs():
-    # `make venv` builds ml.fastpath._tanh_mlp; training on CPU must take it, not fall back unnoticed.
-    assert kernel_built()
+def test_compiled_backward_is_built_where_a_compiler_is_and_taken_for_data_inputs():
+    # `make venv` builds ml.fastpath._tanh_mlp wherever a C++ compiler is; training on CPU must then
+    # take it, not fall back unnoticed. Without a compiler the plain backward runs (tested below).
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    assert kernel_built() == bool(compiler), f"C++ compiler: {compiler}; kernel built: {kernel_built()}"
+    if not kernel_built():
+        assert not uses_kernel(torch.zeros(2, 3))
+        return
     assert uses_kernel(torch.zeros(2, 3))
     assert not uses_kernel(torch.zeros(2, 3, requires_grad=True))  # its input gradient is not computed
     assert not uses_kernel(torch.zeros(2, 3, dtype=torch.float64))
@@ -295,11 +302,13 @@ def test_policy_fast_path_equals_plain_path_values_and_gradients(space_name, mon
     _assert_same(fast, plain, space_name == "discrete_long_only")
 
 
-@pytest.mark.skipif(not kernel_built(), reason="ml.fastpath._tanh_mlp is not built (no C++ compiler at install)")
 @pytest.mark.parametrize("space_name", list(SPACES))
 @pytest.mark.parametrize("threads", [1, 2])
 def test_policy_kernel_gradients_equal_plain_path_gradients(space_name, threads, monkeypatch):
     """The compiled backward, as training takes it (features are data), against plain torch."""
+    if not kernel_built():  # nothing to compare: the first test checks this machine has no compiler
+        assert not uses_kernel(torch.zeros(2, 3))
+        return
     agent, features, position, advantage, returns = _agent_and_batch(space_name, seed=threads)
     action = _sampled_actions(agent, features, position)
     batch = (features, position, advantage, returns, action)
