@@ -32,7 +32,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Asset, AssetAlias, Param, dag, task
 
-from ml.config import INTERVALS  # imports no torch: parsing stays fast
+from ml.config import INTERVALS, SYMBOL_PATTERN  # imports no torch: parsing stays fast
 
 MARKET_DATA_CURATED = Asset("market_data_curated")
 # An Asset listed in outlets gets an event on every success; emitting through an
@@ -65,7 +65,7 @@ def log_failure(context) -> None:
                   "execution_timeout": timedelta(minutes=30), "on_failure_callback": log_failure},
     params={
         "symbols": Param(DEFAULT_SYMBOLS, type="array", minItems=1, uniqueItems=True,
-                         items={"type": "string", "minLength": 1, "pattern": r"^[A-Za-z0-9^._=-]+$"},
+                         items={"type": "string", "pattern": SYMBOL_PATTERN},
                          description="Tickers (yfinance) or sample names; one mapped task each."),
         "interval": Param("1d", enum=list(INTERVALS), description="Bar interval (yfinance spelling)."),
         "start": Param(None, type=["null", "string"], format="date",

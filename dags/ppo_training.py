@@ -20,7 +20,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from ml.config import INTERVALS  # imports no torch: parsing stays fast
+from ml.config import INTERVALS, SYMBOL_PATTERN  # imports no torch: parsing stays fast
 
 
 # Where training runs: the Docker/Celery stack sets these to its `gpu` queue and pool. The
@@ -60,9 +60,11 @@ def log_failure(context) -> None:
         "source": Param("sample", enum=["sample", "file", "yfinance", "lake"],
                         description="Where bars come from: the bundled sample, a CSV/parquet file, yfinance, "
                                     "or the curated data lake (runs triggered by market_data use the lake)."),
-        "symbol": Param("GSPC", type="string", minLength=1, description="Ticker (yfinance) or sample name."),
+        "symbol": Param("GSPC", type="string", pattern=SYMBOL_PATTERN,
+                        description="Ticker (yfinance) or sample name, e.g. GSPC, ^GSPC, BRK-B, EURUSD=X."),
         "data_path": Param(None, type=["null", "string"],
-                           description="CSV/parquet path when source is 'file'; lake root when source is 'lake'."),
+                           description="CSV/parquet path when source is 'file'; lake root when source is 'lake'. "
+                                       "Must lie under $ML_DATA_ROOT."),
         "interval": Param("1d", enum=list(INTERVALS), description="Bar interval (yfinance spelling)."),
         "start": Param(None, type=["null", "string"], format="date", description="First date to use (YYYY-MM-DD)."),
         "timesteps": Param(500_000, type="integer", minimum=1024, maximum=1_000_000_000,
@@ -77,7 +79,8 @@ def log_failure(context) -> None:
                                                 "one; the report shows the test spread across all."),
         "device": Param("auto", enum=["auto", "cpu", "cuda"], description="Training device; auto = CUDA if present."),
         "promote": Param(True, type="boolean", description="Set `champion` when the gate passes."),
-        "config_file": Param(None, type=["null", "string"], description="Optional YAML/JSON pipeline config."),
+        "config_file": Param(None, type=["null", "string"],
+                             description="Optional YAML/JSON pipeline config, under $ML_CONFIG_ROOT."),
     },
 )
 def ppo_training():

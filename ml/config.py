@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,10 +29,20 @@ ACTION_MODES = ("discrete", "continuous", "portfolio")
 DEVICES = ("auto", "cpu", "cuda")
 # Validation metrics that can pick the checkpoint and the seed (keys of a backtest's metrics).
 SELECTION_METRICS = ("sharpe", "sortino", "calmar", "total_return", "annualized_return")
+# A symbol names files (samples, lake partitions) and models, so it is a ticker as yfinance spells
+# them (GSPC, ^GSPC, BRK-B, BTC-USD, EURUSD=X) and never a path: no '/', '\\', '..', spaces or
+# empty. The one pattern for the DAG Params (JSON Schema), the CLI, the config and the data sources.
+SYMBOL_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9^][A-Za-z0-9._=^-]{0,31}$"
+SYMBOL_RULE = "must be a ticker: 1 to 32 letters, digits or ^ . _ = - (no '..', no path)"
 
 
 class ConfigError(ValueError):
     pass
+
+
+def is_symbol(value: Any) -> bool:
+    """True for a ticker that :data:`SYMBOL_PATTERN` accepts (the whole string, no trailing newline)."""
+    return isinstance(value, str) and re.fullmatch(SYMBOL_PATTERN, value) is not None
 
 
 def _setting(default: Any, check: Callable[[Any], bool] | None = None, rule: str = "",
@@ -55,8 +66,9 @@ def _between(low: float, high: float, low_open: bool = False) -> tuple[Callable[
 @dataclass(frozen=True)
 class DataConfig:
     source: str = _setting("sample", choices=SOURCES)
-    symbol: str = "GSPC"
-    symbols: tuple[str, ...] = ()  # two or more: portfolio mode over these (with action.mode: portfolio)
+    symbol: str = _setting("GSPC", is_symbol, SYMBOL_RULE)
+    # Two or more: portfolio mode over these (with action.mode: portfolio).
+    symbols: tuple[str, ...] = _setting((), lambda v: all(map(is_symbol, v)), f"each symbol {SYMBOL_RULE}")
     interval: str = _setting("1d", choices=INTERVALS)
     path: str | None = None  # the file for source=file; the lake root for source=lake
     start: str | None = None
@@ -164,7 +176,12 @@ class GateConfig:
     require_beats_cash: bool = True  # mean test total return after costs must exceed cash ...
     cash_margin: float = 0.0  # ... by this much
     compare_with_champion: bool = True  # when a champion exists, beat it on bars neither trained on ...
-    champion_margin: float = 0.0  # ... by this much Sharpe
+    champion_margin: float = 0.0  # ... by this much Sharpe ...
+    # ... at this one-sided confidence (paired block bootstrap of the Sharpe difference)
+    champion_confidence: float = _setting(0.9, *_between(0.5, 0.999))
+    # A run that trained fewer environment steps than this in any fold is never promoted.
+    min_timesteps: int = _setting(100_000, *_at_least(0))
+    require_learned: bool = True  # on validation, beat the random policy and cash in most folds
 
 
 @dataclass(frozen=True)
@@ -266,17 +283,25 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     raise TypeError(f"{path}: no loader for type {hint}")
 
 
+# What an unknown key must look like to be named in the error: a mistyped field name. Anything
+# else (a whole line of some other file parsed as a key) is refused without being echoed.
+_KEY_SHOWN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+
+
 def _build(cls, values: Any, where: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'config'} = {values!r}: must be a mapping of fields")
+    if not isinstance(values, dict):  # the type only: the value may be any file's content
+        raise ConfigError(f"{where or 'config'}: must be a mapping of fields, got a {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = f"known in {where or 'the top level'}: {sorted(fields)}"
     for name in values:
         path = f"{where}.{name}" if where else str(name)
         if path in MOVED:
             raise ConfigError(f"{path}: this setting is now {MOVED[path]}")
         if name not in fields:
-            raise ConfigError(f"{path}: unknown config field (known in {where or 'the top level'}: {sorted(fields)})")
+            if not (isinstance(name, str) and _KEY_SHOWN.fullmatch(name)):
+                raise ConfigError(f"{where or 'the top level'}: a key that is not a config field name ({known})")
+            raise ConfigError(f"{path}: unknown config field ({known})")
     kwargs = {}
     for name, value in values.items():
         hint, path = hints[name], f"{where}.{name}" if where else name
@@ -307,7 +332,11 @@ def config_from_dict(values: dict | None) -> PipelineConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
-    """Defaults, then the file, then ``overrides``; checked before anything runs."""
+    """Defaults, then the file, then ``overrides``; checked before anything runs.
+
+    Errors name the file, fields and rules, never the file's text: an unknown key is named only
+    when it looks like a field name, and a file that is not a mapping is refused by its type.
+    """
     values: dict = {}
     if path:
         path = Path(path)
@@ -316,9 +345,11 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config ({exc.strerror or type(exc).__name__})") from exc
         except yaml.YAMLError as exc:
+            # The line number only, and no chained exception: YAML errors quote the text around
+            # the problem, and a traceback would print it.
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: not valid YAML/JSON{where}") from exc
+            raise ConfigError(f"{path}: not valid YAML/JSON{where}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: must hold a mapping of config sections, got a {type(values).__name__}")
     return config_from_dict(merge(values, overrides or {}))

@@ -1,19 +1,30 @@
-"""Static checks of the scale-out stack in docker/ (no Docker engine, no network).
+"""Checks of the scale-out stack in docker/ without a Docker engine and without network.
 
-The compose file is parsed with PyYAML (anchors and `<<` merges resolved), compose variables
-are interpolated with their own defaults, and every path, pin and setting that has to agree
-with the repository is checked against it.
+The compose file is parsed with PyYAML (anchors and `<<` merges resolved) and its variables are
+interpolated the way compose does, from a docker/.env that scripts/make-env.sh writes into a
+temporary folder. Every path, pin and setting that has to agree with the repository is checked
+against it, and so are the secure defaults: loopback-only ports, no secret with a default, MLflow
+behind its basic-auth app.
 """
 
 from __future__ import annotations
 
+import base64
+import configparser
+import functools
+import importlib.util
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -21,6 +32,7 @@ COMPOSE_FILE = DOCKER / "docker-compose.yml"
 COMPOSE_TEXT = COMPOSE_FILE.read_text()
 COMPOSE = yaml.safe_load(COMPOSE_TEXT)
 SERVICES = COMPOSE["services"]
+MAKE_ENV = ROOT / "scripts" / "make-env.sh"
 
 AIRFLOW_SERVICES = [
     "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
@@ -28,25 +40,49 @@ AIRFLOW_SERVICES = [
 ]
 EXPECTED_SERVICES = {"postgres", "redis", "mlflow", "minio", "minio-init", *AIRFLOW_SERVICES}
 
+# What the stack must not start without: passwords, keys, and MinIO's root user (the S3 key id).
+SECRETS = {
+    "POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
+    "AIRFLOW_ADMIN_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_API_SECRET_KEY", "AIRFLOW_JWT_SECRET",
+    "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY",
+}
+SECRET_NAME_RE = re.compile(r"PASSWORD|SECRET|FERNET|TOKEN|_KEY$|_ROOT_USER$")
+KNOWN_DEFAULT_CREDENTIALS = ("minioadmin", "admin:admin", "change-me", "password1234")
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}, ${VAR:+alt}, ${VAR+alt}, $VAR;
 # `$$` is a literal dollar for the container's shell.
 VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
-PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)")
+PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;#]+)")
 
 
-def interpolate(value):
-    """What compose would substitute with no .env: each variable's own default."""
+class MissingVariable(Exception):
+    """What compose stops with when a `${VAR:?message}` has no value."""
+
+
+def interpolate(value, env: dict[str, str]):
+    """``value`` with compose's substitution rules applied against ``env`` (a .env file's values)."""
     if isinstance(value, str):
         def sub(match):
-            if match.group(2) in (":-", "-"):
-                return match.group(3)
-            return ""
+            name, op, arg = match.group(1) or match.group(4), match.group(2), match.group(3)
+            current = env.get(name)
+            if op in (":?", "?") and (current is None or (op == ":?" and current == "")):
+                raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+            if op == ":-":
+                return current or arg
+            if op == "-":
+                return arg if current is None else current
+            if op == ":+":
+                return arg if current else ""
+            if op == "+":
+                return "" if current is None else arg
+            return current or ""
         parts = value.split("$$")
         return "$".join(VAR_RE.sub(sub, part) for part in parts)
     if isinstance(value, list):
-        return [interpolate(v) for v in value]
+        return [interpolate(v, env) for v in value]
     if isinstance(value, dict):
-        return {k: interpolate(v) for k, v in value.items()}
+        return {k: interpolate(v, env) for k, v in value.items()}
     return value
 
 
@@ -61,9 +97,19 @@ def variables(text: str) -> dict[str, bool]:
     return found
 
 
-def env_example() -> dict[str, str]:
+def uses(text: str) -> dict[str, list[tuple[str | None, str | None]]]:
+    """Variable name -> (operator, argument) of each of its uses."""
+    found: dict[str, list] = {}
+    for part in text.split("$$"):
+        for match in VAR_RE.finditer(part):
+            found.setdefault(match.group(1) or match.group(4), []).append((match.group(2), match.group(3)))
+    return found
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """A compose .env file: KEY=VALUE lines, `#` comments."""
     values = {}
-    for line in (DOCKER / ".env.example").read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             key, _, value = line.partition("=")
@@ -71,15 +117,32 @@ def env_example() -> dict[str, str]:
     return values
 
 
+def env_example() -> dict[str, str]:
+    return read_env(DOCKER / ".env.example")
+
+
+def make_env(*args: str, cwd: Path = ROOT, script: Path = MAKE_ENV) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@functools.cache
+def stack_env() -> dict[str, str]:
+    """The values of a docker/.env as `make stack-env` writes it (made in a temporary folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = make_env(str(Path(tmp) / ".env"))
+        assert result.returncode == 0, result.stderr
+        return read_env(Path(tmp) / ".env")
+
+
 def environment(service: str) -> dict[str, str]:
     env = SERVICES[service].get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {k: str(v) for k, v in interpolate(env).items()}
+    return {k: str(v) for k, v in interpolate(env, stack_env()).items()}
 
 
 def command(service: str) -> list[str]:
-    cmd = interpolate(SERVICES[service].get("command") or [])
+    cmd = interpolate(SERVICES[service].get("command") or [], stack_env())
     return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
 
 
@@ -96,7 +159,7 @@ def option(argv: list[str], *names: str) -> str | None:
 def mounts(service: str) -> list[tuple[str, str, bool]]:
     """(source, target, is_host_path) for each volume entry."""
     result = []
-    for entry in interpolate(SERVICES[service].get("volumes") or []):
+    for entry in interpolate(SERVICES[service].get("volumes") or [], stack_env()):
         if isinstance(entry, dict):
             source, target = entry.get("source", ""), entry["target"]
             is_host = entry.get("type") == "bind"
@@ -141,7 +204,7 @@ def builds() -> dict[str, tuple[Path, Path]]:
     """service -> (build context, Dockerfile), both resolved on disk."""
     found = {}
     for name, service in SERVICES.items():
-        build = interpolate(service.get("build"))
+        build = interpolate(service.get("build"), stack_env())
         if build is None:
             continue
         if isinstance(build, str):
@@ -345,7 +408,7 @@ def test_gpu_worker_reserves_an_nvidia_gpu():
 
 def test_workers_reach_the_api_server():
     api = SERVICES["airflow-apiserver"]
-    container_ports = {int(str(p).rsplit(":", 1)[-1]) for p in interpolate(api.get("ports", []))}
+    container_ports = {int(str(p).rsplit(":", 1)[-1]) for p in interpolate(api.get("ports", []), stack_env())}
     for name in AIRFLOW_SERVICES:
         url = urlsplit(environment(name)["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"])
         assert url.hostname == "airflow-apiserver" and url.port in container_ports, name
@@ -477,3 +540,91 @@ def test_images_install_the_pinned_set_and_the_project():
     assert "grep -v '^torch=='" in gpu_runs, "the CPU torch pin must not reach the GPU image"
     assert re.search(r"--(extra-)?index-url \"?\$\{?TORCH_INDEX_URL", gpu_runs)
     assert "onnxruntime-gpu" in requirement_pins(ROOT / "requirements.txt")
+
+
+# --- secure defaults --------------------------------------------------------------------------
+
+def published_ports(env: dict[str, str]) -> dict[str, list[tuple[str | None, str]]]:
+    """service -> (host address or None for every interface, container port) per published port."""
+    found = {}
+    for name, service in SERVICES.items():
+        entries = []
+        for entry in interpolate(service.get("ports") or [], env):
+            if isinstance(entry, dict):
+                entries.append((entry.get("host_ip"), str(entry["target"])))
+                continue
+            parts = str(entry).split("/")[0].rsplit(":", 2)
+            entries.append((parts[0].strip("[]") if len(parts) == 3 else None, parts[-1]))
+        if entries:
+            found[name] = entries
+    return found
+
+
+def test_published_ports_bind_to_loopback_unless_told_otherwise():
+    # Compose's own defaults (no ML_BIND_ADDRESS in .env), and what make-env writes.
+    for env in ({}, stack_env()):
+        ports = published_ports(env)
+        assert set(ports) == {"airflow-apiserver", "mlflow", "minio"}, "postgres and redis stay unpublished"
+        for name, entries in ports.items():
+            for host, target in entries:
+                assert host in LOOPBACK, f"{name}: port {target} binds to {host or 'every interface'}"
+    # One setting exposes them all, deliberately.
+    exposed = published_ports({"ML_BIND_ADDRESS": "192.0.2.10"})
+    assert {host for entries in exposed.values() for host, _ in entries} == {"192.0.2.10"}
+    for name, service in SERVICES.items():
+        assert service.get("network_mode") != "host", f"{name}: host networking publishes every port"
+
+
+def test_every_secret_is_required_with_no_default():
+    found = uses(COMPOSE_TEXT)
+    required = {name for name, ops in found.items() if any(op in (":?", "?") for op, _ in ops)}
+    assert required == SECRETS, f"required but not listed {required - SECRETS}, listed but optional {SECRETS - required}"
+    for name, ops in found.items():
+        if name in SECRETS or SECRET_NAME_RE.search(name):
+            assert name in SECRETS, f"{name} looks like a secret: add it to SECRETS and require it"
+            for op, message in ops:
+                assert op == ":?", f"{name}: every use must be ${{{name}:?...}}, found {op or 'no operator'}"
+                assert "make stack-env" in message, f"{name}: the error should say how to make docker/.env"
+    for script in (DOCKER / "postgres-init").iterdir():
+        for name, ops in uses(script.read_text()).items():
+            if name in SECRETS:
+                assert all(op in (":?", "?", None) for op, _ in ops), f"{script.name}: {name} has a default"
+
+
+def test_compose_refuses_to_start_without_the_secrets():
+    with pytest.raises(MissingVariable, match="make stack-env"):
+        interpolate(COMPOSE, {})
+    # .env.example copied unchanged leaves every secret empty: refused as well.
+    with pytest.raises(MissingVariable):
+        interpolate(COMPOSE, env_example())
+    for name in sorted(SECRETS):
+        for env in ({k: v for k, v in stack_env().items() if k != name}, {**stack_env(), name: ""}):
+            with pytest.raises(MissingVariable, match=rf"\b{name}\b"):
+                interpolate(COMPOSE, env)
+
+
+def test_no_known_default_credentials_remain():
+    files = [COMPOSE_FILE, DOCKER / ".env.example", DOCKER / "mlflow-auth.ini", MAKE_ENV,
+             *(DOCKER / "postgres-init").iterdir(), *DOCKER.glob("*.Dockerfile")]
+    for path in files:
+        text = path.read_text().lower()
+        for literal in KNOWN_DEFAULT_CREDENTIALS:
+            assert literal not in text, f"{path.relative_to(ROOT)} still contains {literal!r}"
+    example = env_example()
+    for name in SECRETS:
+        assert example.get(name) == "", f".env.example: {name} must be empty (make-env fills it)"
+
+
+def test_fernet_key_is_required_and_well_formed():
+    for name in AIRFLOW_SERVICES:
+        raw = SERVICES[name]["environment"]["AIRFLOW__CORE__FERNET_KEY"]
+        assert raw.startswith("${AIRFLOW_FERNET_KEY:?"), f"{name}: {raw}"
+    key = environment("airflow-scheduler")["AIRFLOW__CORE__FERNET_KEY"]
+    assert len(base64.urlsafe_b64decode(key)) == 32
+    assert Fernet(key).decrypt(Fernet(key).encrypt(b"connection")) == b"connection"
+
+
+def _mlflow_auth_config_module():
+    # mlflow.server.auth's package init needs Flask-WTF, which only the MLflow image installs; the
+    # config reader itself needs nothing but mlflow, so it is loaded from its file.
+    import mlflow.server.auth as _  # noqa: F401 - only to locate the package without importing it

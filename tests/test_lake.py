@@ -86,6 +86,28 @@ def glitch(bars: pd.DataFrame, row: int) -> pd.DataFrame:
     return bars
 
 
+def fail_writes(monkeypatch, lake_root: str, suffix: str, error: Exception) -> None:
+    """Every store write to a key ending in `suffix` raises `error`, on whichever backend the lake uses."""
+    store_type = type(Lake(lake_root)._store)
+    real = store_type.write
+
+    def write(self, key, data, *args, **kwargs):
+        if key.endswith(suffix):
+            raise error
+        return real(self, key, data, *args, **kwargs)
+
+    monkeypatch.setattr(store_type, "write", write)
+
+
+def copy_bytes(lake: Lake, symbol: str) -> bytes:
+    """`bars.parquet`, the copy of the current version that parquet dataset readers see."""
+    return lake._store.read(f"curated/interval=1d/symbol={symbol}/bars.parquet")[0]
+
+
+def version_bytes(lake: Lake, symbol: str, digest: str) -> bytes:
+    return lake._store.read(f"curated/interval=1d/symbol={symbol}/_versions/{digest}.parquet")[0]
+
+
 # Lake behaviour, on both backends ----------------------------------------------------------------
 
 def test_raw_is_kept_as_pulled_and_curated_holds_the_validated_series(lake_root):
@@ -259,9 +281,107 @@ def test_writes_are_create_only_or_compare_and_swap(lake_root):
         lake.write_raw(glitch(bars, 5), "pull-1")
 
 
+def test_an_interrupted_manifest_swap_is_finished_by_the_retry(lake_root, monkeypatch):
+    bars = make_bars("AAA", 220)
+    feed = FakeFeed(bars.iloc[:200])
+    old = ingest_symbol(lake_root, "AAA", "1d", feed)["curated_hash"]
+    new = content_hash(bars)
+
+    feed.bars = bars
+    with monkeypatch.context() as patch:  # the new version is stored, then the manifest write is lost
+        fail_writes(patch, lake_root, "symbol=AAA/_manifest.json", ConnectionError("connection reset by peer"))
+        failed = ingest_symbol(lake_root, "AAA", "1d", feed)
+    assert failed["status"] == "failed" and failed["retryable"] is True, failed
+    assert "connection reset" in failed["error"]
+
+    # Readers still see the old series whole: bars, manifest, resume point and copy agree.
+    lake = Lake(lake_root)
+    assert lake.snapshot("AAA", "1d", version=new)[1] == new  # stored, but not current
+    assert lake.manifest("AAA", "1d")["current"]["hash"] == old
+    assert lake.snapshot("AAA", "1d")[1] == old and len(lake.read_curated("AAA", "1d")) == 200
+    assert len(lake.timestamps("AAA", "1d")) == 200
+    assert copy_bytes(lake, "AAA") == version_bytes(lake, "AAA", old)
+
+    retry = ingest_symbol(lake_root, "AAA", "1d", feed)
+    # What the market_data DAG emits the asset event on: status `updated` with the new hash and rows.
+    assert retry["status"] == "updated", retry
+    assert retry["curated_hash"] == new and retry["previous_hash"] == old
+    assert retry["rows"] == 220 and retry["rows_added"] == 20
+    manifest = lake.manifest("AAA", "1d")
+    assert manifest["current"]["hash"] == new and [e["hash"] for e in manifest["history"]] == [old, new]
+    curated = lake.read_curated("AAA", "1d")
+    assert len(curated) == 220 and content_hash(curated) == new
+    # The version stored by the interrupted run is the one published, and the copy is derived from it.
+    assert copy_bytes(lake, "AAA") == version_bytes(lake, "AAA", new)
+    assert ingest_symbol(lake_root, "AAA", "1d", feed)["status"] == "unchanged"
+
+
+def test_a_failed_copy_refresh_keeps_the_update_and_the_next_pull_repairs_it(lake_root, monkeypatch):
+    bars = make_bars("AAA", 220)
+    feed = FakeFeed(bars.iloc[:200])
+    old = ingest_symbol(lake_root, "AAA", "1d", feed)["curated_hash"]
+
+    feed.bars = bars
+    with monkeypatch.context() as patch:
+        fail_writes(patch, lake_root, "symbol=AAA/bars.parquet", OSError("disk full"))
+        out = ingest_symbol(lake_root, "AAA", "1d", feed)
+    # The manifest swap is the update: it stands, and the asset event goes out.
+    assert out["status"] == "updated" and out["curated_hash"] == content_hash(bars), out
+    lake = Lake(lake_root)
+    assert lake.snapshot("AAA", "1d")[1] == out["curated_hash"]
+    assert copy_bytes(lake, "AAA") == version_bytes(lake, "AAA", old)  # lags, never leads
+
+    again = ingest_symbol(lake_root, "AAA", "1d", feed)
+    assert again["status"] == "unchanged"
+    assert copy_bytes(lake, "AAA") == version_bytes(lake, "AAA", out["curated_hash"])
+    if not lake_root.startswith("s3://"):  # the dataset reader of the whole zone sees the new series
+        zone = pd.read_parquet(Path(lake_root) / "curated", partitioning=None)
+        assert len(zone) == 220
+
+
+def test_a_writer_that_lost_the_manifest_swap_drops_nothing_and_its_retry_merges(lake_root, monkeypatch):
+    bars = make_bars("AAA", 230)
+    Lake(lake_root).curate(bars.iloc[:200])
+    slow, fast = Lake(lake_root), Lake(lake_root)
+    real = slow._store.write
+
+    def write(key, data, *args, **kwargs):
+        if key.endswith("/_manifest.json"):  # another writer swaps between this one's read and its swap
+            fast.curate(bars.iloc[195:210])
+        return real(key, data, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(slow._store, "write", write)
+        with pytest.raises(LakeConflictError):
+            slow.curate(bars.iloc[195:220])
+    lake = Lake(lake_root)
+    assert lake.snapshot("AAA", "1d")[1] == content_hash(bars.iloc[:210])
+    assert copy_bytes(lake, "AAA") == version_bytes(lake, "AAA", content_hash(bars.iloc[:210]))
+
+    retry = slow.curate(bars.iloc[195:220])
+    assert retry.status == "updated" and retry.rows_added == 10
+    assert retry.previous_hash == content_hash(bars.iloc[:210])
+    assert lake.snapshot("AAA", "1d")[1] == content_hash(bars.iloc[:220])
+    assert [e["hash"] for e in lake.manifest("AAA", "1d")["history"]] == [
+        content_hash(bars.iloc[:n]) for n in (200, 210, 220)]
+    assert copy_bytes(lake, "AAA") == version_bytes(lake, "AAA", content_hash(bars.iloc[:220]))
+
+
+def test_a_damaged_manifest_is_refused_in_one_line(lake_root):
+    feed = FakeFeed(make_bars("AAA", 200))
+    ingest_symbol(lake_root, "AAA", "1d", feed)
+    lake = Lake(lake_root)
+    lake._store.write("curated/interval=1d/symbol=AAA/_manifest.json", b'{"current": "secret-junk"')
+    with pytest.raises(DataError, match="_manifest.json: not a lake manifest") as info:
+        lake.read_curated("AAA", "1d")
+    assert "secret-junk" not in str(info.value) and "\n" not in str(info.value)
+    out = ingest_symbol(lake_root, "AAA", "1d", feed)
+    assert out["status"] == "failed" and out["retryable"] is False and "not a lake manifest" in out["error"]
+
+
 # Local specifics -------------------------------------------------------------------------------
 
-def test_a_crash_during_a_curated_write_leaves_the_old_file(tmp_path, monkeypatch):
+def test_a_crash_during_the_manifest_swap_leaves_the_old_series(tmp_path, monkeypatch):
     root = tmp_path / "lake"
     bars = make_bars("AAA", 220)
     feed = FakeFeed(bars.iloc[:200])
@@ -269,7 +389,7 @@ def test_a_crash_during_a_curated_write_leaves_the_old_file(tmp_path, monkeypatc
     before = Lake(root).snapshot("AAA", "1d")[1]
 
     def crash(src, dst):
-        if str(dst).endswith("bars.parquet"):
+        if str(dst).endswith("_manifest.json"):
             raise OSError("disk full")
         return real_replace(src, dst)
 
@@ -281,7 +401,9 @@ def test_a_crash_during_a_curated_write_leaves_the_old_file(tmp_path, monkeypatc
     monkeypatch.undo()
     assert Lake(root).snapshot("AAA", "1d")[1] == before
     assert not list(root.rglob("*.tmp"))
-    assert ingest_symbol(root, "AAA", "1d", feed)["rows_added"] == 20  # the next run catches up
+    assert len(Lake(root).read_curated("AAA", "1d")) == 200
+    retry = ingest_symbol(root, "AAA", "1d", feed)  # the next run catches up
+    assert retry["status"] == "updated" and retry["rows_added"] == 20
 
 
 def yfinance_download(calls: list, n: int = 260):

@@ -24,7 +24,9 @@ TINY = {
     "splits": {"n_folds": 2, "test_months": 6, "validation_months": 6, "min_train_bars": 300},
     # A 4096-step policy cannot be expected to make money: this run checks the plumbing, so only
     # the soundness rules of the gate apply (the profit rules have their own tests).
-    "gate": {"parity_windows": 64, "require_no_collapse": False, "require_beats_cash": False},
+    # Tiny budgets: only the soundness rules apply (the budget floor and profitability rules are off).
+    "gate": {"parity_windows": 64, "require_no_collapse": False, "require_beats_cash": False,
+             "require_learned": False, "min_timesteps": 0},
 }
 
 

@@ -210,7 +210,7 @@ def test_holding_one_asset_alone_matches_the_single_asset_buy_and_hold(series):
     costs = CostConfig()
     segment = (200, 450)
     baselines = WEIGHTS.baselines(series)
-    assert set(baselines) == {"cash", "equal_weight", "hold_AAA", "hold_BBB"}
+    assert set(baselines) == {"cash", "equal_weight", "random", "hold_AAA", "hold_BBB"}
 
     def replay(targets, on=series, space=WEIGHTS):
         return run_backtest(target_series_policy(targets, CPU), on, segment, costs, space)

@@ -32,16 +32,20 @@ def evaluate_gate(report, parity, gate, champion_comparison=None):
 
 
 def report(returns=(0.05, 0.02), collapsed=(False, False)) -> dict:
+    """Folds trained above the budget floor whose validation Sharpe beats random and cash."""
     return {"folds": [
-        {"index": i, "policy": {"test": {"total_return": r, "sharpe": 1.0, "max_drawdown": -0.1},
-                                "collapse": {"alarm": c}}}
+        {"index": i, "training": {"timesteps": 500_000},
+         "policy": {"validation": {"sharpe": 0.8}, "test": {"total_return": r, "sharpe": 1.0, "max_drawdown": -0.1},
+                    "collapse": {"alarm": c}},
+         "validation_baselines": {"cash": {"sharpe": 0.0}, "random": {"sharpe": -0.3}}}
         for i, (r, c) in enumerate(zip(returns, collapsed))]}
 
 
 def test_gate_passes_a_sound_profitable_policy():
     decision = evaluate_gate(report(), PARITY_OK, GateConfig())
     assert decision.passed, decision.reasons
-    assert set(decision.checks) == {"onnx_parity", "finite_test_metrics", "no_collapse", "beats_cash"}
+    assert set(decision.checks) == {"onnx_parity", "finite_test_metrics", "training_budget", "learned_something",
+                                    "no_collapse", "beats_cash"}
     assert decision.numbers["mean_test_total_return"] == pytest.approx(0.035)
 
 
@@ -51,6 +55,7 @@ def test_gate_passes_a_sound_profitable_policy():
     ("loses money", {"report": report(returns=(0.01, -0.03))}, "beats_cash", "-1.00%"),
     ("nan metric", {"report": report(returns=(0.01, float("nan")))}, "finite_test_metrics", "finite"),
     ("worse than champion", {"comparison": {"challenger_sharpe": 0.4, "champion_sharpe": 0.9,
+                                            "difference_low": -0.9, "confidence": 0.9,
                                             "champion_version": "3", "start": "2018-01-02",
                                             "end": "2018-12-31", "bars": 250}},
      "beats_champion", "0.40 vs champion v3 0.90"),
@@ -65,12 +70,12 @@ def test_gate_refuses_with_the_reason_and_numbers(case, kwargs, failed_check, wo
 
 
 def test_gate_rules_can_be_switched_off_and_margins_raised():
-    relaxed = GateConfig(require_no_collapse=False, require_beats_cash=False)
+    relaxed = GateConfig(require_no_collapse=False, require_beats_cash=False, require_learned=False, min_timesteps=0)
     assert evaluate_gate(report(returns=(-0.2, -0.1), collapsed=(True, True)), PARITY_OK, relaxed).passed
     strict = GateConfig(cash_margin=0.05)
     assert not evaluate_gate(report(returns=(0.04, 0.04)), PARITY_OK, strict).passed
-    comparison = {"challenger_sharpe": 1.0, "champion_sharpe": 0.9, "champion_version": "1",
-                  "start": "a", "end": "b", "bars": 100}
+    comparison = {"challenger_sharpe": 1.0, "champion_sharpe": 0.9, "difference_low": 0.1, "confidence": 0.9,
+                  "champion_version": "1", "start": "a", "end": "b", "bars": 100}
     assert evaluate_gate(report(), PARITY_OK, GateConfig(), comparison).passed
     assert not evaluate_gate(report(), PARITY_OK, GateConfig(champion_margin=0.2), comparison).passed
 

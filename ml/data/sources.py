@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ml.config import INTERVALS
+from ml.config import INTERVALS, SYMBOL_RULE, is_symbol
 from ml.data.lake import Lake
 from ml.data.schema import DataError, normalize_bars
 
@@ -22,19 +22,35 @@ SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
 log = logging.getLogger(__name__)
 
 
+def check_symbol(symbol: str) -> str:
+    """``symbol`` when it is a ticker (``ml.config.SYMBOL_PATTERN``); a DataError before it names any file."""
+    if not is_symbol(symbol):
+        raise DataError(f"symbol {str(symbol)[:64]!r}: {SYMBOL_RULE}")
+    return symbol
+
+
 def sample_path(symbol: str) -> Path:
-    path = SAMPLE_DIR / f"{symbol}.csv"
+    path = SAMPLE_DIR / f"{check_symbol(symbol)}.csv"
     if not path.exists():
         available = sorted(p.stem for p in SAMPLE_DIR.glob("*.csv"))
         raise DataError(f"no bundled sample for symbol '{symbol}' (available: {available})")
     return path
 
 
+# Parser messages that name a line number or position but quote none of the file's text.
+_QUIET_READ_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError)
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or parquet file, turning every read failure into a DataError."""
+    """Read a CSV or parquet file, turning every read failure into a DataError.
+
+    Errors never quote the file: the path may point anywhere, and the message ends up in logs.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty (rule: data must not be empty)")
     try:
@@ -42,20 +58,60 @@ def read_table(path: str | Path) -> pd.DataFrame:
             return pd.read_parquet(path)
         return pd.read_csv(path)
     except Exception as exc:  # any parser failure is a bad-input error for the user
-        raise DataError(f"{path}: cannot be read as {path.suffix or 'CSV'} ({exc})") from exc
+        why = str(exc).strip() if isinstance(exc, _QUIET_READ_ERRORS) else type(exc).__name__
+        # No chained exception either: a traceback would print it, and some quote the text.
+        raise DataError(f"{path}: cannot be read as {path.suffix or 'CSV'} ({why})") from None
+
+
+def _unfit_file(raw: pd.DataFrame, path: Path) -> str:
+    """Why a file's table does not fit the bar schema, naming columns and rows but no cell or header text."""
+    columns = {str(c).strip().lower(): c for c in raw.columns}
+    dates = next((columns[c] for c in ("timestamp", "date", "datetime") if c in columns), None)
+    if dates is None and str(raw.index.name or "").lower() in ("timestamp", "date", "datetime"):
+        dates = raw.index.to_series()
+    if dates is None or "close" not in columns:
+        missing = "'timestamp' (or Date, Datetime)" if dates is None else "'close'"
+        return f"{path}: missing required column {missing}; the header has {len(raw.columns)} column(s)"
+    stamps = raw[dates] if not isinstance(dates, pd.Series) else dates
+    bad = pd.to_datetime(stamps, utc=True, errors="coerce", format="mixed").isna() & stamps.notna()
+    if bad.any():
+        return f"{path}: column 'timestamp' is not parseable as dates (row {int(bad.to_numpy().argmax())})"
+    for field in ("open", "high", "low", "close", "volume"):
+        if field in columns:
+            values = raw[columns[field]]
+            bad = pd.to_numeric(values, errors="coerce").isna() & values.notna()
+            if bad.any():
+                return (f"{path}: column '{field}' row {int(bad.to_numpy().argmax())} is not numeric "
+                        "(rule: prices and volume must be numbers)")
+    return f"{path}: does not fit the bar schema"
 
 
 def load_file(path: str | Path, *, symbol: str | None = None, interval: str = "1d",
               source: str = "file") -> pd.DataFrame:
-    """Load a CSV/parquet in yfinance layout or in the normalized schema."""
+    """Load a CSV/parquet in yfinance layout or in the normalized schema.
+
+    Without ``symbol``, the file's single ``symbol`` value or its name (a ticker either way).
+    """
     path = Path(path)
+    if symbol is not None:
+        check_symbol(symbol)
     raw = read_table(path)
     if symbol is None:
         if "symbol" in raw.columns and raw["symbol"].nunique() == 1:
             symbol = str(raw["symbol"].iloc[0])
+            if not is_symbol(symbol):  # a value from the file: not echoed
+                raise DataError(f"{path}: column 'symbol' holds a value that is not a ticker ({SYMBOL_RULE})")
         else:
             symbol = path.stem
-    return normalize_bars(raw, symbol=symbol, interval=interval, source=source, origin=str(path))
+            if not is_symbol(symbol):
+                raise DataError(f"{path}: the file name '{symbol}' is not a ticker to name the bars by "
+                                f"({SYMBOL_RULE}); give the symbol explicitly")
+    try:
+        return normalize_bars(raw, symbol=symbol, interval=interval, source=source, origin=str(path))
+    except DataError:
+        # normalize_bars quotes headers and cells, right for a download but not for a file that
+        # may be anything: say the same without the text.
+        raise DataError(_unfit_file(raw, path)) from None
 
 
 def load_sample(symbol: str = "GSPC", interval: str = "1d") -> pd.DataFrame:
@@ -157,6 +213,7 @@ def load_yfinance(
     """
     import yfinance as yf
 
+    check_symbol(symbol)
     start = yahoo_window(interval, start, end)
     last_error: Exception | None = None
     for attempt in range(retries):
@@ -220,11 +277,16 @@ def load_yfinance_many(
     import yfinance as yf
 
     start = yahoo_window(interval, start, end)
-    pending = list(dict.fromkeys(symbols))
     results: dict[str, pd.DataFrame | DataError] = {}
+    pending = []
+    for symbol in dict.fromkeys(symbols):  # a name that is no ticker fails alone, never downloaded
+        try:
+            pending.append(check_symbol(symbol))
+        except DataError as exc:
+            results[symbol] = exc
     source = f"yfinance(auto_adjust={auto_adjust})"
     last_error: Exception | None = None
-    for attempt in range(retries):
+    for attempt in range(retries if pending else 0):
         errors = _YFinanceErrors()
         yf_log = logging.getLogger("yfinance")
         yf_log.addHandler(errors)
@@ -272,8 +334,10 @@ def load_bars(source: str, *, symbol: str, interval: str = "1d", path: str | Non
     """Dispatch on the configured source name: ``sample``, ``file``, ``yfinance`` or ``lake``.
 
     ``lake`` reads the curated partition of the data lake (``path`` = lake root, default
-    ``$ML_LAKE_ROOT``), i.e. only batches that passed the gate.
+    ``$ML_LAKE_ROOT``), i.e. only batches that passed the gate. ``symbol`` must be a ticker
+    (``ml.config.SYMBOL_PATTERN``) for every source: it names files and models.
     """
+    check_symbol(symbol)
     if source == "lake":
         return load_lake(symbol, interval=interval, root=path, start=start, end=end)
     if source == "sample":
@@ -301,7 +365,7 @@ def load_lake(symbol: str, *, interval: str = "1d", root: str | None = None, sta
     ``version`` pins a curated content hash, so a training run can be repeated
     on exactly the data it saw.
     """
-    bars = Lake(root).read_curated(symbol, interval, version)
+    bars = Lake(root).read_curated(check_symbol(symbol), interval, version)
     if start:
         bars = bars[bars["timestamp"] >= pd.Timestamp(start, tz="UTC")]
     if end:

@@ -73,6 +73,8 @@ class ActionSpace(nn.Module):
     input_names: tuple[str, str]
     output_names: tuple[str, ...]
     benchmark: str  # the passive baseline a policy is judged against
+    # Baselines that know nothing: a policy that cannot beat them on validation learned nothing.
+    null_baselines = ("cash", "random")
 
     def mask_actor_bias(self, bias: torch.Tensor) -> torch.Tensor:
         return bias
@@ -378,9 +380,12 @@ class PortfolioWeights(ActionSpace):
         return metrics
 
     def baselines(self, series, seed: int = 0) -> dict[str, np.ndarray]:
-        """Cash, equal weight (rebalanced to 1/A every bar), and each asset bought and held alone."""
+        """Cash, equal weight (rebalanced to 1/A every bar), random weights (a uniform draw over
+        the assets and cash on every bar), and each asset bought and held alone."""
         bars, assets = series.ohlcv.shape[0], self.n_assets
-        out = {"cash": np.zeros((bars, assets)), "equal_weight": np.full((bars, assets), 1.0 / assets)}
+        rng = np.random.default_rng(seed)
+        out = {"cash": np.zeros((bars, assets)), "equal_weight": np.full((bars, assets), 1.0 / assets),
+               "random": rng.dirichlet(np.ones(assets + 1), size=bars)[:, :assets]}
         for i, symbol in enumerate(series.symbols):
             hold = np.zeros((bars, assets))
             hold[:, i] = 1.0

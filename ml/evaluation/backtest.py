@@ -78,7 +78,7 @@ def target_series_policy(targets: np.ndarray, device: torch.device) -> Decide:
 
 
 def run_baselines(series: MarketSeries, segment: tuple[int, int], costs: CostConfig, action_space: ActionSpace,
-                  seed: int = 0) -> dict[str, Backtest]:
-    """The action space's baselines on the segment, with the policy's costs."""
+                  seed: int = 0, names: tuple[str, ...] | None = None) -> dict[str, Backtest]:
+    """The action space's baselines (or those in ``names``) on the segment, with the policy's costs."""
     return {name: run_backtest(target_series_policy(targets, series.device), series, segment, costs, action_space)
-            for name, targets in action_space.baselines(series, seed).items()}
+            for name, targets in action_space.baselines(series, seed).items() if names is None or name in names}

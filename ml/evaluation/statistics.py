@@ -127,6 +127,33 @@ def total_return_ci(nav, block_length: int | None = None, n_resamples: int = 200
                               n_resamples, confidence, seed, method)
 
 
+def sharpe_difference_bound(nav, reference_nav, ppy: float, confidence: float = 0.9,
+                            block_length: int | None = None, n_resamples: int = 2000,
+                            seed: int = 0) -> tuple[float, float]:
+    """Annualized Sharpe of ``nav`` minus that of ``reference_nav`` over the same bars, and the
+    one-sided lower bound of that difference at ``confidence`` under a paired block bootstrap.
+
+    Both curves are resampled with the same blocks of bars, so what they share (the market they
+    both traded) cancels out of the spread and only their difference is uncertain.
+    """
+    returns, reference = _returns(bar_returns(nav)), _returns(bar_returns(reference_nav), "reference returns")
+    if returns.size != reference.size:
+        raise ValueError(f"the curves cover {returns.size} and {reference.size} bars: they must cover the same bars")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    n = returns.size
+    block_length = default_block_length(n) if block_length is None else int(block_length)
+    rng = np.random.default_rng(seed)
+    differences = np.empty(n_resamples)
+    for first in range(0, n_resamples, _BATCH):
+        size = min(_BATCH, n_resamples - first)
+        for row, indices in enumerate(_resample_indices(rng, n, block_length, size, "stationary")):
+            differences[first + row] = (sharpe_ratio(_nav(returns[indices]), ppy)
+                                        - sharpe_ratio(_nav(reference[indices]), ppy))
+    point = sharpe_ratio(np.asarray(nav, dtype="float64"), ppy) - sharpe_ratio(np.asarray(reference_nav, dtype="float64"), ppy)
+    return float(point), float(np.quantile(differences, 1.0 - confidence))
+
+
 # Probabilistic and deflated Sharpe ------------------------------------------------------------
 
 def _moments(values: np.ndarray) -> tuple[float, float, float]:

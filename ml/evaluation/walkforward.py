@@ -87,6 +87,9 @@ def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: 
     validation = backtest_policy(agent, series, fold.validation, config)
     test = backtest_policy(agent, series, fold.test, config)
     baselines = run_baselines(series, fold.test, config.costs, space, seed=fold.index)
+    # Reported for the gate's "learned something" rule; selection has already happened in training.
+    validation_nulls = run_baselines(series, fold.validation, config.costs, space, seed=fold.index,
+                                     names=space.null_baselines)
     result = {
         "index": fold.index,
         **fold.dates(series.timestamps),
@@ -95,6 +98,7 @@ def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: 
                    "collapse": space.collapse_report(torch.from_numpy(test.decision), config.action.collapse_share),
                    **space.decision_summary(test.decision, series.symbols)},
         "baselines": {name: bt.metrics(ppy) | uncertainty(bt, ppy) for name, bt in baselines.items()},
+        "validation_baselines": {name: bt.metrics(ppy) for name, bt in validation_nulls.items()},
     }
     return result, test, baselines
 

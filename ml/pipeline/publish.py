@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mlflow.tracking import MlflowClient
 
 from ml.agent.policy import load_policy
 from ml.config import PipelineConfig
@@ -21,7 +20,7 @@ from ml.pipeline.rundir import RunFolder, code_version, load_agent, read_config,
 from ml.release import registry
 from ml.release.export import check_parity, export_onnx, real_windows
 from ml.release.gate import compare_on_unseen_window, evaluate_gate
-from ml.release.lock import registry_lock
+from ml.release.tracking import prepare_store, store_client
 from ml.serving import Policy
 
 
@@ -71,7 +70,8 @@ def register(run_dir: Path) -> dict:
     parity = read_json(run.parity)
     uri, run_id, name = tracking["tracking_uri"], tracking["run_id"], config.model_name
 
-    client = MlflowClient(uri)
+    prepare_store(uri)  # a server that does not answer fails here in seconds, in one line
+    client = store_client(uri)
     for artifact in run.report_artifacts():
         client.log_artifact(run_id, str(artifact), artifact_path="report")
     client.log_artifacts(run_id, str(run.plots), artifact_path="report/plots")
@@ -82,8 +82,7 @@ def register(run_dir: Path) -> dict:
                                      dict(zip(input_names, (example["ohlcv"], example["position"]))),
                                      tags={"dataset_hash": data["dataset_hash"], "code_version": code_version()})
 
-    with registry_lock(uri, name):
-        champion = registry.alias_version(uri, name, registry.CHAMPION)
+    def judge(champion: str | None) -> dict:
         comparison = None
         if champion and champion != version and config.gate.compare_with_champion:
             comparison = _compare_with_champion(run, config, uri, name, champion)
@@ -95,11 +94,12 @@ def register(run_dir: Path) -> dict:
             + f". Mean test Sharpe {policy_mean['sharpe']:.2f} vs {benchmark.replace('_', ' ')} {hold['sharpe']:.2f}; "
             f"total return {policy_mean['total_return']:+.2%} vs {hold['total_return']:+.2%}."
         )
-        registry.record_decision(uri, name, version, decision, description)
-        client.set_registered_model_alias(name, registry.CHALLENGER, version)
-        promoted = bool(decision["passed"] and config.registry.promote)
-        if promoted:
-            registry.move_champion(uri, name, version, "passed the promotion gate")
+        return {"decision": decision, "description": description, "comparison": comparison}
+
+    # Judged and moved under the promotion lock; judged again if champion moved in the meantime.
+    judged = registry.judge_and_promote(uri, name, version, judge, promote=config.registry.promote)
+    decision, comparison, champion, promoted = (judged["decision"], judged["comparison"],
+                                                judged["champion_before"], judged["promoted"])
     client.set_tag(run_id, "gate.passed", str(decision["passed"]).lower())
     client.set_terminated(run_id)
     result = {"model_name": name, "version": version, "champion": promoted,

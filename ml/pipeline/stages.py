@@ -153,6 +153,7 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
             write_json(seed_dir / TRAINING, {
                 "seed": seed, "best_update": result.best_update, "validation_score": result.best_score,
                 "steps_per_second": result.steps_per_second, "updates": len(result.history),
+                "timesteps": result.history[-1]["global_step"] if result.history else 0,
                 "resumed_from_update": result.resumed_from_update, "collapse_alarm": result.collapse_alarm})
         seeds.append(read_json(seed_dir / TRAINING))
     best = max(seeds, key=lambda s: s["validation_score"])
@@ -160,6 +161,7 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
         shutil.copyfile(run.seed(fold_index, best["seed"]) / name, fold_dir / name)
     summary = {"fold": fold_index, "selected_seed": best["seed"], "best_update": best["best_update"],
                "validation_score": best["validation_score"], "selection_metric": config.selection_metric,
+               "timesteps": min(s.get("timesteps", 0) for s in seeds),
                "steps_per_second": float(np.mean([s["steps_per_second"] for s in seeds])),
                "device": str(torch_device), "collapse_alarm": best["collapse_alarm"], "seeds": seeds}
     write_json(fold_dir / TRAINING, summary)

@@ -18,6 +18,7 @@ import torch
 from ml.config import GateConfig, PipelineConfig
 from ml.env.action_space import make_action_space
 from ml.evaluation.backtest import run_backtest
+from ml.evaluation.statistics import sharpe_difference_bound
 from ml.market.calendar import periods_per_year
 from ml.market.series import MarketSeries
 from ml.serving import Policy
@@ -52,10 +53,21 @@ def evaluate_gate(report: dict, parity: dict, gate: GateConfig, collapse_share: 
     finite = all(t.get(k) is not None and math.isfinite(t[k]) for t in tests
                  for k in ("total_return", "sharpe", "max_drawdown"))
     decision.add("finite_test_metrics", finite, "test metrics finite on every fold")
+    trained = min(int(fold.get("training", {}).get("timesteps", 0)) for fold in report["folds"])
+    if gate.min_timesteps:
+        decision.add("training_budget", trained >= gate.min_timesteps,
+                     f"training budget: {trained:,} environment steps in the shortest fold "
+                     f"(floor {gate.min_timesteps:,})", trained_timesteps=trained)
+    else:
+        decision.reasons.append("OFF training-budget floor (disabled in the gate config)")
+    if not gate.require_learned:
+        decision.reasons.append("OFF learned-something rule (disabled in the gate config)")
     if not gate.require_no_collapse:
         decision.reasons.append("OFF no-collapse rule (disabled in the gate config)")
     if not gate.require_beats_cash:
         decision.reasons.append("OFF beats-cash rule (disabled in the gate config)")
+    if gate.require_learned:
+        _learned_something(decision, report)
     if gate.require_no_collapse:
         collapsed = [f["index"] for f in report["folds"] if f["policy"]["collapse"]["alarm"]]
         decision.add("no_collapse", not collapsed,
@@ -72,12 +84,26 @@ def evaluate_gate(report: dict, parity: dict, gate: GateConfig, collapse_share: 
             decision.add("beats_champion", False, f"cannot compare with champion: {champion_comparison['skipped']}")
         else:
             c, h = champion_comparison["challenger_sharpe"], champion_comparison["champion_sharpe"]
-            decision.add("beats_champion", c > h + gate.champion_margin,
+            low, confidence = champion_comparison["difference_low"], champion_comparison["confidence"]
+            decision.add("beats_champion", low > gate.champion_margin,
                          f"Sharpe {c:.2f} vs champion v{champion_comparison['champion_version']} {h:.2f} "
-                         f"(margin {gate.champion_margin:.2f}) on {champion_comparison['start']}.."
-                         f"{champion_comparison['end']}, unseen by both",
-                         challenger_sharpe=c, champion_sharpe=h)
+                         f"on {champion_comparison['start']}..{champion_comparison['end']} "
+                         f"({champion_comparison['bars']} bars unseen by both): the difference {c - h:+.2f} is "
+                         f"above {low:+.2f} with {confidence:.0%} confidence (margin {gate.champion_margin:.2f})",
+                         challenger_sharpe=c, champion_sharpe=h, sharpe_difference_low=low)
     return decision
+
+
+def _learned_something(decision: GateDecision, report: dict) -> None:
+    """On validation, the policy beats every null baseline (random, cash) in most folds."""
+    folds = report["folds"]
+    wins = sum(all(fold["policy"]["validation"]["sharpe"] > null["sharpe"]
+                   for null in fold.get("validation_baselines", {"missing": {"sharpe": math.inf}}).values())
+               for fold in folds)
+    names = sorted({name for fold in folds for name in fold.get("validation_baselines", {})}) or ["random", "cash"]
+    decision.add("learned_something", wins > len(folds) / 2,
+                 f"validation Sharpe above {' and '.join(names)} in {wins} of {len(folds)} folds (need a majority)",
+                 validation_folds_beating_nulls=wins)
 
 
 def onnx_decide(policy: Policy, ohlcv: np.ndarray):
@@ -108,14 +134,17 @@ def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champio
         return {"skipped": f"fewer than 20 bars after both training windows (champion trained to {champion_train_end})"}
     ohlcv = series.ohlcv.numpy()
     ppy = periods_per_year(config.data.interval, config.data.calendar)
-    sharpe = {}
+    sharpe, navs = {}, {}
     for name, path in (("challenger", challenger_onnx), ("champion", champion_onnx)):
         policy = Policy(path, prefer_gpu=False)
         if first < policy.lookback - 1:
             return {"skipped": f"{name} needs {policy.lookback} bars of history before the window"}
         backtest = run_backtest(onnx_decide(policy, ohlcv), series, (first, last), config.costs,
                                 make_action_space(config.action, series.n_assets))
-        sharpe[name] = backtest.metrics(ppy)["sharpe"]
+        sharpe[name], navs[name] = backtest.metrics(ppy)["sharpe"], backtest.nav
+    confidence = config.gate.champion_confidence
+    _, low = sharpe_difference_bound(navs["challenger"], navs["champion"], ppy, confidence)
     return {"challenger_sharpe": sharpe["challenger"], "champion_sharpe": sharpe["champion"],
+            "difference_low": low, "confidence": confidence,
             "champion_version": champion_version, "start": timestamps.iloc[first].date().isoformat(),
             "end": timestamps.iloc[last].date().isoformat(), "bars": last - first}

@@ -1,104 +1,44 @@
-"""MLflow tracking and model registry: one run per pipeline run, versions with aliases.
+"""MLflow model registry: versions of the exported ONNX policy, the gate's decisions, aliases.
 
-The run is opened once (its id goes into the ONNX metadata) and every later
-stage logs to it by id, so the stages can run in separate Airflow tasks.
+Every call goes through a client of the given store (``store_client``); tracking (runs, metrics)
+is in ``ml.release.tracking``. Alias moves happen under the promotion lock (``ml.release.lock``)
+and move `champion` only if it is still the version the decision was made against.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
-import time
+import logging
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
+import mlflow.onnx
 import onnx
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelOutput
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
-from mlflow.tracking import MlflowClient
+from mlflow.models import Model, infer_signature
 
-from ml.release.lock import registry_lock
+from ml.release.lock import PromotionError, registry_lock
+from ml.release.tracking import store_client
 from ml.serving import create_session, cuda_driver_present, resolve_model_path
 
+log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
+_UNCHECKED = object()
 
 
-def resolve_tracking(tracking_uri: str | None, artifact_root: str | None, out_dir: Path) -> tuple[str, str]:
-    """Tracking URI (config, then $MLFLOW_TRACKING_URI, then SQLite in ``out_dir``) and artifact root."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
-    if artifact_root is None:
-        if uri.startswith("sqlite:///"):
-            artifact_root = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-        else:
-            artifact_root = ""  # a tracking server decides
-    return uri, artifact_root
-
-
-@contextlib.contextmanager
-def fluent_tracking(tracking_uri: str):
-    """MLflow's fluent API reads a process-wide URI, which ``set_tracking_uri`` also exports to
-    ``$MLFLOW_TRACKING_URI``: set it for this block only, so one run's store never leaks into the
-    next pipeline run in the same process."""
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
-
-
-def start_run(tracking_uri: str, artifact_root: str, experiment: str, run_name: str,
-              params: dict, tags: dict) -> str:
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        try:
-            experiment_id = client.create_experiment(experiment, artifact_location=artifact_root or None)
-        except MlflowException:  # created by a concurrent run in the meantime
-            experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    else:
-        experiment_id = found.experiment_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
-    return run.info.run_id
-
-
-def flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def log_metrics(tracking_uri: str, run_id: str, metrics: dict, step: int | None = None) -> None:
-    """One batched call; non-finite values are left out (MLflow cannot chart them)."""
-    now = int(time.time() * 1000)
-    batch = [Metric(key.replace("+", "p"), float(value), now, step or 0) for key, value in metrics.items()
-             if isinstance(value, (int, float)) and math.isfinite(value)]
-    for begin in range(0, len(batch), 1000):  # the store's per-call limit
-        MlflowClient(tracking_uri).log_batch(run_id, metrics=batch[begin:begin + 1000])
+class ChampionChanged(PromotionError):
+    """`champion` moved after a decision was made against it."""
 
 
 def register_onnx(tracking_uri: str, run_id: str, model_name: str, onnx_path: Path,
                   input_example: dict, tags: dict) -> str:
-    """Log the ONNX model under the run and register it; returns the version.
+    """Log the ONNX model as the run's logged model and register it; returns the version.
 
     Idempotent per run: a retried task finds the version this run already registered.
     """
-    client = MlflowClient(tracking_uri)
+    client = store_client(tracking_uri)
     existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
     if existing:
         return str(existing[0].version)
@@ -106,19 +46,44 @@ def register_onnx(tracking_uri: str, run_id: str, model_name: str, onnx_path: Pa
     outputs = session.run(None, input_example)  # every output goes into the signature
     signature = infer_signature(input_example, {o.name: value for o, value in zip(session.get_outputs(), outputs)})
     providers = (["CUDAExecutionProvider"] if cuda_driver_present() else []) + ["CPUExecutionProvider"]
-    with fluent_tracking(tracking_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)), name="model", signature=signature, input_example=input_example,
-            registered_model_name=model_name, tags=tags, onnx_execution_providers=providers,
-        )
-    return str(info.registered_model_version)
+    # What mlflow.onnx.log_model does, with this client instead of the process-wide tracking URI.
+    tags = {key: str(value) for key, value in tags.items()}
+    model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model",
+                                       source_run_id=run_id, tags=tags)
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / "model"
+            mlflow.onnx.save_model(
+                onnx.load(str(onnx_path)), str(local), signature=signature, input_example=input_example,
+                onnx_execution_providers=providers,
+                mlflow_model=Model(artifact_path=model.artifact_location, run_id=run_id,
+                                   model_uuid=model.model_id, model_id=model.model_id))
+            client.log_model_artifacts(model.model_id, str(local))
+    except Exception:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):  # else: an earlier run made it
+            raise
+    # The artifact location as source (not models:/ID): a SQLite registry would look that ID up
+    # through the process-wide tracking URI.
+    version = client.create_model_version(model_name, source=model.artifact_location, run_id=run_id,
+                                          tags=tags, model_id=model.model_id)
+    return str(version.version)
 
 
 def alias_version(tracking_uri: str, model_name: str, alias: str) -> str | None:
+    """The version the alias points at; None when the alias (or the model) does not exist."""
     try:
-        return str(MlflowClient(tracking_uri).get_model_version_by_alias(model_name, alias).version)
-    except MlflowException:
-        return None
+        return str(store_client(tracking_uri).get_model_version_by_alias(model_name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return None
+        raise  # an unreachable store is not "no champion"
 
 
 def download_model(tracking_uri: str, model_name: str, version: str) -> Path:
@@ -127,19 +92,26 @@ def download_model(tracking_uri: str, model_name: str, version: str) -> Path:
 
 
 def record_decision(tracking_uri: str, model_name: str, version: str, decision: dict, description: str) -> None:
-    client = MlflowClient(tracking_uri)
+    client = store_client(tracking_uri)
     client.set_model_version_tag(model_name, version, "gate.passed", str(decision["passed"]).lower())
     client.set_model_version_tag(model_name, version, "gate.reasons", " | ".join(decision["reasons"])[:5000])
     client.set_model_version_tag(model_name, version, "gate.numbers", json.dumps(decision["numbers"])[:5000])
     client.update_model_version(model_name, version, description=description[:5000])
 
 
-def move_champion(tracking_uri: str, model_name: str, version: str, reason: str) -> str | None:
-    """Point `champion` at a version that passed its gate; returns the previous champion."""
-    client = MlflowClient(tracking_uri)
+def move_champion(tracking_uri: str, model_name: str, version: str, reason: str,
+                  expected: str | None | object = _UNCHECKED) -> str | None:
+    """Point `champion` at a version that passed its gate; returns the previous champion.
+
+    ``expected``: the champion the decision was made against; when `champion` is no longer that
+    version, nothing moves and ChampionChanged is raised. Call it under ``registry_lock``.
+    """
+    client = store_client(tracking_uri)
     if client.get_model_version(model_name, version).tags.get("gate.passed") != "true":
         raise PromotionError(f"{model_name} v{version} did not pass its gate and cannot become champion")
     previous = alias_version(tracking_uri, model_name, CHAMPION)
+    if expected is not _UNCHECKED and previous != expected:
+        raise ChampionChanged(f"{model_name}: champion is v{previous}, not v{expected} as when v{version} was judged")
     client.set_registered_model_alias(model_name, CHAMPION, version)
     if previous and previous != version:
         client.set_model_version_tag(model_name, version, "previous_champion", previous)
@@ -147,8 +119,33 @@ def move_champion(tracking_uri: str, model_name: str, version: str, reason: str)
     return previous
 
 
-class PromotionError(RuntimeError):
-    pass
+def judge_and_promote(tracking_uri: str, model_name: str, version: str, judge: Callable[[str | None], dict],
+                      promote: bool, reason: str = "passed the promotion gate", attempts: int = 5) -> dict:
+    """Under the promotion lock: judge ``version`` against the current champion, record the decision,
+    point `challenger` at it and, when it passed and ``promote``, make it champion.
+
+    ``judge(champion)`` returns at least ``decision`` (the gate's ``as_dict()``) and ``description``.
+    If `champion` moved while the version was judged (a worker the lock did not exclude), the
+    version is judged again against the new one. Returns the judge's answer with ``champion_before``
+    (the champion it was judged against) and ``promoted``.
+    """
+    client = store_client(tracking_uri)
+    with registry_lock(tracking_uri, model_name):
+        for _ in range(attempts):
+            champion = alias_version(tracking_uri, model_name, CHAMPION)
+            judged = judge(champion)
+            decision = judged["decision"]
+            record_decision(tracking_uri, model_name, version, decision, judged["description"])
+            client.set_registered_model_alias(model_name, CHALLENGER, version)
+            promoted = bool(decision["passed"] and promote)
+            if promoted:
+                try:
+                    move_champion(tracking_uri, model_name, version, reason, expected=champion)
+                except ChampionChanged as exc:
+                    log.info("%s; judging v%s again", exc, version)
+                    continue
+            return {**judged, "champion_before": champion, "promoted": promoted}
+    raise PromotionError(f"{model_name}: champion moved {attempts} times while v{version} was judged; not promoted")
 
 
 def promote(tracking_uri: str, model_name: str, version: str) -> dict:
@@ -160,7 +157,7 @@ def promote(tracking_uri: str, model_name: str, version: str) -> dict:
 
 def rollback(tracking_uri: str, model_name: str, to_version: str | None = None) -> dict:
     """Re-point `champion` to an earlier version (default: the one it replaced)."""
-    client = MlflowClient(tracking_uri)
+    client = store_client(tracking_uri)
     with registry_lock(tracking_uri, model_name):
         current = alias_version(tracking_uri, model_name, CHAMPION)
         if current is None:
@@ -170,6 +167,6 @@ def rollback(tracking_uri: str, model_name: str, to_version: str | None = None) 
             raise PromotionError(f"{model_name} v{current} records no previous champion; pass --to VERSION")
         if int(target) >= int(current) and to_version is None:
             raise PromotionError(f"previous champion v{target} is not earlier than v{current}")
-        move_champion(tracking_uri, model_name, target, f"rollback from v{current}")
+        move_champion(tracking_uri, model_name, target, f"rollback from v{current}", expected=current)
         client.set_model_version_tag(model_name, current, "rolled_back_to", target)
     return {"model_name": model_name, "champion": target, "previous": current}

@@ -1,0 +1,146 @@
+"""The gate cannot crown noise: a budget floor, a learned-something rule on validation, and a champion
+comparison that needs the challenger's edge to hold at a stated confidence. The paired bootstrap
+bound is checked against arch's stationary bootstrap."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from arch.bootstrap import StationaryBootstrap
+from mlflow.tracking import MlflowClient
+
+from ml.config import ActionConfig, GateConfig, config_from_dict
+from ml.evaluation.metrics import sharpe_ratio
+from ml.evaluation.statistics import _nav, sharpe_difference_bound
+from ml.pipeline import run_pipeline
+from ml.release import registry
+from ml.release.gate import evaluate_gate
+
+PPY = 252.0
+PARITY = {"passed": True, "max_abs_diff": 1e-7, "tolerance": 1e-5, "windows": 8}
+COLLAPSE_SHARE = ActionConfig().collapse_share
+
+
+def paired_returns(n: int = 600, edge: float = 0.0004, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A market both curves trade, and a challenger that adds a small edge and its own noise."""
+    rng = np.random.default_rng(seed)
+    market = rng.normal(0.0003, 0.01, n)
+    return market + edge + rng.normal(0.0, 0.002, n), market
+
+
+def test_sharpe_difference_point_is_the_difference_of_the_sharpes():
+    challenger, champion = paired_returns()
+    point, low = sharpe_difference_bound(_nav(challenger), _nav(champion), PPY, 0.9, n_resamples=500)
+    assert point == pytest.approx(sharpe_ratio(_nav(challenger), PPY) - sharpe_ratio(_nav(champion), PPY), abs=1e-12)
+    assert low < point
+
+
+def test_sharpe_difference_bound_matches_arch_stationary_bootstrap():
+    challenger, champion = paired_returns()
+    block = round(len(challenger) ** (1 / 3))
+    _, ours = sharpe_difference_bound(_nav(challenger), _nav(champion), PPY, 0.9, block_length=block,
+                                      n_resamples=4000, seed=1)
+
+    def difference(a, b):
+        return sharpe_ratio(_nav(a), PPY) - sharpe_ratio(_nav(b), PPY)
+
+    bootstrap = StationaryBootstrap(block, challenger, champion, seed=7)
+    reference = bootstrap.conf_int(difference, reps=4000, method="percentile", size=0.9, tail="lower")[0, 0]
+    # Two independent sets of 4000 resamples: their 10% quantiles agree to Monte Carlo error.
+    assert ours == pytest.approx(reference, abs=0.08)
+
+
+def test_pairing_makes_the_bound_tight_for_a_small_steady_edge():
+    challenger, champion = paired_returns(edge=0.0003)
+    point, low = sharpe_difference_bound(_nav(challenger), _nav(champion), PPY, 0.9)
+    assert 0 < low < point
+    # Unpaired (the champion resampled on its own blocks), the shared market would swamp the edge.
+    rng = np.random.default_rng(0)
+    shuffled = champion[rng.permutation(champion.size)]
+    _, unpaired_low = sharpe_difference_bound(_nav(challenger), _nav(shuffled), PPY, 0.9)
+    assert unpaired_low < low
+
+
+def test_identical_curves_have_no_difference():
+    challenger, _ = paired_returns()
+    point, low = sharpe_difference_bound(_nav(challenger), _nav(challenger), PPY, 0.9, n_resamples=300)
+    assert point == 0.0 and low == 0.0
+
+
+def fold(index: int, validation_sharpe: float, random_sharpe: float, timesteps: int = 200_000) -> dict:
+    return {"index": index, "training": {"timesteps": timesteps},
+            "policy": {"validation": {"sharpe": validation_sharpe},
+                       "test": {"total_return": 0.05, "sharpe": 1.0, "max_drawdown": -0.1},
+                       "collapse": {"alarm": False}},
+            "validation_baselines": {"cash": {"sharpe": 0.0}, "random": {"sharpe": random_sharpe}}}
+
+
+def decide(folds: list[dict], comparison: dict | None = None, **gate) -> dict:
+    return evaluate_gate({"folds": folds}, PARITY, GateConfig(**gate), COLLAPSE_SHARE, comparison).as_dict()
+
+
+def test_a_run_below_the_budget_floor_is_never_promoted():
+    short = decide([fold(0, 2.0, -1.0, timesteps=1024), fold(1, 2.0, -1.0)])
+    assert not short["passed"] and not short["checks"]["training_budget"]
+    assert "1,024 environment steps in the shortest fold (floor 100,000)" in " ".join(short["reasons"])
+    assert decide([fold(0, 2.0, -1.0), fold(1, 2.0, -1.0)])["checks"]["training_budget"]
+    off = decide([fold(0, 2.0, -1.0, timesteps=1024)], min_timesteps=0)
+    assert "training_budget" not in off["checks"] and any(r.startswith("OFF training-budget") for r in off["reasons"])
+
+
+def test_a_policy_that_does_not_beat_random_and_cash_on_validation_learned_nothing():
+    # Folds 0 and 2 beat both nulls; fold 1 loses to random; fold 3 has a negative Sharpe (loses to cash).
+    passed = decide([fold(0, 1.0, 0.5), fold(1, 0.4, 0.5), fold(2, 0.8, -0.2)])
+    assert passed["checks"]["learned_something"] and passed["numbers"]["validation_folds_beating_nulls"] == 2
+    failed = decide([fold(0, 1.0, 0.5), fold(1, -0.1, -0.5)])  # one of two is not a majority
+    assert not failed["checks"]["learned_something"] and not failed["passed"]
+    assert "validation Sharpe above cash and random in 1 of 2 folds" in " ".join(failed["reasons"])
+
+
+def test_the_challenger_must_beat_the_champion_at_the_stated_confidence():
+    comparison = {"challenger_sharpe": 1.3, "champion_sharpe": 1.0, "difference_low": -0.2, "confidence": 0.9,
+                  "champion_version": "3", "start": "2018-01-02", "end": "2018-12-31", "bars": 250}
+    noisy = decide([fold(0, 2.0, -1.0)], comparison)
+    assert not noisy["checks"]["beats_champion"]  # ahead on the point estimate, not beyond doubt
+    assert "above -0.20 with 90% confidence" in " ".join(noisy["reasons"])
+    clear = decide([fold(0, 2.0, -1.0)], comparison | {"difference_low": 0.05})
+    assert clear["checks"]["beats_champion"] and clear["passed"]
+
+
+RELAXED = {"require_no_collapse": False, "require_beats_cash": False, "require_learned": False,
+           "parity_windows": 64}
+
+
+def two_runs(tmp_path: Path, data: dict) -> tuple[dict, dict]:
+    """A trained run, then a one-update run triggered with the smallest budget, into one store."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = {"data": data, "splits": {"n_folds": 1}, "registry": {"tracking_uri": store}}
+    trained = config_from_dict(common | {
+        "ppo": {"total_timesteps": 131_072, "num_envs": 256, "num_steps": 64, "eval_every": 2, "progress": False},
+        "gate": RELAXED})
+    first = run_pipeline(trained, tmp_path / "trained")
+    smallest = config_from_dict(common | {
+        "ppo": {"total_timesteps": 1024, "num_envs": 16, "num_steps": 64, "progress": False},
+        "gate": RELAXED})  # even with the profitability rules off, as the demo's gate has them
+    second = run_pipeline(smallest, tmp_path / "smallest")
+    return first, second
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", [{"source": "sample", "symbol": "GSPC"}, "AAPL"], ids=["sample-GSPC", "AAPL"])
+def test_a_one_update_run_never_replaces_a_trained_champion(tmp_path, shared_market, data):
+    if isinstance(data, str):
+        data = {"source": "file", "path": str(shared_market / f"{data}.csv"), "symbol": data}
+    first, second = two_runs(tmp_path, data)
+    assert first["champion"] and first["gate"]["checks"]["training_budget"]
+    assert not second["champion"] and not second["gate"]["passed"]
+    assert not second["gate"]["checks"]["training_budget"]
+    assert second["champion_version"] == first["version"]
+    client = MlflowClient(first["tracking_uri"])
+    assert registry.alias_version(first["tracking_uri"], first["model_name"], registry.CHAMPION) == first["version"]
+    tags = client.get_model_version(first["model_name"], second["version"]).tags
+    assert tags["gate.passed"] == "false" and "floor 100,000" in tags["gate.reasons"]
+    assert math.isfinite(first["gate"]["numbers"]["trained_timesteps"])
