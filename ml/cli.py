@@ -12,20 +12,39 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
-from ml.config import ConfigError, load_config
+from ml.config import SYMBOL_RULE, ConfigError, is_symbol, load_config
 
 # Each command imports what it needs inside its function: `serve` must run on numpy and
 # onnxruntime alone, and `--help` or `config` must not wait for torch.
 
 
+def _symbol(value: str) -> str:
+    """argparse type: a ticker (``ml.config.SYMBOL_PATTERN``), refused with the rule before any file is named."""
+    if not is_symbol(value):
+        raise argparse.ArgumentTypeError(f"{value!r} {SYMBOL_RULE}")
+    return value
+
+
+def _age(value: str) -> datetime.timedelta:
+    """argparse type: ``90m``, ``36h``, ``3d``, ``2w`` (or seconds: ``45s``)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value)
+    if not found:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number and a unit s, m, h, d or w (e.g. 36h, 3d)")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[found.group(2)]
+    return datetime.timedelta(**{unit: float(found.group(1))})
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from ml.pipeline import run_pipeline
+    from ml.release.tracking import TrackingUnavailable
 
     overrides: dict = {}
     if args.data:
@@ -39,7 +58,11 @@ def _pipeline(args: argparse.Namespace) -> int:
     if args.device:
         overrides.setdefault("ppo", {})["device"] = args.device
     config = load_config(args.config, overrides)  # refused here, before any work, when a field is invalid
-    result = run_pipeline(config, Path(args.out))
+    try:
+        result = run_pipeline(config, Path(args.out))
+    except TrackingUnavailable as exc:  # one line naming the store, not a traceback
+        print(f"tracking error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2))
     return 0
 
@@ -108,24 +131,26 @@ def _serve(args: argparse.Namespace) -> int:
     """Decide on the last ``lookback`` bars of a file: what a downstream service does each bar."""
     import numpy as np
 
-    from ml.serving import InputError, Policy, bars_to_window, portfolio_window
+    from ml.serving import InputError, ModelLoadError, Policy, bars_to_window, portfolio_window
 
-    policy = Policy.load(args.model, tracking_uri=args.tracking_uri)
+    # One line and exit 2 for a model that cannot be loaded or bars that break a rule: the
+    # message names the file, model or bar and the rule; a traceback would add nothing.
     try:
+        policy = Policy.load(args.model, tracking_uri=args.tracking_uri, max_age=args.max_age)
         if policy.symbols is not None:  # portfolio: one file per asset, in the model's order
             if len(args.bars) != len(policy.symbols):
                 raise InputError(f"--bars: {len(args.bars)} file(s) for a model of assets {policy.symbols}")
             weights = args.weights or [0.0] * len(policy.symbols)
-            target = policy.decide(portfolio_window(args.bars, policy.lookback),
-                                   np.array([weights], dtype=np.float32))
+            window, timestamps = portfolio_window(args.bars, policy.lookback, return_timestamps=True)
+            target = policy.decide(window, np.array([weights], dtype=np.float32), timestamps)
             decision = {"target_weights": dict(zip(policy.symbols, map(float, target[0]))), "weights": weights}
         else:
             if len(args.bars) != 1:
                 raise InputError(f"--bars: one file for a single-asset model, got {len(args.bars)}")
-            target = policy.decide(bars_to_window(args.bars[0], policy.lookback),
-                                   np.array([[args.position]], dtype=np.float32))
+            window, timestamps = bars_to_window(args.bars[0], policy.lookback, return_timestamps=True)
+            target = policy.decide(window, np.array([[args.position]], dtype=np.float32), timestamps)
             decision = {"target_exposure": float(target[0, 0]), "position": args.position}
-    except (InputError, ValueError) as exc:
+    except (InputError, ModelLoadError) as exc:
         print(f"REJECTED {exc}", file=sys.stderr)
         return 2
     print(json.dumps({**decision, "model": args.model, "lookback": policy.lookback,
@@ -157,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = commands.add_parser("pipeline", help="run the whole training pipeline in-process")
     pipeline.add_argument("--data", help="CSV/parquet path, or sample:SYMBOL (default: config / sample GSPC)")
-    pipeline.add_argument("--symbol", help="symbol name for a file (default: the file's stem)")
+    pipeline.add_argument("--symbol", type=_symbol, help="symbol name for a file (default: the file's stem)")
     pipeline.add_argument("--out", required=True, help="run directory for report.json, model.onnx, curves")
     pipeline.add_argument("--timesteps", type=int, help="PPO timesteps per fold")
     pipeline.add_argument("--device", help="auto | cpu | cuda")
@@ -167,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="market data commands").add_subparsers(dest="data_command", required=True)
     validate = data.add_parser("validate", help="run the quality gate on a CSV/parquet file")
     validate.add_argument("path")
-    validate.add_argument("--symbol")
+    validate.add_argument("--symbol", type=_symbol)
     validate.add_argument("--interval", default="1d")
     validate.add_argument("--calendar", default="equity", choices=["equity", "crypto"])
     validate.set_defaults(run=_validate)
     ingest = data.add_parser("ingest", help="pull symbols into the data lake (raw -> gate -> curated)")
-    ingest.add_argument("symbols", nargs="+")
+    ingest.add_argument("symbols", nargs="+", type=_symbol)
     ingest.add_argument("--lake", help="lake root: a folder or s3://bucket/prefix (default $ML_LAKE_ROOT)")
     ingest.add_argument("--source", default="sample", choices=["sample", "file", "yfinance"])
     ingest.add_argument("--path", help="for --source file: a folder of SYMBOL.csv files or a {symbol} pattern")
@@ -211,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "in the order of its symbols")
     serve.add_argument("--position", type=float, default=0.0, help="current exposure in [-1, 1]")
     serve.add_argument("--weights", type=float, nargs="+", help="portfolio: current weight of each asset")
+    serve.add_argument("--max-age", type=_age,
+                       help="refuse bars whose last timestamp is older than this (e.g. 36h, 3d; default: no limit)")
     serve.add_argument("--tracking-uri")
     serve.set_defaults(run=_serve)
     return parser

@@ -157,7 +157,7 @@ class PPOConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    n_folds: int = _setting(2, *_at_least(1))
+    n_folds: int | None = _setting(None, *_at_least(1))  # None = every fold that fits, back to the start
     test_months: int = _setting(12, *_at_least(1))
     validation_months: int = _setting(12, *_at_least(1))
     train_months: int | None = _setting(None, *_at_least(1))  # None = expanding window from the first usable bar

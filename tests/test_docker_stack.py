@@ -13,7 +13,6 @@ import base64
 import configparser
 import functools
 import importlib.util
-import os
 import re
 import shlex
 import shutil
@@ -578,7 +577,7 @@ def test_published_ports_bind_to_loopback_unless_told_otherwise():
 def test_every_secret_is_required_with_no_default():
     found = uses(COMPOSE_TEXT)
     required = {name for name, ops in found.items() if any(op in (":?", "?") for op, _ in ops)}
-    assert required == SECRETS, f"required but not listed {required - SECRETS}, listed but optional {SECRETS - required}"
+    assert required == SECRETS, f"not in SECRETS: {required - SECRETS}, not required: {SECRETS - required}"
     for name, ops in found.items():
         if name in SECRETS or SECRET_NAME_RE.search(name):
             assert name in SECRETS, f"{name} looks like a secret: add it to SECRETS and require it"
@@ -624,7 +623,140 @@ def test_fernet_key_is_required_and_well_formed():
     assert Fernet(key).decrypt(Fernet(key).encrypt(b"connection")) == b"connection"
 
 
-def _mlflow_auth_config_module():
-    # mlflow.server.auth's package init needs Flask-WTF, which only the MLflow image installs; the
-    # config reader itself needs nothing but mlflow, so it is loaded from its file.
-    import mlflow.server.auth as _  # noqa: F401 - only to locate the package without importing it
+def read_mlflow_auth_config(path: Path, env: dict[str, str], monkeypatch):
+    """MLflow's own reader of the basic-auth settings, with the mlflow service's environment."""
+    # The package mlflow.server.auth imports Flask-WTF, which only the MLflow image installs;
+    # its config reader needs nothing beyond mlflow, so it is loaded from its file.
+    mlflow_dir = Path(importlib.util.find_spec("mlflow").origin).parent
+    spec = importlib.util.spec_from_file_location("mlflow_auth_config", mlflow_dir / "server" / "auth" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, value in env.items():
+        if name.startswith("MLFLOW_AUTH_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(path))
+    return module.read_auth_config()
+
+
+def test_mlflow_runs_behind_basic_auth(monkeypatch):
+    argv = command("mlflow")
+    assert option(argv, "--app-name") == "basic-auth"
+    env = environment("mlflow")
+    targets = {target: source for source, target, is_host in mounts("mlflow") if is_host}
+    ini = DOCKER / targets[env["MLFLOW_AUTH_CONFIG_PATH"]]
+    raw = configparser.ConfigParser()
+    raw.read(ini)
+    assert "admin_password" not in raw["mlflow"], "the admin password comes from the environment"
+
+    config = read_mlflow_auth_config(ini, env, monkeypatch)
+    assert config.default_permission in {"NO_PERMISSIONS", "READ", "EDIT", "MANAGE"}
+    assert config.admin_username == env["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert config.admin_password == env["MLFLOW_AUTH_ADMIN_PASSWORD"] == stack_env()["MLFLOW_ADMIN_PASSWORD"]
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == stack_env()["MLFLOW_FLASK_SECRET_KEY"]
+    raw_env = SERVICES["mlflow"]["environment"]
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert ":?" in raw_env[name], f"mlflow: {name} must be required"
+
+    # The auth store: a bare postgresql URL, completed by libpq from PG* in the environment.
+    store = urlsplit(config.database_uri)
+    assert store.scheme.startswith("postgresql") and not store.hostname and not store.path.strip("/")
+    pg = environment("postgres")
+    assert env["PGHOST"] == "postgres" and env["PGPORT"] == "5432"
+    assert env["PGDATABASE"] == pg["MLFLOW_AUTH_DB_NAME"] != pg["MLFLOW_DB_NAME"]
+    assert (env["PGUSER"], env["PGPASSWORD"]) == (pg["MLFLOW_DB_USER"], pg["MLFLOW_DB_PASSWORD"])
+    init = " ".join(s.read_text() for s in (DOCKER / "postgres-init").iterdir())
+    assert "MLFLOW_AUTH_DB_NAME" in init and 'CREATE DATABASE :"auth_db"' in init
+
+    # /health is the one route the auth app leaves open.
+    assert "/health" in " ".join(SERVICES["mlflow"]["healthcheck"]["test"])
+    runs = " ".join(args for keyword, args in dockerfile_instructions(DOCKER / "mlflow.Dockerfile") if keyword == "RUN")
+    assert "mlflow[auth]==" in runs
+    assert "flask-wtf" in requirement_pins(DOCKER / "requirements-stack.txt")
+
+    # Every Airflow component logs in as the MLflow admin.
+    for name in AIRFLOW_SERVICES:
+        airflow_env = environment(name)
+        assert airflow_env["MLFLOW_TRACKING_USERNAME"] == config.admin_username, name
+        assert airflow_env["MLFLOW_TRACKING_PASSWORD"] == config.admin_password, name
+
+
+def test_make_env_writes_a_complete_env_file_with_fresh_secrets(tmp_path):
+    first, second = tmp_path / "first.env", tmp_path / "second.env"
+    for path in (first, second):
+        result = make_env(str(path))
+        assert result.returncode == 0, result.stderr
+        assert path.stat().st_mode & 0o777 == 0o600, "docker/.env holds every password: owner-only"
+    env, other = read_env(first), read_env(second)
+
+    required = {name for name, ops in uses(COMPOSE_TEXT).items() if any(op == ":?" for op, _ in ops)}
+    assert all(env.get(name) for name in required), f"missing {[n for n in required if not env.get(n)]}"
+    example = env_example()
+    assert set(env) == set(example)
+    assert {k: v for k, v in env.items() if k not in SECRETS} == {k: v for k, v in example.items() if k not in SECRETS}
+    secrets = [env[name] for name in SECRETS]
+    assert len(set(secrets)) == len(secrets), "each secret gets its own value"
+    assert all(env[name] != other[name] for name in SECRETS), "a second run makes new values"
+    for name in SECRETS - {"AIRFLOW_FERNET_KEY"}:
+        # They end up inside connection URLs and shell commands.
+        assert re.fullmatch(r"[A-Za-z0-9-]{16,}", env[name]), f"{name}={env[name]!r}"
+    assert 8 <= len(env["MINIO_ROOT_PASSWORD"]) <= 40
+    Fernet(env["AIRFLOW_FERNET_KEY"])
+
+
+def test_compose_file_parses_and_interpolates_with_the_written_env(tmp_path):
+    env_file = tmp_path / ".env"
+    assert make_env(str(env_file)).returncode == 0
+    env = read_env(env_file)
+    rendered = interpolate(COMPOSE, env)
+    # The same substitution on the text still parses to the same file (compose casts the
+    # interpolated strings to numbers where it needs them, so leaves compare as text).
+    def substitute(text):
+        return "$".join(VAR_RE.sub(lambda m: interpolate(m.group(0), env), part) for part in text.split("$$"))
+
+    def as_text(value):
+        if isinstance(value, dict):
+            return {k: as_text(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [as_text(v) for v in value]
+        return str(value)
+
+    assert as_text(yaml.safe_load(substitute(COMPOSE_TEXT))) == as_text(rendered)
+    scheduler = rendered["services"]["airflow-scheduler"]["environment"]
+    assert urlsplit(scheduler["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]).password == env["POSTGRES_PASSWORD"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        result = subprocess.run(["docker", "compose", "-f", str(COMPOSE_FILE), "--env-file", str(env_file),
+                                 "config", "--quiet"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+
+
+def test_make_env_writes_docker_env_and_never_overwrites(tmp_path):
+    # A copy of the layout it works in, so the real docker/.env is never touched.
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "docker").mkdir()
+    script = tmp_path / "scripts" / "make-env.sh"
+    shutil.copy(MAKE_ENV, script)
+    shutil.copy(DOCKER / ".env.example", tmp_path / "docker" / ".env.example")
+    target = tmp_path / "docker" / ".env"
+
+    assert make_env(cwd=tmp_path, script=script).returncode == 0
+    written = target.read_text()
+    assert set(read_env(target)) == set(env_example())
+
+    refused = make_env(cwd=tmp_path, script=script)
+    assert refused.returncode != 0
+    assert "exists" in refused.stderr and "not overwriting" in refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert target.read_text() == written
+
+    other = tmp_path / "kept.env"
+    other.write_text("POSTGRES_PASSWORD=chosen-by-the-operator\n")
+    assert make_env(str(other)).returncode != 0
+    assert other.read_text() == "POSTGRES_PASSWORD=chosen-by-the-operator\n"
+
+
+def test_env_file_stays_out_of_git_and_images():
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--quiet", "docker/.env"], timeout=30)
+    assert ignored.returncode == 0, "docker/.env must be git-ignored"
+    for dockerfile, context in dockerfiles().items():
+        rel = (DOCKER / ".env").relative_to(context).as_posix()
+        assert dockerignore_excludes(dockerignore_patterns(dockerfile, context), rel), f"{dockerfile.name} sends {rel}"

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ class TrainResult:
     steps_per_second: float = 0.0
     resumed_from_update: int = 0
     collapse_alarm: bool = False  # the kept deterministic policy picks one exposure (almost) always
+    # Per-bar validation returns of every scored checkpoint (a trial of the selection), in the order
+    # they were scored; empty when ``validate`` returns only a score.
+    validation_returns: list[list[float]] = field(default_factory=list)
 
 
 def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
@@ -90,7 +93,7 @@ def bootstrap_truncated(rewards: torch.Tensor, truncated_states: list[tuple[torc
 
 
 def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[int, int],
-          validate: Callable[[ActorCritic], float],
+          validate: Callable[[ActorCritic], float | tuple[float, Sequence[float]]],
           log: Callable[[dict, int], None] | None = None,
           checkpoint_path: Path | None = None, collapse_share: float = 0.98) -> TrainResult:
     """Train on bars [segment[0], segment[1]] with random episode starts inside it.
@@ -99,6 +102,10 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
     later call with the same path resumes after the last saved update: same weights, optimizer,
     random streams and open episodes, so it ends as the uninterrupted run would have.
     ``collapse_share``: the alarm fires when this share of deterministic decisions is the same one.
+    ``validate`` scores the deterministic policy (higher is better); it may also return the
+    per-bar returns behind the score, as ``(score, returns)``: they are kept, one row per scored
+    checkpoint, in ``TrainResult.validation_returns`` (and in the checkpoint, so a resumed run
+    ends with every trial).
     """
     device = env.device
     if device.type == "cpu":
@@ -130,6 +137,7 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
     next_done = torch.zeros(cfg.num_envs, device=device)
     best_state, best_score, best_update = copy.deepcopy(agent.state_dict()), -np.inf, 0
     history: list[dict] = []
+    trial_returns: list[list[float]] = []
     start_time, global_step, first_update = time.perf_counter(), 0, 1
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         saved = load_training_state(checkpoint_path)
@@ -141,6 +149,7 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
         next_done = saved["next_done"].to(device)
         best_state, best_score, best_update = saved["best_state"], saved["best_score"], saved["best_update"]
         history, global_step, first_update = saved["history"], saved["global_step"], saved["update"] + 1
+        trial_returns = saved_trial_returns(saved)
     resumed_from, steps_at_start = first_update - 1, global_step
     bar = tqdm(total=cfg.num_updates, initial=first_update - 1, desc="ppo updates", unit="update",
                     disable=not cfg.progress, mininterval=5.0, file=sys.stderr)
@@ -259,8 +268,12 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
         }
         if update % cfg.eval_every == 0 or update == cfg.num_updates:
             agent.eval()
-            metrics["validation_score"] = score = validate(agent)
+            outcome = validate(agent)
             agent.train()
+            if isinstance(outcome, tuple):
+                outcome, returns = outcome
+                trial_returns.append([float(r) for r in returns])
+            metrics["validation_score"] = score = float(outcome)
             if score > best_score:
                 best_state, best_score, best_update = copy.deepcopy(agent.state_dict()), score, update
         history.append({"update": update, "global_step": global_step, **metrics})
@@ -277,7 +290,10 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
                 "generator": generator.get_state(), "sampling_rng": sampling_rng_state(device),
                 "episodes": env.episode_state(), "next_done": next_done,
                 "best_state": best_state, "best_score": float(best_score), "best_update": best_update,
-                "history": history, "global_step": global_step, "update": update})
+                "history": history, "global_step": global_step, "update": update,
+                # One tensor rather than nested lists: a long intraday validation window is
+                # thousands of bars per trial.
+                "validation_returns": torch.tensor(trial_returns, dtype=torch.float64)})
     bar.close()
 
     agent.load_state_dict(best_state)
@@ -287,4 +303,14 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
                                                         obs_position.reshape((-1,) + env.position_shape)))
     return TrainResult(agent=agent.eval(), best_update=best_update, best_score=float(best_score),
                        history=history, steps_per_second=(global_step - steps_at_start) / max(elapsed, 1e-9),
-                       resumed_from_update=resumed_from, collapse_alarm=kept_share >= collapse_share)
+                       resumed_from_update=resumed_from, collapse_alarm=kept_share >= collapse_share,
+                       validation_returns=trial_returns)
+
+
+def saved_trial_returns(saved: dict) -> list[list[float]]:
+    """The trials' validation returns recorded before the checkpoint."""
+    if "validation_returns" not in saved:
+        logger.warning("the training checkpoint holds no validation returns: trials before update %d are not kept",
+                       saved["update"] + 1)
+        return []
+    return saved["validation_returns"].tolist()

@@ -55,8 +55,10 @@ def train_fold(series: MarketSeries, fold: Fold, config: PipelineConfig,
     env_config = replace(config.env, periods_per_year=periods_per_year(config.data.interval, config.data.calendar))
     env = TradingEnv(series, ppo.num_envs, agent.action_space, config.costs, env_config)
 
-    def validate(candidate: ActorCritic) -> float:
-        return selection_score(backtest_policy(candidate, series, fold.validation, config), config)
+    def validate(candidate: ActorCritic) -> tuple[float, np.ndarray]:
+        # The bar returns go with the score: every checkpoint scored is a trial for the overfitting statistics.
+        backtest = backtest_policy(candidate, series, fold.validation, config)
+        return selection_score(backtest, config), bar_returns(backtest.nav)
 
     return train(ppo, env, agent.to(series.device), fold.train, validate, log, checkpoint_path,
                  collapse_share=config.action.collapse_share)

@@ -49,7 +49,8 @@ class RunFolder:
         return self.root / "folds" / f"fold_{index}"
 
     def seed(self, fold: int, seed: int) -> Path:
-        """One seed's folder: policy.pt, history.json, training.json and the resumable train_state.pt."""
+        """One seed's folder: policy.pt, history.json, validation_returns.npy, training.json and the
+        resumable train_state.pt."""
         return self.fold(fold) / f"seed_{seed}"
 
     def test_equity(self, fold: int) -> Path:
@@ -69,6 +70,8 @@ class RunFolder:
 
 # File names inside a fold's or a seed's folder.
 POLICY, HISTORY, TRAINING, TRAIN_STATE = "policy.pt", "history.json", "training.json", "train_state.pt"
+# A seed's per-bar validation returns of every checkpoint its selection scored: float64 [trials, bars].
+VALIDATION_RETURNS = "validation_returns.npy"
 
 
 def write_json(path: Path, data) -> Path:

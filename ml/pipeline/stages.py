@@ -34,13 +34,15 @@ from ml.evaluation.splits import Fold, walk_forward_folds
 from ml.evaluation.walkforward import aggregate, backtest_policy, evaluate_fold, train_fold
 from ml.market.calendar import periods_per_year
 from ml.market.series import MarketSeries, align_bars
-from ml.pipeline.rundir import (HISTORY, POLICY, TRAIN_STATE, TRAINING, RunFolder, code_version, load_agent,
-                                market_timestamps, read_bars, read_config, read_folds, read_json, read_market,
-                                save_config, symbol_frames, write_json)
-from ml.release.registry import flatten, log_metrics, resolve_tracking, start_run
+from ml.pipeline.rundir import (HISTORY, POLICY, TRAIN_STATE, TRAINING, VALIDATION_RETURNS, RunFolder, code_version,
+                                load_agent, market_timestamps, read_bars, read_config, read_folds, read_json,
+                                read_market, save_config, symbol_frames, write_json)
+from ml.release.tracking import RunMetrics, flatten, log_metrics, resolve_tracking, start_run
 
 log = logging.getLogger(__name__)
 REPORT_SCHEMA_VERSION = "1.1"
+# Training metrics the tracking server did not get by the end of a fold; evaluate sends them.
+PENDING_METRICS = "pending_metrics.jsonl"
 
 
 # 1. Load ---------------------------------------------------------------------------------
@@ -137,19 +139,21 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
     fold = read_folds(run)[fold_index]
     torch_device = resolve_device(device or config.ppo.device)
     series = read_market(run, config, torch_device)
+    # Kept while the tracking server is away: an outage never stops training.
+    metrics = RunMetrics(tracking["tracking_uri"], tracking["run_id"], spill=fold_dir / PENDING_METRICS)
     seeds = []
     for seed in config.seeds:
         seed_dir = run.seed(fold_index, seed)
         if not (seed_dir / TRAINING).exists():
             seed_config = replace(config, ppo=replace(config.ppo, seed=seed))
 
-            def log_update(metrics: dict, step: int, prefix: str = f"fold{fold_index}/seed{seed}/") -> None:
-                log_metrics(tracking["tracking_uri"], tracking["run_id"],
-                            {prefix + k: v for k, v in metrics.items()}, step)
+            def log_update(values: dict, step: int, prefix: str = f"fold{fold_index}/seed{seed}/") -> None:
+                metrics.log({prefix + k: v for k, v in values.items()}, step)
 
             result = train_fold(series, fold, seed_config, log_update, checkpoint_path=seed_dir / TRAIN_STATE)
             torch.save(policy_checkpoint(result.agent, series.feature_module), seed_dir / POLICY)
             write_json(seed_dir / HISTORY, result.history)
+            np.save(seed_dir / VALIDATION_RETURNS, np.asarray(result.validation_returns, dtype="float64"))
             write_json(seed_dir / TRAINING, {
                 "seed": seed, "best_update": result.best_update, "validation_score": result.best_score,
                 "steps_per_second": result.steps_per_second, "updates": len(result.history),
@@ -164,6 +168,7 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
                "timesteps": min(s.get("timesteps", 0) for s in seeds),
                "steps_per_second": float(np.mean([s["steps_per_second"] for s in seeds])),
                "device": str(torch_device), "collapse_alarm": best["collapse_alarm"], "seeds": seeds}
+    metrics.close()  # waits a minute for an absent server, then leaves the rest in PENDING_METRICS
     write_json(fold_dir / TRAINING, summary)
     log.info("fold %d trained: seed %s selected on validation (%.3f)", fold_index, best["seed"],
              best["validation_score"])
@@ -234,7 +239,10 @@ def evaluate(run_dir: Path) -> dict:
     flat.update({f"test/mean/policy/{k}": v for k, v in report["aggregate"]["policy"].items()})
     flat.update({f"test/mean/{benchmark}/{k}": v
                  for k, v in report["aggregate"]["baselines"][benchmark].items()})
-    log_metrics(tracking["tracking_uri"], tracking["run_id"], flat)
+    log_metrics(tracking["tracking_uri"], tracking["run_id"], flat)  # an absent server fails here in seconds
+    for fold in fold_reports:  # then what training could not send
+        kept = run.fold(fold["index"]) / PENDING_METRICS
+        RunMetrics(tracking["tracking_uri"], tracking["run_id"], spill=kept).close(wait=0)
     return {"report": str(run.report), "collapse_alarm": report["aggregate"]["collapse_alarm"]}
 
 

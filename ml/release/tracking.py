@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from mlflow.protos.service_pb2 import LogBatch
+from mlflow.protos.service_pb2 import LogBatch, SearchExperiments
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
@@ -77,15 +77,23 @@ def _reason(exc: BaseException) -> str:
 
 
 def check_server(tracking_uri: str) -> None:
-    """Raise TrackingUnavailable within seconds when an http(s) tracking server does not answer."""
+    """Raise TrackingUnavailable within seconds unless an http(s) URI answers MLflow's API."""
+    endpoint, method = RestStore._METHOD_TO_INFO[SearchExperiments]
     try:
-        response = http_request(get_default_host_creds(tracking_uri), "/health", "GET", max_retries=0,
-                                backoff_factor=0, timeout=CHECK_TIMEOUT, raise_on_status=False)
+        response = http_request(get_default_host_creds(tracking_uri), endpoint, method, max_retries=0,
+                                backoff_factor=0, timeout=CHECK_TIMEOUT, raise_on_status=False,
+                                json={"max_results": 1})
     except MlflowException as exc:
         raise TrackingUnavailable(f"MLflow tracking server {tracking_uri} is unreachable: {_reason(exc)}") from None
-    if response.status_code >= 500:
-        raise TrackingUnavailable(f"MLflow tracking server {tracking_uri} is unreachable: "
-                                  f"/health answered HTTP {response.status_code}")
+    status = response.status_code
+    if status >= 500:
+        raise TrackingUnavailable(f"MLflow tracking server {tracking_uri} is unreachable: HTTP {status}")
+    if status in (401, 403):
+        raise TrackingUnavailable(f"MLflow tracking server {tracking_uri} refused the credentials (HTTP {status}): "
+                                  "check MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN")
+    if status != 200:
+        raise TrackingUnavailable(f"{tracking_uri} answers HTTP {status} to {endpoint}: "
+                                  "not an MLflow tracking server at that URI")
 
 
 def prepare_store(tracking_uri: str) -> None:

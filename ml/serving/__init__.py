@@ -1,0 +1,201 @@
+"""Run an exported policy: onnxruntime and numpy only (no torch, no Airflow).
+
+    from ml.serving import Policy
+    policy = Policy.load("models:/ppo_GSPC_1d@champion")   # or a path to model.onnx
+    exposure = policy.decide(ohlcv_window, position)        # [B, L, 5], [B, 1] -> [B, 1]
+
+A portfolio model (metadata ``symbols``) takes ``ohlcv`` [B, L, A, 5] with the assets
+in that order and the current ``weights`` [B, A], and returns target weights [B, A].
+
+Every window is held to the data gate's bar rules (``ml.serving.bars``) before the model
+sees it: finite values, positive prices, non-negative volume, the OHLC order (for models that
+read open/high/low), no abnormal one-bar jump, no stale feed; with ``timestamps``, bars unique,
+increasing, not in the future and, with ``max_age``, recent enough.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ml.serving.bars import MAX_ABS_LOG_RETURN, BarRules, InputError
+from ml.serving.files import bars_to_window, portfolio_window
+
+__all__ = ["InputError", "ModelLoadError", "Policy", "bars_to_window", "create_session", "cuda_driver_present",
+           "portfolio_window", "resolve_model_path"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """No usable model at that place: a missing or corrupt file, an unknown model, version or alias."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines() or [type(error).__name__])[0][:300]
+
+
+def cuda_driver_present() -> bool:
+    """True when an NVIDIA driver is installed (the GPU wheel lists CUDA even without one)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def create_session(path: str | Path, prefer_gpu: bool = True,
+                   intra_op_threads: int | None = None) -> ort.InferenceSession:
+    """CUDA provider when a GPU is usable, else CPU (with a warning when a GPU is there but fails).
+
+    ``intra_op_threads``: onnxruntime's CPU thread pool size (default: one per core). One thread
+    gives the lowest single-decision latency; more only pay off for large batches.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+    providers = ["CPUExecutionProvider"]
+    if prefer_gpu and "CUDAExecutionProvider" in ort.get_available_providers() and cuda_driver_present():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    if prefer_gpu and providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != providers[0]:
+        log.warning("CUDA execution provider unavailable; running %s on CPU", path)
+    return session
+
+
+def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
+    """A local .onnx path as is; a ``models:/NAME@alias`` URI downloaded through MLflow."""
+    if not uri.startswith(("models:/", "runs:/")):
+        path = Path(uri)
+        if path.is_dir():
+            path = path / "model.onnx"
+        if not path.exists():
+            raise FileNotFoundError(f"{uri}: no ONNX model there")
+        return path
+    # MLflow is heavy and only needed for registry URIs; a service that loads a file never imports it.
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    from mlflow.tracking import MlflowClient
+
+    # Explicit URIs for this download only: two loads from different stores in one process
+    # (threads included) never see each other's store. MLflow resolves a `models:/` URI through the
+    # process-wide registry whatever registry_uri says, so resolve it here with a client of this store.
+    given = uri
+    try:
+        if uri.startswith("models:/"):
+            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            model = get_model_name_and_version(client, uri)  # (name, version), or (logged model id,)
+            uri = (client.get_logged_model(model[0]).artifact_location if len(model) == 1
+                   else client.get_model_version_download_uri(*model))
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(),
+                                                          tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    except (MlflowException, OSError) as exc:  # unknown model, version or alias; an unreachable store
+        raise ModelLoadError(f"{given}: {_first_line(exc)}") from None
+    found = sorted(folder.rglob("*.onnx"))
+    if not found:
+        raise FileNotFoundError(f"{uri}: the model artifact holds no .onnx file")
+    return found[0]
+
+
+def _reads_ohlc(metadata: dict) -> bool:
+    """Whether the model was trained on full bars (its windows must keep the OHLC order).
+
+    The pipeline records ``close_only`` and the ``features``; a model without either is held
+    to every rule.
+    """
+    if "close_only" in metadata:
+        return metadata["close_only"] != "true"
+    if metadata.get("features"):
+        return any(name.startswith(("range_", "volume_")) for name in metadata["features"].split(","))
+    return True
+
+
+class Policy:
+    """An exported policy with input checks.
+
+    ``max_stale_bars``: refuse a window whose last closes repeat more than this many
+    times in a row (a frozen feed). ``max_abs_log_return``: refuse a close-to-close move
+    larger than this (the data gate's jump rule). ``max_age`` (a ``datetime.timedelta`` or
+    ``numpy.timedelta64``): with timestamps, refuse a window whose last bar is older. None
+    turns a check off.
+    """
+
+    def __init__(self, path: str | Path, prefer_gpu: bool = True, max_stale_bars: int | None = 10,
+                 intra_op_threads: int | None = None, max_abs_log_return: float | None = MAX_ABS_LOG_RETURN,
+                 max_age=None):
+        self.path = Path(path)
+        try:
+            self.session = create_session(self.path, prefer_gpu, intra_op_threads)
+            self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+            self.lookback = int(self.metadata["lookback"])
+        except KeyError:
+            raise ModelLoadError(f"{self.path}: no 'lookback' in the model metadata (not an exported policy)") from None
+        except Exception as exc:  # onnxruntime's errors derive from Exception only
+            raise ModelLoadError(f"{self.path}: not a loadable ONNX model ({_first_line(exc)})") from None
+        # Portfolio models name their assets; the asset axis of the inputs follows this order.
+        self.symbols = self.metadata["symbols"].split(",") if self.metadata.get("symbols") else None
+        self.rules = BarRules(reads_ohlc=_reads_ohlc(self.metadata), max_abs_log_return=max_abs_log_return,
+                              max_stale_bars=max_stale_bars,
+                              max_age=np.timedelta64(max_age, "ns") if max_age is not None else None,
+                              symbols=tuple(self.symbols) if self.symbols else None)
+
+    @classmethod
+    def load(cls, uri: str, tracking_uri: str | None = None, prefer_gpu: bool = True,
+             intra_op_threads: int | None = None, **checks) -> "Policy":
+        """A path or an MLflow URI; ``checks`` are the keyword settings of the input checks."""
+        try:
+            path = resolve_model_path(uri, tracking_uri)
+        except FileNotFoundError as exc:
+            raise ModelLoadError(str(exc)) from None
+        return cls(path, prefer_gpu, intra_op_threads=intra_op_threads, **checks)
+
+    def validate(self, ohlcv: np.ndarray, position: np.ndarray,
+                 timestamps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs as float32 batches, checked against the contract; ``position`` is the weights of a portfolio.
+
+        ``timestamps`` [B, L] (or [L] for every window): the bars' times as datetime64, UTC.
+        """
+        assets = len(self.symbols) if self.symbols is not None else None
+        name = "weights" if assets else "position"
+        try:
+            ohlcv = np.asarray(ohlcv, dtype=np.float32)
+            position = np.asarray(position, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"ohlcv/{name}: not numeric ({exc})") from exc
+        window = (self.lookback, assets, 5) if assets else (self.lookback, 5)
+        width = assets or 1
+        if ohlcv.ndim == len(window):
+            ohlcv = ohlcv[None]
+        if position.ndim == 1:
+            position = position.reshape(-1, width)
+        if ohlcv.shape[1:] != window:
+            shape = ", ".join(map(str, window))
+            raise InputError(f"ohlcv: shape {ohlcv.shape} must be [batch, {shape}]"
+                             + (f" (assets {self.symbols})" if assets else ""))
+        if position.shape != (ohlcv.shape[0], width):
+            raise InputError(f"{name}: shape {position.shape} must be [{ohlcv.shape[0]}, {width}]")
+        self.rules.check_windows(ohlcv if assets else ohlcv[:, :, None, :])
+        if timestamps is not None:
+            self.rules.check_timestamps(timestamps, ohlcv.shape[0], self.lookback)
+        # max() propagates NaN, and NaN <= 1 is False: one comparison covers finite and range.
+        if assets and not (position.min(initial=0.0) >= -1e-6 and position.sum(axis=1).max(initial=0.0) <= 1.0 + 1e-6):
+            raise InputError("weights: must be finite, non-negative and sum to at most 1 (the rest is cash)")
+        if not assets and not np.abs(position).max(initial=0.0) <= 1.0 + 1e-6:
+            raise InputError("position: must be finite and within [-1, 1]")
+        return ohlcv, position
+
+    def decide(self, ohlcv: np.ndarray, position: np.ndarray, timestamps: np.ndarray | None = None) -> np.ndarray:
+        """Target exposures [B, 1]; for a portfolio model ``position`` is the weights and this
+        returns target weights [B, A]. ``timestamps``: see ``validate``."""
+        ohlcv, position = self.validate(ohlcv, position, timestamps)
+        if self.symbols is not None:
+            return self.session.run(["target_weights"], {"ohlcv": ohlcv, "weights": position})[0]
+        return self.session.run(["target_exposure"], {"ohlcv": ohlcv, "position": position})[0]
