@@ -91,6 +91,7 @@ def base_env(home: Path, port: int, executor: str, sql_conn: str) -> dict[str, s
         "AIRFLOW__CORE__PARALLELISM": "4",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
         "ML_RUNS_DIR": str(home / "runs"),
+        "ML_CONFIG_ROOT": str(home.parent),  # where tiny_conf writes the config_file the runs name
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_TELEMETRY": "false",
         "DO_NOT_TRACK": "1",

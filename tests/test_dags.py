@@ -38,6 +38,8 @@ def airflow_env(tmp_path_factory) -> dict:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
         "ML_RUNS_DIR": str(home / "runs"),
+        # The tests' config files live in their tmp_path folders: the config_file Param must find them there.
+        "ML_CONFIG_ROOT": str(tmp_path_factory.getbasetemp()),
     }
     migrate = subprocess.run([AIRFLOW, "db", "migrate"], env=env, capture_output=True, text=True, cwd=home)
     assert migrate.returncode == 0, migrate.stderr[-3000:]

@@ -4,6 +4,7 @@ partial failures and rate limits, and `ingest_many` pulling all symbols in one b
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -265,3 +266,85 @@ def test_ingest_many_reports_an_impossible_intraday_start_for_every_symbol(tmp_p
     assert fake.calls == []
     assert [r["status"] for r in results] == ["failed", "failed"]
     assert all("5m bars reach back only 60 days" in r["error"] and not r["retryable"] for r in results)
+
+
+# Symbols and files at the boundary ---------------------------------------------------------------
+
+def test_a_symbol_that_walks_out_of_the_sample_folder_is_refused_before_any_file_is_read(tmp_path):
+    """`symbol='../../../tmp/x/evil'` once loaded any CSV as the sample (and named a model after it)."""
+    import os
+
+    from tests.conftest import synthetic_bars
+
+    evil = tmp_path / "evil"
+    synthetic_bars(300).rename(columns={"timestamp": "Date", "close": "Close"})[["Date", "Close"]].to_csv(
+        f"{evil}.csv", index=False)
+    symbol = os.path.relpath(evil, sources.SAMPLE_DIR)
+    assert (sources.SAMPLE_DIR / f"{symbol}.csv").resolve() == Path(f"{evil}.csv")  # the path would reach it
+    for source, path in (("sample", None), ("file", f"{evil}.csv"), ("lake", str(tmp_path)),
+                         ("yfinance", None)):
+        with pytest.raises(DataError, match=r"must be a ticker") as refused:
+            sources.load_bars(source, symbol=symbol, path=path)
+        assert symbol[:40] in str(refused.value)
+    with pytest.raises(DataError, match=r"must be a ticker"):
+        sources.sample_path(symbol)
+    with pytest.raises(DataError, match=r"must be a ticker"):
+        sources.load_file(f"{evil}.csv", symbol="../evil")
+    with pytest.raises(DataError, match=r"must be a ticker"):
+        sources.load_lake("../x", root=str(tmp_path))
+
+
+@pytest.mark.parametrize("symbol", ["GSPC", "^GSPC", "BRK-B", "BTC-USD", "EURUSD=X"])
+def test_real_tickers_pass_the_sources_check(symbol):
+    assert sources.check_symbol(symbol) == symbol
+    if symbol == "GSPC":
+        assert len(sources.load_bars("sample", symbol=symbol)) == 5031
+
+
+def test_a_batched_download_leaves_out_a_name_that_is_no_ticker(monkeypatch, no_sleep):
+    import yfinance
+
+    fake = FakeDownload()
+    monkeypatch.setattr(yfinance, "download", fake)
+    out = load_yfinance_many(["MSFT", "../../etc/passwd", "KO"], start="2024-01-01")
+    assert [c["tickers"] for c in fake.calls] == [["MSFT", "KO"]]
+    assert isinstance(out["MSFT"], pd.DataFrame) and isinstance(out["KO"], pd.DataFrame)
+    assert isinstance(out["../../etc/passwd"], DataError) and "must be a ticker" in str(out["../../etc/passwd"])
+    assert isinstance(load_yfinance_many(["a b"])["a b"], DataError) and len(fake.calls) == 1  # no download at all
+
+
+SECRET = "s3cr3t-Zq8-token"
+
+
+@pytest.mark.parametrize("name, content", [
+    ("shadow.csv", f"root:$6${SECRET}:20228:0:99999:7:::\ndaemon:*:20228:0:99999:7:::\n"),
+    ("header.csv", f"{SECRET}\n1\n2\n"),
+    ("os-release.csv", f'PRETTY_NAME="{SECRET}"\nNAME="Debian"\n'),
+    ("cell.csv", f"Date,Close\n2020-01-01,1\n2020-01-02,{SECRET}\n"),
+    ("date.csv", f"Date,Close\n2020-01-01,1\n{SECRET},2\n"),
+    ("ragged.csv", f"a\n{SECRET},b,c\n"),
+    ("binary.parquet", f"\x00\x01PK{SECRET}\x00" * 20),
+])
+def test_file_errors_name_the_file_and_rule_but_never_quote_it(tmp_path, name, content):
+    import traceback
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as refused:
+        sources.load_file(path, symbol="X")
+    message = str(refused.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert SECRET not in message and SECRET not in "".join(traceback.format_exception(refused.value))
+
+
+def test_a_file_name_that_is_no_ticker_needs_an_explicit_symbol(tmp_path, gspc_bars):
+    path = tmp_path / "my bars.csv"
+    gspc_bars.tail(50).drop(columns="symbol").to_csv(path, index=False)
+    with pytest.raises(DataError, match="file name 'my bars' is not a ticker"):
+        sources.load_file(path)
+    assert (sources.load_file(path, symbol="GSPC")["symbol"] == "GSPC").all()
+    bad = tmp_path / "GSPC.csv"
+    gspc_bars.tail(50).assign(symbol="../../x").to_csv(bad, index=False)
+    with pytest.raises(DataError, match="column 'symbol' holds a value that is not a ticker") as refused:
+        sources.load_file(bad)
+    assert "../../x" not in str(refused.value)

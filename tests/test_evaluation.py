@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ml.config import (ACTION_MODES, INTERVALS, SELECTION_METRICS, SOURCES, ActionConfig, ConfigError, CostConfig,
-                       PipelineConfig, SplitConfig, config_from_dict, load_config)
+from ml.config import (ACTION_MODES, INTERVALS, SELECTION_METRICS, SOURCES, SYMBOL_RULE, ActionConfig, ConfigError,
+                       CostConfig, PipelineConfig, SplitConfig, config_from_dict, is_symbol, load_config)
 from ml.env.action_space import DiscreteExposure, make_action_space
 from ml.evaluation import metrics
 from ml.evaluation.backtest import run_backtest, target_series_policy
@@ -211,6 +211,60 @@ def test_a_config_file_is_refused_with_the_same_message(tmp_path):
     with pytest.raises(ConfigError) as refused:
         load_config(path)
     assert str(refused.value) == "ppo.gamma = 7: must be in (0, 1]"
+
+
+REAL_TICKERS = ["GSPC", "^GSPC", "BRK-B", "BTC-USD", "EURUSD=X", "KO", "BF.B", "^VIX", "6758.T"]
+NOT_TICKERS = ["../../../tmp/x/evil", "a/b", "a\\b", "..", "A..B", "", " GSPC", "GS PC", "GSPC\n", "-GSPC",
+               ".hidden", "X" * 33, "/etc/passwd"]
+
+
+@pytest.mark.parametrize("symbol", REAL_TICKERS)
+def test_real_tickers_are_symbols(symbol):
+    assert is_symbol(symbol)
+    assert config_from_dict({"data": {"symbol": symbol}}).data.symbol == symbol
+
+
+@pytest.mark.parametrize("symbol", NOT_TICKERS)
+def test_a_symbol_that_is_no_ticker_is_refused_naming_the_field(symbol):
+    assert not is_symbol(symbol)
+    with pytest.raises(ConfigError) as refused:
+        config_from_dict({"data": {"symbol": symbol}})
+    assert str(refused.value) == f"data.symbol = {symbol}: {SYMBOL_RULE}"
+    with pytest.raises(ConfigError, match=r"^data\.symbols = .*: each symbol must be a ticker"):
+        config_from_dict({"data": {"symbols": ["GSPC", symbol]}, "action": {"mode": "portfolio"}})
+
+
+SECRET = "s3cr3t-hash-Zq8"
+
+
+@pytest.mark.parametrize("content", [
+    f"root:$6${SECRET}:20228:0:99999:7:::\ndaemon:*:20228:0:99999:7:::\n",  # parses as a mapping of lines
+    f"{SECRET} line one\n{SECRET} line two\n",  # a string
+    f"- {SECRET}\n- two\n",  # a list
+    f"ppo: [{SECRET}\n",  # broken YAML, whose error quotes the text
+    f"data: {SECRET}\n",  # a section that is no mapping
+    f"{{'{SECRET}': 1}}\n",
+])
+def test_a_config_file_that_is_not_a_config_is_refused_without_its_contents(tmp_path, content):
+    import traceback
+
+    path = tmp_path / "not-a-config.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert SECRET not in str(refused.value)
+    assert SECRET not in "".join(traceback.format_exception(refused.value))  # nor in a chained exception
+    assert "\n" not in str(refused.value)
+
+
+def test_a_mistyped_key_is_still_named_and_a_non_mapping_section_by_its_type(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("ppo:\n  gama: 0.9\n")
+    with pytest.raises(ConfigError, match=r"^ppo\.gama: unknown config field \(known in ppo: "):
+        load_config(path)
+    path.write_text("data: GSPC\n")
+    with pytest.raises(ConfigError, match=r"^data: must be a mapping of fields, got a str$"):
+        load_config(path)
 
 
 def test_importing_the_config_imports_no_torch():

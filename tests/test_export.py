@@ -141,7 +141,9 @@ def test_feature_module_exports_alone_for_close_only(tmp_path):
     """A close-only model's graph ignores open/high/low/volume columns."""
     module = FeatureModule(LOOKBACK)
     agent = ActorCritic(module.n_features, DiscreteExposure((0.0, 1.0)))
-    path = export_onnx(ExportPolicy(module, agent), tmp_path / "m.onnx", {"lookback": LOOKBACK})
+    # The pipeline's metadata says the model reads the close alone: its other columns are not checked.
+    path = export_onnx(ExportPolicy(module, agent), tmp_path / "m.onnx",
+                       {"lookback": LOOKBACK, "close_only": "true", "features": ",".join(module.names)})
     policy = Policy(path)
     window = (np.random.default_rng(0).random((2, LOOKBACK, 5)) + 1).astype(np.float32)
     scrambled = window.copy()

@@ -1,11 +1,15 @@
-"""DAG Params and asset events -> pipeline config, without Airflow."""
+"""DAG Params and asset events -> pipeline config (without Airflow), and the Params' own schemas."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
-from ml.orchestration import config_from_params, newest_asset_event, run_dir_for
+import pytest
+
+from ml.config import SYMBOL_PATTERN, SYMBOL_RULE, ConfigError
+from ml.orchestration import config_from_params, config_roots, data_roots, newest_asset_event, run_dir_for
+from tests.conftest import ROOT
 
 PARAMS = {"source": "sample", "symbol": "GSPC", "interval": "1d", "data_path": None, "start": None,
           "timesteps": 8192, "device": "cpu", "n_folds": 3, "promote": False, "seeds": [3, 4],
@@ -19,7 +23,9 @@ def test_params_map_onto_the_config():
     assert config.splits.n_folds == 3 and config.seeds == (3, 4) and config.registry.promote is False
 
 
-def test_a_run_triggered_by_the_lake_trains_on_the_newest_changed_symbol():
+def test_a_run_triggered_by_the_lake_trains_on_the_newest_changed_symbol(monkeypatch):
+    monkeypatch.setenv("ML_DATA_ROOT", "s3://market-data")
+
     def event(minute, symbol):
         return SimpleNamespace(timestamp=datetime(2026, 11, 20, 21, minute, tzinfo=timezone.utc),
                                extra={"symbol": symbol, "interval": "1d", "lake_root": "s3://market-data"})
@@ -30,6 +36,10 @@ def test_a_run_triggered_by_the_lake_trains_on_the_newest_changed_symbol():
     config = config_from_params(PARAMS, newest)
     assert (config.data.source, config.data.symbol, config.data.path) == ("lake", "SPY", "s3://market-data")
     assert newest_asset_event({}) is None and newest_asset_event(None) is None
+    # A lake root outside the data roots (the market_data Param names it) is refused like a data_path.
+    for root in ("s3://other-bucket", "s3://market-data-2", "s3://market-data/../x", "/etc"):
+        with pytest.raises(ConfigError, match=r"^asset event lake_root = .*: outside the allowed roots"):
+            config_from_params(PARAMS, {"symbol": "SPY", "interval": "1d", "lake_root": root})
 
 
 def test_run_folders_are_safe_paths(tmp_path, monkeypatch):
@@ -53,9 +63,129 @@ def test_pipeline_loads_curated_bars_from_the_lake(tmp_path):
     assert summary["dataset_hash"] == curated_hash  # the whole series: the same content hash as the lake's
 
 
-def test_a_config_file_turns_a_dag_run_into_a_portfolio_run():
+def test_a_config_file_turns_a_dag_run_into_a_portfolio_run(monkeypatch):
     from tests.conftest import ROOT
 
+    monkeypatch.delenv("ML_CONFIG_ROOT", raising=False)  # the default roots hold the project's docs/
     config = config_from_params({**PARAMS, "config_file": str(ROOT / "docs" / "portfolio-config.yaml")})
     assert bool(config.data.symbols) and config.data.symbols == ("GSPC", "KO") and config.action.mode == "portfolio"
     assert config.model_name == "ppo_GSPC_KO_1d" and config.ppo.total_timesteps == 8192
+
+
+# Params that name files or symbols -------------------------------------------------------------
+
+SECRET = "s3cr3t-Zq8-token"
+
+
+@pytest.fixture
+def roots(tmp_path, monkeypatch):
+    """A config root and a data root of their own, and a secret-holding file outside both."""
+    configs, data, outside = tmp_path / "configs", tmp_path / "data", tmp_path / "outside"
+    for folder in (configs, data, outside):
+        folder.mkdir()
+    monkeypatch.setenv("ML_CONFIG_ROOT", str(configs))
+    monkeypatch.setenv("ML_DATA_ROOT", str(data))
+    (outside / "secret.yaml").write_text(f"root:$6${SECRET}:20228:0:99999:7:::\n")
+    return configs, data, outside
+
+
+def test_a_config_file_outside_the_root_is_refused_without_reading_it(roots):
+    configs, _, outside = roots
+    for path in ("/etc/shadow", str(outside / "secret.yaml"), f"{configs}/../outside/secret.yaml"):
+        with pytest.raises(ConfigError) as refused:
+            config_from_params({**PARAMS, "config_file": path})
+        message = str(refused.value)
+        assert message.startswith(f"config_file = {path}: outside the allowed roots ['{configs}']"), message
+        assert "ML_CONFIG_ROOT" in message and SECRET not in message and "root:" not in message
+        assert "\n" not in message
+
+
+def test_a_link_inside_the_root_to_a_file_outside_is_refused(roots):
+    configs, _, outside = roots
+    (configs / "link.yaml").symlink_to(outside / "secret.yaml")
+    with pytest.raises(ConfigError, match="outside the allowed roots") as refused:
+        config_from_params({**PARAMS, "config_file": str(configs / "link.yaml")})
+    assert SECRET not in str(refused.value)
+
+
+def test_a_config_file_inside_the_root_is_read_and_must_be_yaml_or_json(roots):
+    configs, _, _ = roots
+    (configs / "tiny.yaml").write_text("ppo:\n  num_steps: 16\n")
+    assert config_from_params({**PARAMS, "config_file": str(configs / "tiny.yaml")}).ppo.num_steps == 16
+    (configs / "notes.txt").write_text(f"{SECRET}\n")
+    with pytest.raises(ConfigError, match=r"^config_file = .*notes.txt: must be a \.yaml, \.yml, \.json file$"):
+        config_from_params({**PARAMS, "config_file": str(configs / "notes.txt")})
+    # Inside the root, a file that is no config is refused without its contents.
+    (configs / "secret.yaml").write_text(f"root:$6${SECRET}:20228:0:99999:7:::\n")
+    with pytest.raises(ConfigError) as refused:
+        config_from_params({**PARAMS, "config_file": str(configs / "secret.yaml")})
+    assert SECRET not in str(refused.value)
+
+
+def test_a_data_path_outside_the_data_root_is_refused(roots, gspc_bars):
+    _, data, outside = roots
+    (outside / "bars.csv").write_text(f"Date,Close\n2020-01-01,{SECRET}\n")
+    for path in ("/etc/passwd", str(outside / "bars.csv"), f"{data}/../outside/bars.csv"):
+        with pytest.raises(ConfigError) as refused:
+            config_from_params({**PARAMS, "source": "file", "data_path": path})
+        assert str(refused.value) == (f"data_path = {path}: outside the allowed roots ['{data}'] "
+                                      "(set ML_DATA_ROOT to allow another)")
+    gspc_bars.to_csv(data / "GSPC.csv", index=False)
+    config = config_from_params({**PARAMS, "source": "file", "data_path": str(data / "GSPC.csv")})
+    assert config.data.path == str((data / "GSPC.csv").resolve())
+    with pytest.raises(ConfigError, match=r"must be a \.csv, \.parquet, \.pq file"):
+        config_from_params({**PARAMS, "source": "file", "data_path": str(data)})
+    # A lake root is a folder: any folder under the root.
+    assert config_from_params({**PARAMS, "source": "lake", "data_path": str(data)}).data.path == str(data.resolve())
+
+
+def test_default_roots_are_the_docs_and_airflow_home_folders(monkeypatch, tmp_path):
+    for name in ("ML_CONFIG_ROOT", "ML_DATA_ROOT", "ML_LAKE_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    assert config_roots() == [str(ROOT / "docs"), str(tmp_path / "ml-configs")]
+    assert data_roots() == [str(tmp_path / "data"), str(ROOT / "lake")]
+    monkeypatch.setenv("ML_CONFIG_ROOT", f"{tmp_path}/a, {tmp_path}/b")
+    monkeypatch.setenv("ML_DATA_ROOT", "s3://market-data")
+    assert config_roots() == [f"{tmp_path}/a", f"{tmp_path}/b"] and data_roots() == ["s3://market-data"]
+
+
+def test_a_symbol_param_that_is_a_path_is_refused_by_the_config():
+    with pytest.raises(ConfigError) as refused:
+        config_from_params({**PARAMS, "symbol": "../../../tmp/x/evil"})
+    assert str(refused.value) == f"data.symbol = ../../../tmp/x/evil: {SYMBOL_RULE}"
+    assert config_from_params({**PARAMS, "symbol": "^GSPC"}).model_name == "ppo_GSPC_1d"
+
+
+@pytest.fixture(scope="module")
+def dag_params(tmp_path_factory):
+    """The two DAGs' Params, as the trigger form and the REST API validate them (no DAG run)."""
+    import runpy
+
+    home = tmp_path_factory.mktemp("airflow")
+    with pytest.MonkeyPatch.context() as patch:  # Airflow reads its home when first imported
+        patch.setenv("AIRFLOW_HOME", str(home))
+        patch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home}/airflow.db")
+        training = runpy.run_path(str(ROOT / "dags" / "ppo_training.py"))["ppo_training"]()
+        market = runpy.run_path(str(ROOT / "dags" / "market_data.py"))["market_data"]()
+    return training.params, market.params
+
+
+@pytest.mark.parametrize("symbol", ["../../../tmp/x/evil", "a/b", "a\\b", "..", "GS PC", ""])
+def test_the_dag_params_refuse_a_symbol_that_is_no_ticker(dag_params, symbol):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    training, market = dag_params
+    with pytest.raises(ParamValidationError):
+        training.get_param("symbol").resolve(symbol)
+    with pytest.raises(ParamValidationError):
+        market.get_param("symbols").resolve(["GSPC", symbol])
+
+
+@pytest.mark.parametrize("symbol", ["GSPC", "^GSPC", "BRK-B", "BTC-USD", "EURUSD=X"])
+def test_the_dag_params_accept_real_tickers(dag_params, symbol):
+    training, market = dag_params
+    assert training.get_param("symbol").resolve(symbol) == symbol
+    assert market.get_param("symbols").resolve([symbol]) == [symbol]
+    assert training.get_param("symbol").schema["pattern"] == SYMBOL_PATTERN
+    assert market.get_param("symbols").schema["items"]["pattern"] == SYMBOL_PATTERN

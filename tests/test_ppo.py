@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Categorical, Independent, Normal
@@ -12,8 +13,10 @@ from torch.distributions import Categorical, Independent, Normal
 from ml.agent.policy import ActorCritic
 from ml.config import config_from_dict
 from ml.env.action_space import ContinuousExposure, DiscreteExposure, PortfolioWeights
+from ml.evaluation.metrics import sharpe_ratio
 from ml.evaluation.splits import walk_forward_folds
 from ml.evaluation.walkforward import backtest_policy, train_fold
+from ml.market.calendar import periods_per_year
 from ml.market.series import prepare_series
 from tests.conftest import synthetic_bars
 
@@ -123,6 +126,16 @@ def test_training_resumes_from_its_last_checkpoint(tmp_path):
 
     assert without_rates(resumed.history) == without_rates(uninterrupted.history)
 
+    # Every scored checkpoint is a trial: the resumed run ends with all of them, the ones scored
+    # before the interruption included, each the validation backtest behind its score.
+    scores = [h["validation_score"] for h in resumed.history if "validation_score" in h]
+    assert len(scores) == 3 and resumed.validation_returns == uninterrupted.validation_returns
+    ppy = periods_per_year(config.data.interval, config.data.calendar)
+    for returns, score in zip(resumed.validation_returns, scores, strict=True):
+        assert len(returns) == fold.validation[1] - fold.validation[0]
+        assert sharpe_ratio(np.concatenate(([1.0], np.cumprod(1.0 + np.asarray(returns)))), ppy) \
+            == pytest.approx(score, rel=1e-9)
+
 
 def test_checkpoint_from_a_gpu_worker_resumes_on_a_cpu_worker(tmp_path, caplog):
     """A retry may land on the other queue's worker: its generators cannot take the saved
@@ -157,6 +170,8 @@ def test_training_checkpoint_loads_as_plain_tensors_and_values(tmp_path):
     assert state["update"] == 2 and state["global_step"] == 2 * 64 * 32
     for key in ("agent", "optimizer", "generator", "sampling_rng", "episodes", "best_state", "history"):
         assert key in state
+    assert state["validation_returns"].dtype == torch.float64
+    assert state["validation_returns"].shape == (1, fold.validation[1] - fold.validation[0])
 
 
 def test_continuous_policy_learns_the_trend_and_exports_with_parity(tmp_path):

@@ -85,43 +85,46 @@ def test_no_ml_module_changes_process_wide_mlflow_state():
     assert not wrong, "process-wide state changed in ml/:\n" + "\n".join(wrong)
 
 
-def exported_model(folder, run_id: str):
-    torch.manual_seed(0)
-    module = FeatureModule(64)
-    return export_onnx(ExportPolicy(module, ActorCritic(module.n_features, DiscreteExposure((0.0, 1.0)))),
-                       folder / "model.onnx", {"lookback": 64, "mlflow_run_id": run_id})
-
-
-def champion_store(folder) -> tuple[str, str]:
-    """A SQLite store whose champion's ONNX metadata names the run that registered it."""
+def new_store(folder) -> tuple[str, str, object]:
+    """A SQLite store with one run, and an ONNX policy whose metadata names that run."""
     folder.mkdir()
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     run_id = start_run(uri, (folder / "artifacts").as_uri(), "tracking", "run", {}, {})
+    torch.manual_seed(0)
+    module = FeatureModule(64)
+    path = export_onnx(ExportPolicy(module, ActorCritic(module.n_features, DiscreteExposure((0.0, 1.0)))),
+                       folder / "model.onnx", {"lookback": 64, "mlflow_run_id": run_id})
+    return uri, run_id, path
+
+
+def crown(store) -> None:
+    """Register the store's policy, record a passed gate and make it champion."""
+    uri, run_id, path = store
     example = {"ohlcv": (np.random.default_rng(0).random((2, 64, 5)) + 1).astype(np.float32),
                "position": np.zeros((2, 1), np.float32)}
-    version = registry.register_onnx(uri, run_id, MODEL, exported_model(folder, run_id), example, tags={"store": folder.name})
+    version = registry.register_onnx(uri, run_id, MODEL, path, example, tags={"store": path.parent.name})
     registry.record_decision(uri, MODEL, version, {"passed": True, "reasons": ["test"], "numbers": {}}, "test")
     registry.promote(uri, MODEL, version)
-    return uri, run_id
 
 
 def test_two_stores_in_one_process_never_see_each_other(tmp_path):
     """Registration and loading run in threads against two stores holding the same model name."""
     before = (mlflow.get_tracking_uri(), {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")})
+    stores = [new_store(tmp_path / name) for name in "ab"]  # torch's exporter is not thread-safe
     with ThreadPoolExecutor(2) as pool:
-        stores = list(pool.map(champion_store, [tmp_path / "a", tmp_path / "b"]))
-    for (uri, run_id), name in zip(stores, "ab"):
+        list(pool.map(crown, stores))
+    for (uri, run_id, _), name in zip(stores, "ab"):
         version = store_client(uri).get_model_version_by_alias(MODEL, registry.CHAMPION)
         assert version.run_id == run_id and version.tags["store"] == name
 
     def load(index: int) -> tuple[str, str]:
-        uri, run_id = stores[index % 2]
+        uri, run_id, _ = stores[index % 2]
         return run_id, Policy.load(f"models:/{MODEL}@champion", tracking_uri=uri, prefer_gpu=False).metadata["mlflow_run_id"]
 
     with ThreadPoolExecutor(8) as pool:
         loads = list(pool.map(load, range(48)))
     assert len(loads) == 48 and all(expected == got for expected, got in loads), loads
-    assert {got for _, got in loads} == {run_id for _, run_id in stores}
+    assert {got for _, got in loads} == {run_id for _, run_id, _ in stores}
     assert (mlflow.get_tracking_uri(), {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}) == before
 
 

@@ -5,12 +5,18 @@ in a segment are made on bars ``first .. last - 1`` and the last fill lands
 on ``last``, so a segment's rewards never read a bar beyond it. The gap
 between segments (purge + embargo) is at least ``lookback + 1`` bars, so no
 feature window of a later segment contains a bar an earlier one traded on.
+
+``combinatorial_purged_splits`` offers combinatorial purged cross-validation
+(``splits.method: cpcv``) on bar indices, with the same purge and embargo.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
+import numpy as np
 import pandas as pd
 
 from ml.config import SplitConfig
@@ -87,3 +93,74 @@ def _fold_ending_at(timestamps: pd.Series, test_last: int, first_usable: int, ga
                       f"(min_train_bars={config.min_train_bars})")
     return Fold(index=0, train=(train_first, train_last), validation=(val_first, val_last),
                 test=(test_first, test_last)), ""
+
+
+# Combinatorial purged cross-validation -------------------------------------------------------
+
+@dataclass(frozen=True)
+class CPCVSplit:
+    """One CPCV split: the test groups, the purged train bars, and the test bars group by group."""
+    index: int
+    test_groups: tuple[int, ...]
+    train: np.ndarray
+    test: tuple[np.ndarray, ...]
+
+
+def combinatorial_purged_splits(n_bars: int, n_groups: int = 6, n_test_groups: int = 2, purge_bars: int = 0,
+                                embargo_bars: int = 0) -> Iterator[CPCVSplit]:
+    """Combinatorial purged cross-validation (López de Prado, *Advances in Financial Machine
+    Learning*, 2018, ch. 12): every choice of ``n_test_groups`` of ``n_groups`` groups as test.
+
+    The bars 0 .. n_bars - 1 are cut into ``n_groups`` consecutive groups: the first
+    ``n_groups - 1`` hold ``n_bars // n_groups`` bars each and the last group the rest (as
+    skfolio's ``CombinatorialPurgedCV``). The splits come in the order of
+    ``itertools.combinations(range(n_groups), n_test_groups)``; each split's train bars are
+    every bar outside its test groups, less
+
+    - the purge: ``purge_bars`` bars on both sides of each contiguous test stretch, whose
+      feature windows or fills would overlap the test bars, and
+    - the embargo: ``embargo_bars`` more bars after each test stretch, against serial
+      correlation leaking test outcomes into training.
+
+    Test groups that touch form one stretch, with no purge between them. With the walk-forward
+    folds' convention, ``purge_bars`` is at least lookback + 1 (see ``cpcv_splits``). The
+    ``C(n_groups, n_test_groups)`` splits recombine into ``n_test_groups / n_groups * C(...)``
+    full backtest paths. Every split must keep some train bars.
+    """
+    for name, value, low in (("n_bars", n_bars, 1), ("n_groups", n_groups, 2), ("n_test_groups", n_test_groups, 1),
+                             ("purge_bars", purge_bars, 0), ("embargo_bars", embargo_bars, 0)):
+        if isinstance(value, bool) or int(value) != value or value < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {value}")
+    if n_test_groups >= n_groups:
+        raise ValueError(f"n_test_groups ({n_test_groups}) must be below n_groups ({n_groups})")
+    size = n_bars // n_groups
+    if size < 1:
+        raise ValueError(f"{n_bars} bars cannot make {n_groups} groups")
+    group_of = np.minimum(np.arange(n_bars) // size, n_groups - 1)
+    groups = [np.flatnonzero(group_of == g) for g in range(n_groups)]
+    for index, chosen in enumerate(itertools.combinations(range(n_groups), n_test_groups)):
+        is_test = np.isin(group_of, chosen)
+        keep = ~is_test
+        # Starts and ends of contiguous test stretches: where is_test switches on / off.
+        edges = np.diff(is_test.astype(np.int8))
+        for first in np.flatnonzero(edges == 1) + 1:
+            keep[max(0, first - purge_bars):first] = False
+        for last in np.flatnonzero(edges == -1):
+            keep[last + 1:last + 1 + purge_bars + embargo_bars] = False
+        train = np.flatnonzero(keep)
+        if train.size == 0:
+            raise ValueError(f"split {index} (test groups {list(chosen)}) keeps no train bars: purge_bars + "
+                             f"embargo_bars ({purge_bars + embargo_bars}) eat groups of {size} bars")
+        yield CPCVSplit(index=index, test_groups=tuple(chosen), train=train,
+                        test=tuple(groups[g] for g in chosen))
+
+
+def cpcv_splits(n_bars: int, lookback: int, config: SplitConfig = SplitConfig()) -> list[CPCVSplit]:
+    """The CPCV splits ``config`` asks for (``cpcv_groups``, ``cpcv_test_groups``), purged and
+    embargoed as the walk-forward folds are: purge ``purge_bars`` (default lookback + 1), then
+    ``embargo_bars``."""
+    purge = config.purge_bars if config.purge_bars is not None else lookback + 1
+    if purge < lookback + 1:
+        raise ValueError(f"purge_bars {purge} is shorter than lookback + horizon ({lookback + 1})")
+    return list(combinatorial_purged_splits(n_bars, config.cpcv_groups, config.cpcv_test_groups, purge,
+                                            config.embargo_bars))
