@@ -92,10 +92,16 @@ def market_data():
         from airflow.sdk import Metadata
         from airflow.sdk.exceptions import AirflowFailException
 
+        from ml.config import ConfigError
         from ml.data.ingest import ingest_symbol
+        from ml.orchestration import ingest_locations
 
-        result = ingest_symbol(params["lake_root"], symbol, params["interval"], params["source"],
-                               start=params["start"], path=params["path"], overlap_bars=params["overlap_bars"],
+        try:
+            lake_root, path = ingest_locations(params)
+        except ConfigError as error:  # a path outside the data roots will not fix itself: no retries
+            raise AirflowFailException(str(error)) from None
+        result = ingest_symbol(lake_root, symbol, params["interval"], params["source"],
+                               start=params["start"], path=path, overlap_bars=params["overlap_bars"],
                                validation={"calendar": params["calendar"]})
         if result["status"] == "quarantined":
             raise AirflowFailException(f"{symbol}: batch quarantined at {result['quarantine']}\n{result['error']}")

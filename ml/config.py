@@ -189,6 +189,12 @@ class GateConfig:
     # A run that trained fewer environment steps than this in any fold is never promoted.
     min_timesteps: int = _setting(100_000, *_at_least(0))
     require_learned: bool = True  # on validation, beat the random policy and cash in most folds
+    # Beat the benchmark (buy-and-hold, equal weight for a portfolio) after costs over every test bar:
+    # the probabilistic Sharpe ratio of the active return must reach this (None = off).
+    benchmark_psr: float | None = _setting(0.95, *_between(0.5, 0.999))
+    max_pbo: float | None = _setting(0.5, *_between(0, 1))  # probability of backtest overfitting below this
+    # The edge over the benchmark and cash survives the same decisions at this multiple of the costs.
+    cost_multiple: float | None = _setting(2.0, choices=(1.0, 2.0, 5.0))
 
 
 @dataclass(frozen=True)

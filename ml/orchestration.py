@@ -37,9 +37,22 @@ def runs_root() -> Path:
 
 
 def run_dir_for(dag_id: str, run_id: str) -> Path:
-    """One folder per DAG run; a retried task finds what earlier attempts wrote."""
+    """One folder per DAG run, always inside the DAG's folder; a retried task finds what earlier attempts wrote.
+
+    A run id is set by whoever triggers the run: anything but letters, digits, '_', '.' and '-'
+    becomes '_', and a name of dots only ('.', '..') would leave the folder, so it is prefixed.
+    """
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)
+    if not safe.strip("."):
+        safe = f"run_{safe}"
     return runs_root() / dag_id / safe
+
+
+def ingest_locations(params: dict) -> tuple[str, str | None]:
+    """The market_data Params that name storage (lake root, source folder), checked against the data roots."""
+    path = params.get("path")
+    return (confined(params["lake_root"], "lake_root", data_roots()),
+            confined(path, "path", data_roots()) if path else None)
 
 
 def newest_asset_event(events) -> dict | None:

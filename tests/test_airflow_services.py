@@ -49,7 +49,8 @@ TINY_CONFIG = {
     "splits": {"n_folds": 2, "test_months": 6, "validation_months": 6, "min_train_bars": 300},
     # Tiny budgets: only the soundness rules apply (the budget floor and profitability rules are off).
     "gate": {"parity_windows": 64, "require_no_collapse": False, "require_beats_cash": False,
-             "require_learned": False, "min_timesteps": 0},
+             "require_learned": False, "min_timesteps": 0, "benchmark_psr": None, "max_pbo": None,
+             "cost_multiple": None},
 }
 TASK_IDS = ["load_data", "validate_data", "start_tracking", "train", "evaluate", "export_onnx", "register"]
 

@@ -21,7 +21,8 @@ TINY_CONFIG = {
     "splits": {"n_folds": 2, "test_months": 6, "validation_months": 6, "min_train_bars": 300},
     # Tiny budgets: only the soundness rules apply (the budget floor and profitability rules are off).
     "gate": {"parity_windows": 64, "require_no_collapse": False, "require_beats_cash": False,
-             "require_learned": False, "min_timesteps": 0},
+             "require_learned": False, "min_timesteps": 0, "benchmark_psr": None, "max_pbo": None,
+             "cost_multiple": None},
 }
 
 
@@ -148,6 +149,7 @@ def test_airflow_dags_test_market_data_curates_the_lake_and_reruns_change_nothin
     from ml.data.lake import Lake
 
     lake_root = tmp_path / "lake"
+    airflow_env = {**airflow_env, "ML_DATA_ROOT": str(tmp_path)}  # the lake_root Param must lie in a data root
     conf = json.dumps({"symbols": ["GSPC", "KO"], "source": "sample", "lake_root": str(lake_root)})
     first = subprocess.run([AIRFLOW, "dags", "test", "market_data", "-c", conf], env=airflow_env,
                            capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
@@ -159,6 +161,12 @@ def test_airflow_dags_test_market_data_curates_the_lake_and_reruns_change_nothin
                            capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert {symbol: lake.snapshot(symbol, "1d")[1] for symbol in ("GSPC", "KO")} == hashes
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    refused = subprocess.run([AIRFLOW, "dags", "test", "market_data", "-c",
+                              json.dumps({"symbols": ["GSPC"], "source": "sample", "lake_root": str(outside)})],
+                             env=airflow_env, capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
+    assert refused.returncode != 0 and "outside the allowed roots" in refused.stdout + refused.stderr
+    assert not outside.exists()  # nothing was written there
 
 
 def test_airflow_dags_test_model_promotion(airflow_env):

@@ -348,3 +348,17 @@ def test_a_file_name_that_is_no_ticker_needs_an_explicit_symbol(tmp_path, gspc_b
     with pytest.raises(DataError, match="column 'symbol' holds a value that is not a ticker") as refused:
         sources.load_file(bad)
     assert "../../x" not in str(refused.value)
+
+
+@pytest.mark.parametrize("bad, good", [
+    (["data", "validate", "bars.csv", "--symbol", "../../x"], ["data", "validate", "bars.csv", "--symbol", "BRK-B"]),
+    (["data", "ingest", "GSPC", "../../../tmp/x/evil"], ["data", "ingest", "GSPC", "^GSPC", "EURUSD=X"]),
+    (["pipeline", "--out", "runs/x", "--symbol", "a/b"], ["pipeline", "--out", "runs/x", "--symbol", "BTC-USD"]),
+])
+def test_the_cli_refuses_a_symbol_that_is_no_ticker_before_running(bad, good, capsys):
+    from ml.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(bad)
+    assert exited.value.code == 2 and "must be a ticker" in capsys.readouterr().err
+    assert build_parser().parse_args(good).run is not None

@@ -78,8 +78,47 @@ def fold(index: int, validation_sharpe: float, random_sharpe: float, timesteps: 
             "validation_baselines": {"cash": {"sharpe": 0.0}, "random": {"sharpe": random_sharpe}}}
 
 
-def decide(folds: list[dict], comparison: dict | None = None, **gate) -> dict:
-    return evaluate_gate({"folds": folds}, PARITY, GateConfig(**gate), COLLAPSE_SHARE, comparison).as_dict()
+# Run-level statistics of a policy that clears every rule, for tests that change one thing at a time.
+ROBUST = {"active_return": {"benchmark": "buy_and_hold", "bars": 3000, "annualized_mean": 0.04, "psr": 0.97},
+          "pbo": {"value": 0.2, "folds": 3, "trials": 60, "per_fold": [0.2, 0.1, 0.3]},
+          "cost_sensitivity": {"multiples": ["0x", "1x", "2x", "5x"], "mean_test_sharpe": {
+              "policy": {"0x": 1.2, "1x": 1.1, "2x": 1.0, "5x": 0.6},
+              "buy_and_hold": {"0x": 0.7, "1x": 0.7, "2x": 0.69, "5x": 0.68},
+              "cash": {"0x": 0.0, "1x": 0.0, "2x": 0.0, "5x": 0.0}}}}
+
+
+def decide(folds: list[dict], comparison: dict | None = None, run: dict | None = None, **gate) -> dict:
+    report = {"folds": folds, **ROBUST, **(run or {})}
+    return evaluate_gate(report, PARITY, GateConfig(**gate), COLLAPSE_SHARE, comparison).as_dict()
+
+
+def test_a_sound_robust_run_passes_every_default_rule():
+    decision = decide([fold(0, 1.0, 0.2), fold(1, 0.9, 0.1)])
+    assert decision["passed"], decision["reasons"]
+    assert set(decision["checks"]) == {"onnx_parity", "finite_test_metrics", "training_budget", "learned_something",
+                                       "beats_benchmark", "low_pbo", "survives_costs", "no_collapse", "beats_cash"}
+
+
+def test_the_edge_over_the_benchmark_must_be_probable_after_costs():
+    weak = decide([fold(0, 1.0, 0.2)], run={"active_return": ROBUST["active_return"] | {"psr": 0.81}})
+    assert not weak["checks"]["beats_benchmark"]
+    assert "probabilistic Sharpe of the active return 81.0% over 3000 test bars (need 95%" in " ".join(weak["reasons"])
+    assert "beats_benchmark" not in decide([fold(0, 1.0, 0.2)], run={"active_return": {}}, benchmark_psr=None)["checks"]
+
+
+def test_an_overfit_selection_is_refused():
+    overfit = decide([fold(0, 1.0, 0.2)], run={"pbo": ROBUST["pbo"] | {"value": 0.55}})
+    assert not overfit["checks"]["low_pbo"] and "overfitting 55% over 60 validation trials" in " ".join(overfit["reasons"])
+    assert not decide([fold(0, 1.0, 0.2)], run={"pbo": None})["checks"]["low_pbo"]  # unmeasured is not low
+
+
+def test_the_edge_must_survive_doubled_costs():
+    costly = {"cost_sensitivity": {"mean_test_sharpe": {
+        "policy": {"1x": 0.8, "2x": 0.6}, "buy_and_hold": {"1x": 0.7, "2x": 0.69}, "cash": {"1x": 0.0, "2x": 0.0}}}}
+    decision = decide([fold(0, 1.0, 0.2)], run=costly)
+    assert not decision["checks"]["survives_costs"]
+    assert "edge at 2x costs: mean test Sharpe 0.60 vs buy and hold 0.69" in " ".join(decision["reasons"])
+    assert decide([fold(0, 1.0, 0.2)], run=costly, cost_multiple=1.0)["checks"]["survives_costs"]
 
 
 def test_a_run_below_the_budget_floor_is_never_promoted():
@@ -111,7 +150,7 @@ def test_the_challenger_must_beat_the_champion_at_the_stated_confidence():
 
 
 RELAXED = {"require_no_collapse": False, "require_beats_cash": False, "require_learned": False,
-           "parity_windows": 64}
+           "benchmark_psr": None, "max_pbo": None, "cost_multiple": None, "parity_windows": 64}
 
 
 def two_runs(tmp_path: Path, data: dict) -> tuple[dict, dict]:

@@ -189,3 +189,10 @@ def test_the_dag_params_accept_real_tickers(dag_params, symbol):
     assert market.get_param("symbols").resolve([symbol]) == [symbol]
     assert training.get_param("symbol").schema["pattern"] == SYMBOL_PATTERN
     assert market.get_param("symbols").schema["items"]["pattern"] == SYMBOL_PATTERN
+
+
+@pytest.mark.parametrize("run_id", ["..", ".", "...", "../../etc"])
+def test_a_run_id_never_names_a_folder_outside_its_dag_folder(run_id, tmp_path, monkeypatch):
+    monkeypatch.setenv("ML_RUNS_DIR", str(tmp_path))
+    folder = run_dir_for("ppo_training", run_id)
+    assert folder.parent == tmp_path / "ppo_training" and folder.resolve().parent == (tmp_path / "ppo_training").resolve()

@@ -25,7 +25,8 @@ PORTFOLIO = {
     # A 4096-step policy cannot be expected to make money: only the soundness rules of the gate apply.
     # Tiny budgets: only the soundness rules apply (the budget floor and profitability rules are off).
     "gate": {"parity_windows": 64, "require_no_collapse": False, "require_beats_cash": False,
-             "require_learned": False, "min_timesteps": 0},
+             "require_learned": False, "min_timesteps": 0, "benchmark_psr": None, "max_pbo": None,
+             "cost_multiple": None},
 }
 
 

@@ -38,14 +38,18 @@ def report(returns=(0.05, 0.02), collapsed=(False, False)) -> dict:
          "policy": {"validation": {"sharpe": 0.8}, "test": {"total_return": r, "sharpe": 1.0, "max_drawdown": -0.1},
                     "collapse": {"alarm": c}},
          "validation_baselines": {"cash": {"sharpe": 0.0}, "random": {"sharpe": -0.3}}}
-        for i, (r, c) in enumerate(zip(returns, collapsed))]}
+        for i, (r, c) in enumerate(zip(returns, collapsed))],
+        "active_return": {"benchmark": "buy_and_hold", "bars": 500, "annualized_mean": 0.03, "psr": 0.99},
+        "pbo": {"value": 0.1, "folds": 2, "trials": 20},
+        "cost_sensitivity": {"mean_test_sharpe": {"policy": {"2x": 0.9}, "buy_and_hold": {"2x": 0.5},
+                                                  "cash": {"2x": 0.0}}}}
 
 
 def test_gate_passes_a_sound_profitable_policy():
     decision = evaluate_gate(report(), PARITY_OK, GateConfig())
     assert decision.passed, decision.reasons
     assert set(decision.checks) == {"onnx_parity", "finite_test_metrics", "training_budget", "learned_something",
-                                    "no_collapse", "beats_cash"}
+                                    "beats_benchmark", "low_pbo", "survives_costs", "no_collapse", "beats_cash"}
     assert decision.numbers["mean_test_total_return"] == pytest.approx(0.035)
 
 
@@ -70,7 +74,8 @@ def test_gate_refuses_with_the_reason_and_numbers(case, kwargs, failed_check, wo
 
 
 def test_gate_rules_can_be_switched_off_and_margins_raised():
-    relaxed = GateConfig(require_no_collapse=False, require_beats_cash=False, require_learned=False, min_timesteps=0)
+    relaxed = GateConfig(require_no_collapse=False, require_beats_cash=False, require_learned=False, min_timesteps=0,
+                         benchmark_psr=None, max_pbo=None, cost_multiple=None)
     assert evaluate_gate(report(returns=(-0.2, -0.1), collapsed=(True, True)), PARITY_OK, relaxed).passed
     strict = GateConfig(cash_margin=0.05)
     assert not evaluate_gate(report(returns=(0.04, 0.04)), PARITY_OK, strict).passed
@@ -205,7 +210,7 @@ def test_serving_refuses_a_stale_feed(model_registry, gspc_bars):
 
     policy = Policy.load("models:/ppo_TEST_1d/1", tracking_uri=model_registry)
     window = ohlcv_array(gspc_bars)[-64:].copy()
-    window[-12:, 3] = window[-12, 3]
+    window[-12:, :4] = window[-12, 3]  # a frozen feed repeats its last bar
     with pytest.raises(InputError, match="identical closes"):
         policy.decide(window[None], np.zeros((1, 1)))
     assert Policy(policy.path, max_stale_bars=None).decide(window[None], np.zeros((1, 1))).shape == (1, 1)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import jinja2
 
+from ml.evaluation.summary_sections import SECTIONS, money_verdict, validation_beside_test
+
 # What a policy must beat to be worth running (equal weight stands for buy-and-hold in portfolio mode).
 BASELINES_IN_VERDICT = ("buy_and_hold", "equal_weight", "cash")
 UNCERTAINTY_KEYS = ("sharpe_ci_low", "sharpe_ci_high", "psr", "dsr")
@@ -187,6 +189,8 @@ _TEMPLATE = """<!DOCTYPE html>
  figure { margin: 1em 0; } img { max-width: 100%; }
 </style></head><body>
 <h1>Walk-forward report: {{ report.symbol }} ({{ report.interval }})</h1>
+""" + SECTIONS + """
+<h2>Data and settings</h2>
 <dl>
  <dt>Symbol</dt><dd>{{ report.symbol }}</dd>
  <dt>Interval</dt><dd>{{ report.interval }}</dd>
@@ -277,6 +281,7 @@ def render_html_report(path: Path, report: dict, images: dict[str, Path]) -> Pat
         verdict_baselines=verdict_baselines, aggregate_keys=AGGREGATE_KEYS, headers=HEADERS,
         uncertainty={"interval": "sharpe_ci_low" in present, "psr": "psr" in present, "dsr": "dsr" in present},
         images=[(caption, _data_uri(path)) for caption, path in images.items()],
+        money=money_verdict(report), side_by_side=validation_beside_test(report),
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,9 @@ class RunFolder:
     def test_baselines(self, fold: int) -> Path:
         return self.root / f"fold_{fold}_test_baselines.csv"
 
+    def test_trades(self, fold: int) -> Path:
+        return self.root / f"fold_{fold}_test_trades.csv"
+
     def plot(self, name: str) -> Path:
         return self.plots / f"{name}.png"
 

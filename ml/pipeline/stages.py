@@ -31,6 +31,7 @@ from ml.evaluation.html_report import render_html_report
 from ml.evaluation.plots import (plot_equity_and_drawdown, plot_exposure_histogram, plot_fold_bars,
                                  plot_mean_weights)
 from ml.evaluation.splits import Fold, walk_forward_folds
+from ml.evaluation.robustness import fold_robustness, run_robustness
 from ml.evaluation.walkforward import aggregate, backtest_policy, evaluate_fold, train_fold
 from ml.market.calendar import periods_per_year
 from ml.market.series import MarketSeries, align_bars
@@ -40,7 +41,7 @@ from ml.pipeline.rundir import (HISTORY, POLICY, TRAIN_STATE, TRAINING, VALIDATI
 from ml.release.tracking import RunMetrics, flatten, log_metrics, resolve_tracking, start_run
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA_VERSION = "1.1"
+REPORT_SCHEMA_VERSION = "2.0"
 # Training metrics the tracking server did not get by the end of a fold; evaluate sends them.
 PENDING_METRICS = "pending_metrics.jsonl"
 
@@ -190,7 +191,7 @@ def evaluate(run_dir: Path) -> dict:
     data = read_json(run.data)
     series = read_market(run, config, torch.device("cpu"))
     space = make_action_space(config.action, series.n_assets)
-    fold_reports = []
+    fold_reports, all_curves, all_tests, all_baselines = [], [], [], []
     images = {}
     for fold in read_folds(run):
         fold_dir = run.fold(fold.index)
@@ -203,6 +204,10 @@ def evaluate(run_dir: Path) -> dict:
                                                 trials if config.selection_metric == "sharpe" else None)
         report["training"] = training
         report["seeds"] = seed_spread(run, fold, series, config, training)
+        extras, ledger = fold_robustness(test, baselines, series, fold, config, space,
+                                         validation_trials(run, fold.index, training))
+        report.update(extras)
+        ledger.to_csv(run.test_trades(fold.index), index=False)
         test.frame().to_csv(run.test_equity(fold.index), index=False)
         curves = pd.DataFrame({"timestamp": test.timestamps, "policy": test.nav,
                                **{name: bt.nav for name, bt in baselines.items()}})
@@ -210,7 +215,11 @@ def evaluate(run_dir: Path) -> dict:
         images[f"Fold {fold.index}: equity and drawdown vs baselines (test)"] = plot_equity_and_drawdown(
             curves, run.plot(f"fold_{fold.index}_equity"), title=f"Fold {fold.index} test")
         report["equity_curve"] = run.test_equity(fold.index).name
+        report["trade_ledger"] = run.test_trades(fold.index).name
         fold_reports.append(report)
+        all_curves.append(curves)
+        all_tests.append(test)
+        all_baselines.append(baselines)
     benchmark = space.benchmark
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -221,6 +230,7 @@ def evaluate(run_dir: Path) -> dict:
            else {"exposure_levels": list(config.action.exposure_levels)}),
         "benchmark": benchmark, "selection_metric": config.selection_metric,
         "folds": fold_reports, "aggregate": aggregate(fold_reports),
+        **run_robustness(fold_reports, all_curves, all_tests, all_baselines, config, space),
     }
     write_json(run.report, report)
     images["Test Sharpe per fold"] = plot_fold_bars(report, run.plot("fold_sharpe"))
@@ -229,6 +239,8 @@ def evaluate(run_dir: Path) -> dict:
         images["Allocation on test bars"] = plot_mean_weights(report, run.plot("weights"))
     else:
         images["Decisions on test bars"] = plot_exposure_histogram(report, run.plot("exposure"))
+    report["figures"] = {caption: path.name for caption, path in images.items()}  # re-rendered at registration
+    write_json(run.report, report)
     render_html_report(run.report_html, report, images)
     tracking = read_json(run.tracking)
     flat = {}
@@ -244,6 +256,14 @@ def evaluate(run_dir: Path) -> dict:
         kept = run.fold(fold["index"]) / PENDING_METRICS
         RunMetrics(tracking["tracking_uri"], tracking["run_id"], spill=kept).close(wait=0)
     return {"report": str(run.report), "collapse_alarm": report["aggregate"]["collapse_alarm"]}
+
+
+def validation_trials(run: RunFolder, fold: int, training: dict) -> np.ndarray | None:
+    """Validation bar returns of every checkpoint any seed's selection scored, [trials, bars]."""
+    files = [run.seed(fold, s["seed"]) / VALIDATION_RETURNS for s in training["seeds"]]
+    rows = [np.load(path) for path in files if path.exists()]
+    rows = [r for r in rows if r.ndim == 2 and r.shape[0]]
+    return np.concatenate(rows) if rows else None
 
 
 def seed_spread(run: RunFolder, fold: Fold, series: MarketSeries, config: PipelineConfig, training: dict) -> dict:

@@ -66,8 +66,18 @@ def evaluate_gate(report: dict, parity: dict, gate: GateConfig, collapse_share: 
         decision.reasons.append("OFF no-collapse rule (disabled in the gate config)")
     if not gate.require_beats_cash:
         decision.reasons.append("OFF beats-cash rule (disabled in the gate config)")
+    for rule, setting in (("beats-benchmark", gate.benchmark_psr), ("overfitting (PBO)", gate.max_pbo),
+                          ("cost-survival", gate.cost_multiple)):
+        if setting is None:
+            decision.reasons.append(f"OFF {rule} rule (disabled in the gate config)")
     if gate.require_learned:
         _learned_something(decision, report)
+    if gate.benchmark_psr is not None:
+        _beats_benchmark(decision, report, gate.benchmark_psr)
+    if gate.max_pbo is not None:
+        _not_overfit(decision, report, gate.max_pbo)
+    if gate.cost_multiple is not None:
+        _survives_costs(decision, report, gate.cost_multiple)
     if gate.require_no_collapse:
         collapsed = [f["index"] for f in report["folds"] if f["policy"]["collapse"]["alarm"]]
         decision.add("no_collapse", not collapsed,
@@ -148,3 +158,41 @@ def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champio
             "difference_low": low, "confidence": confidence,
             "champion_version": champion_version, "start": timestamps.iloc[first].date().isoformat(),
             "end": timestamps.iloc[last].date().isoformat(), "bars": last - first}
+
+
+def _beats_benchmark(decision: GateDecision, report: dict, threshold: float) -> None:
+    """The active return over every test bar is positive with probability >= threshold (PSR vs 0)."""
+    active = report.get("active_return")
+    if not active or active.get("psr") is None:
+        decision.add("beats_benchmark", False, "beats the benchmark: the report has no active-return statistics")
+        return
+    label = active["benchmark"].replace("_", " ")
+    decision.add("beats_benchmark", active["psr"] >= threshold,
+                 f"beats {label} after costs: probabilistic Sharpe of the active return {active['psr']:.1%} over "
+                 f"{active['bars']} test bars (need {threshold:.0%}; annualized active return "
+                 f"{active['annualized_mean']:+.2%})", active_return_psr=active["psr"])
+
+
+def _not_overfit(decision: GateDecision, report: dict, limit: float) -> None:
+    """The probability that the selection picked an overfit checkpoint stays below the limit."""
+    pbo = report.get("pbo")
+    if not pbo:
+        decision.add("low_pbo", False, "probability of backtest overfitting: fewer than two trials to measure it")
+        return
+    decision.add("low_pbo", pbo["value"] < limit,
+                 f"probability of backtest overfitting {pbo['value']:.0%} over {pbo['trials']} validation trials "
+                 f"in {pbo['folds']} folds (must be below {limit:.0%})", pbo=pbo["value"])
+
+
+def _survives_costs(decision: GateDecision, report: dict, multiple: float) -> None:
+    """At ``multiple`` times the costs, the same test decisions still beat the benchmark and cash."""
+    sensitivity = report.get("cost_sensitivity", {})
+    key, sharpe = f"{multiple:g}x", sensitivity.get("mean_test_sharpe", {})
+    benchmark = next((name for name in sharpe if name not in ("policy", "cash")), None)
+    if benchmark is None or key not in sharpe.get("policy", {}):
+        decision.add("survives_costs", False, f"edge at {key} costs: the report has no replay at that multiple")
+        return
+    policy, passive = sharpe["policy"][key], sharpe[benchmark][key]
+    decision.add("survives_costs", policy > passive and policy > 0.0,
+                 f"edge at {key} costs: mean test Sharpe {policy:.2f} vs {benchmark.replace('_', ' ')} {passive:.2f} "
+                 f"and cash 0.00", sharpe_at_cost_multiple=policy)

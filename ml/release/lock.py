@@ -74,16 +74,16 @@ class Lease:
                 raise PromotionError(f"{self.model_name}: no registered model of that name") from None
             raise
         try:
-            lease = json.loads(value) if value else None
-            return lease if isinstance(lease, dict) and {"owner", "expires"} <= set(lease) else None
-        except ValueError:
+            lease = json.loads(value)
+            return {"owner": str(lease["owner"]), "expires": float(lease["expires"])}
+        except (TypeError, ValueError, KeyError):  # none, or not a lease this code wrote
             return None
 
     def acquire(self, wait: float) -> None:
         deadline = time.monotonic() + wait
         while True:
             holder = self.holder()
-            if holder is None or holder["owner"] == self.owner or float(holder["expires"]) < time.time():
+            if holder is None or holder["owner"] == self.owner or holder["expires"] < time.time():
                 self.client.set_registered_model_tag(
                     self.model_name, LEASE_TAG, json.dumps({"owner": self.owner, "expires": time.time() + self.ttl}))
                 # A worker that read the old value when we did writes within this pause; then the

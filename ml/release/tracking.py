@@ -63,7 +63,8 @@ def resolve_tracking(tracking_uri: str | None, artifact_root: str | None, out_di
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
     if artifact_root is None:
         database = sqlite_path(uri)
-        artifact_root = (database.parent / "mlartifacts").resolve().as_uri() if database else ""  # "": the server decides
+        # Beside a SQLite file; for a server, "" lets the server decide.
+        artifact_root = (database.parent / "mlartifacts").resolve().as_uri() if database else ""
     return uri, artifact_root
 
 
@@ -221,6 +222,8 @@ class RunMetrics:
         if self._away:
             log.info("MLflow tracking server %s answers again: buffered metrics sent", self.tracking_uri)
         self._away = False
+        if self.spill is not None:  # sent: a later stage must not send them again
+            self.spill.unlink(missing_ok=True)
         return True
 
     def close(self, wait: float = 60.0) -> bool:
@@ -228,13 +231,16 @@ class RunMetrics:
         deadline = time.monotonic() + wait
         while self.pending and not self.send() and time.monotonic() < deadline:
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-        if self.spill is None:
-            return not self.pending
         if not self.pending:
-            self.spill.unlink(missing_ok=True)
+            if self.spill is not None:
+                self.spill.unlink(missing_ok=True)
             return True
-        self.spill.write_text("".join(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp,
-                                                  "step": m.step}) + "\n" for m in self.pending))
+        if self.spill is None:
+            return False
+        partial = self.spill.with_name(self.spill.name + ".partial")
+        partial.write_text("".join(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp,
+                                               "step": m.step}) + "\n" for m in self.pending))
+        partial.replace(self.spill)  # whole or not at all
         log.warning("MLflow tracking server %s still unreachable: %d metrics kept in %s, sent by the next "
                     "stage that logs", self.tracking_uri, len(self.pending), self.spill)
         return False
