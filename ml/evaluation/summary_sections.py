@@ -11,6 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
+# The gate's rules in the verdict's words.
+RULE_NAMES = {
+    "onnx_parity": "the ONNX model does not reproduce torch", "finite_test_metrics": "non-finite test metrics",
+    "training_budget": "trained below the budget floor", "learned_something": "no better than random or cash on validation",
+    "beats_benchmark": "no probable edge over the benchmark after costs", "low_pbo": "likely overfit selection",
+    "survives_costs": "the edge does not survive higher costs", "no_collapse": "decisions collapsed to one",
+    "beats_cash": "loses money after costs", "beats_champion": "not better than the champion beyond doubt",
+}
 VALIDATION_TEST_KEYS = ("sharpe", "total_return", "annualized_return", "max_drawdown", "annual_turnover")
 
 
@@ -30,7 +38,7 @@ def money_verdict(report: dict) -> str:
     elif gate["passed"]:
         opening = "Yes, by every rule of the promotion gate."
     else:
-        failed = [reason[5:].split(":")[0] for reason in gate["reasons"] if reason.startswith("FAIL")]
+        failed = [RULE_NAMES.get(name, name.replace("_", " ")) for name, ok in gate["checks"].items() if not ok]
         opening = f"No: the promotion gate refused it ({'; '.join(failed)})."
     sentences = [opening,
                  f"Over {len(folds)} walk-forward test folds ({str(folds[0]['test']['start'])[:10]} to "

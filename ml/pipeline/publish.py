@@ -14,6 +14,7 @@ import torch
 
 from ml.agent.policy import load_policy
 from ml.config import PipelineConfig
+from ml.evaluation.html_report import render_html_report
 from ml.market.features import FEATURE_SET_VERSION
 from ml.market.series import MarketSeries
 from ml.pipeline.rundir import RunFolder, code_version, load_agent, read_config, read_json, read_market, write_json
@@ -72,9 +73,6 @@ def register(run_dir: Path) -> dict:
 
     prepare_store(uri)  # a server that does not answer fails here in seconds, in one line
     client = store_client(uri)
-    for artifact in run.report_artifacts():
-        client.log_artifact(run_id, str(artifact), artifact_path="report")
-    client.log_artifacts(run_id, str(run.plots), artifact_path="report/plots")
     example = np.load(run.parity_windows)
     policy = Policy(run.model, prefer_gpu=False)
     input_names = [i.name for i in policy.session.get_inputs()]  # ohlcv, then position or weights
@@ -100,6 +98,15 @@ def register(run_dir: Path) -> dict:
     judged = registry.judge_and_promote(uri, name, version, judge, promote=config.registry.promote)
     decision, comparison, champion, promoted = (judged["decision"], judged["comparison"],
                                                 judged["champion_before"], judged["promoted"])
+    # The report now says what became of the model, at its top; then it goes to the run.
+    report["gate"] = decision
+    report["model"] = {"name": name, "version": version, "champion": promoted, "run_id": run_id, "tracking_uri": uri}
+    write_json(run.report, report)
+    render_html_report(run.report_html, report, {caption: run.plots / png
+                                                 for caption, png in report.get("figures", {}).items()})
+    for artifact in run.report_artifacts():
+        client.log_artifact(run_id, str(artifact), artifact_path="report")
+    client.log_artifacts(run_id, str(run.plots), artifact_path="report/plots")
     client.set_tag(run_id, "gate.passed", str(decision["passed"]).lower())
     client.set_terminated(run_id)
     result = {"model_name": name, "version": version, "champion": promoted,
