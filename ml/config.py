@@ -27,7 +27,6 @@ SOURCES = ("sample", "file", "yfinance", "lake")
 CALENDARS = ("equity", "crypto")
 ACTION_MODES = ("discrete", "continuous", "portfolio")
 DEVICES = ("auto", "cpu", "cuda")
-SPLIT_METHODS = ("walk_forward", "cpcv")
 # Validation metrics that can pick the checkpoint and the seed (keys of a backtest's metrics).
 SELECTION_METRICS = ("sharpe", "sortino", "calmar", "total_return", "annualized_return")
 # A symbol names files (samples, lake partitions) and models, so it is a ticker as yfinance spells
@@ -165,12 +164,6 @@ class SplitConfig:
     purge_bars: int | None = _setting(None, *_at_least(0))  # None = lookback + 1 (window + one-bar fill horizon)
     embargo_bars: int = _setting(5, *_at_least(0))
     min_train_bars: int = _setting(500, *_at_least(1))
-    # How folds are laid out: walk_forward (the folds above) or cpcv (combinatorial purged
-    # cross-validation: every choice of cpcv_test_groups of cpcv_groups groups as test, with the
-    # purge and embargo above; ml.evaluation.splits.combinatorial_purged_splits).
-    method: str = _setting("walk_forward", choices=SPLIT_METHODS)
-    cpcv_groups: int = _setting(6, *_between(2, 16))
-    cpcv_test_groups: int = _setting(2, *_at_least(1))  # below cpcv_groups
 
 
 @dataclass(frozen=True)
@@ -250,9 +243,6 @@ class PipelineConfig:
                               f"(got '{action.mode}')")
         if action.mode == "portfolio" and not symbols:
             raise ConfigError("action.mode = portfolio: needs data.symbols (two or more)")
-        if self.splits.cpcv_test_groups >= self.splits.cpcv_groups:
-            raise ConfigError(f"splits.cpcv_test_groups = {self.splits.cpcv_test_groups}: must be below "
-                              f"splits.cpcv_groups ({self.splits.cpcv_groups})")
         if symbols and self.data.source == "file":
             raise ConfigError("data.symbols: portfolio mode reads sample, lake or yfinance data, "
                               "not a single file (data.source: file)")

@@ -55,7 +55,7 @@ def test_registry_hook_needs_a_tracking_uri_and_refuses_bad_moves(monkeypatch, t
         MlflowRegistryHook()
     hook = MlflowRegistryHook(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert hook.champion("nothing_here") is None
-    with pytest.raises(AirflowFailException, match="no champion to roll back"):
+    with pytest.raises(AirflowFailException, match="nothing_here: no registered model of that name"):
         hook.rollback("nothing_here")
 
 

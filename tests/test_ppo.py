@@ -94,7 +94,7 @@ def test_kept_weights_are_the_best_validation_score():
     assert rescored == result.best_score
 
 
-def test_training_resumes_from_its_last_checkpoint(tmp_path):
+def test_training_resumes_from_its_last_checkpoint(tmp_path, caplog):
     """An interrupted run (an Airflow retry) continues after the last saved update, and ends
     exactly where the uninterrupted run ends: same open episodes, same random draws."""
     config, series, fold = _setup(drift=0.0005, timesteps=6 * 64 * 32)
@@ -109,8 +109,11 @@ def test_training_resumes_from_its_last_checkpoint(tmp_path):
 
     with pytest.raises(RuntimeError, match="worker lost"):
         train_fold(series, fold, config, crash_during_update_5, checkpoint_path=checkpoint)
-    resumed = train_fold(series, fold, config, checkpoint_path=checkpoint)
+    with caplog.at_level("INFO", logger="ml.agent.checkpoint"):
+        resumed = train_fold(series, fold, config, checkpoint_path=checkpoint)
     assert resumed.resumed_from_update == 4
+    # The task log says where the retry picked up.
+    assert f"resuming training from {checkpoint} (update 4, {4 * 64 * 32} environment steps)" in caplog.text
     assert [h["update"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     assert resumed.history[-1]["global_step"] == 6 * 64 * 32
     for key in ("greedy_action_share/+1.00", "sampled_action_share/-1.00", "turnover_per_step", "flat_share",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skfolio.model_selection import CombinatorialPurgedCV
 
-from ml.config import ConfigError, SplitConfig, config_from_dict
+from ml.config import SplitConfig
 from ml.evaluation.splits import combinatorial_purged_splits, cpcv_splits
 
 
@@ -58,8 +58,7 @@ def test_single_test_group_is_purged_k_fold():
 
 
 def test_config_splits_purge_as_the_walk_forward_folds():
-    config = SplitConfig(cpcv_groups=5, cpcv_test_groups=2, embargo_bars=4)
-    splits = cpcv_splits(400, lookback=10, config=config)
+    splits = cpcv_splits(400, lookback=10, config=SplitConfig(embargo_bars=4), n_groups=5, n_test_groups=2)
     reference = CombinatorialPurgedCV(n_folds=5, n_test_folds=2, purged_size=11, embargo_size=4)
     for split, (train, _) in zip(splits, reference.split(np.zeros((400, 1)))):
         np.testing.assert_array_equal(split.train, train)
@@ -77,17 +76,3 @@ def test_config_splits_purge_as_the_walk_forward_folds():
 def test_unusable_splits_are_refused_in_one_line(args, message):
     with pytest.raises(ValueError, match=message):
         list(combinatorial_purged_splits(*args))
-
-
-def test_config_switch_defaults_and_refusals():
-    assert (SplitConfig().method, SplitConfig().cpcv_groups, SplitConfig().cpcv_test_groups) == ("walk_forward", 6, 2)
-    assert config_from_dict({"splits": {"method": "cpcv", "cpcv_groups": 8, "cpcv_test_groups": 3}}).splits.method == "cpcv"
-    for splits, message in [
-        ({"method": "kfold"}, "splits.method = kfold: must be one of \\['walk_forward', 'cpcv'\\]"),
-        ({"cpcv_groups": 1}, "splits.cpcv_groups = 1: must be in \\[2, 16\\]"),
-        ({"cpcv_groups": 17}, "splits.cpcv_groups = 17: must be in \\[2, 16\\]"),
-        ({"cpcv_test_groups": 0}, "splits.cpcv_test_groups = 0: must be >= 1"),
-        ({"cpcv_groups": 4, "cpcv_test_groups": 4}, "splits.cpcv_test_groups = 4: must be below splits.cpcv_groups \\(4\\)"),
-    ]:
-        with pytest.raises(ConfigError, match=message):
-            config_from_dict({"splits": splits})

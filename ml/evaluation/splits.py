@@ -155,12 +155,12 @@ def combinatorial_purged_splits(n_bars: int, n_groups: int = 6, n_test_groups: i
                         test=tuple(groups[g] for g in chosen))
 
 
-def cpcv_splits(n_bars: int, lookback: int, config: SplitConfig = SplitConfig()) -> list[CPCVSplit]:
-    """The CPCV splits ``config`` asks for (``cpcv_groups``, ``cpcv_test_groups``), purged and
-    embargoed as the walk-forward folds are: purge ``purge_bars`` (default lookback + 1), then
-    ``embargo_bars``."""
+def cpcv_splits(n_bars: int, lookback: int, config: SplitConfig = SplitConfig(), n_groups: int = 6,
+                n_test_groups: int = 2) -> list[CPCVSplit]:
+    """CPCV splits of ``n_bars`` into ``n_groups`` groups, every choice of ``n_test_groups`` as test,
+    purged and embargoed as the walk-forward folds are: purge ``purge_bars`` (default lookback + 1),
+    then ``embargo_bars``. The pipeline trains on walk-forward folds; these splits are for analysis."""
     purge = config.purge_bars if config.purge_bars is not None else lookback + 1
     if purge < lookback + 1:
         raise ValueError(f"purge_bars {purge} is shorter than lookback + horizon ({lookback + 1})")
-    return list(combinatorial_purged_splits(n_bars, config.cpcv_groups, config.cpcv_test_groups, purge,
-                                            config.embargo_bars))
+    return list(combinatorial_purged_splits(n_bars, n_groups, n_test_groups, purge, config.embargo_bars))

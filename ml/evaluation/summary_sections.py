@@ -31,7 +31,7 @@ def money_verdict(report: dict) -> str:
     folds, benchmark = report["folds"], report.get("benchmark", "buy_and_hold")
     label = benchmark.replace("_", "-" if benchmark == "buy_and_hold" else " ")
     policy, passive = report["aggregate"]["policy"]["sharpe"], report["aggregate"]["baselines"][benchmark]["sharpe"]
-    beaten = report["aggregate"]["folds_beating"].get(benchmark, {}).get("sharpe", "?")
+    beaten = report["aggregate"].get("folds_beating", {}).get(benchmark, {}).get("sharpe", "?")
     gate = report.get("gate")
     if gate is None:
         opening = "Pending the promotion gate."
@@ -66,6 +66,8 @@ def money_verdict(report: dict) -> str:
 def validation_beside_test(report: dict) -> list[dict]:
     """Mean over folds of the policy's validation and test metrics, one row per metric."""
     folds = report["folds"]
+    if not all("validation" in f["policy"] for f in folds):
+        return []
     return [{"key": key, "validation": _mean(folds, "validation", key), "test": _mean(folds, "test", key)}
             for key in VALIDATION_TEST_KEYS if all(key in f["policy"]["validation"] for f in folds)]
 
@@ -84,15 +86,19 @@ SECTIONS = """
  ({{ "champion" if report.model.champion else "not champion" }})</dd>
  <dt>MLflow run</dt><dd>{{ report.model.run_id }} in {{ report.model.tracking_uri }}</dd></dl>
 {% endif %}
+{% if side_by_side %}
 <h2>Validation and test (policy, mean over folds)</h2>
 <table><tr><th>metric</th><th>validation</th><th>test</th></tr>
 {% for row in side_by_side %}<tr><td>{{ headers.get(row.key, row.key) }}</td><td>{{ fmt(row.validation, row.key) }}</td>
  <td>{{ fmt(row.test, row.key) }}</td></tr>{% endfor %}</table>
+{% endif %}
+{% if folds[0].seeds %}
 <h2>Seed spread (test, never used for selection)</h2>
 <table><tr><th>fold</th><th>seeds</th><th>Sharpe mean</th><th>Sharpe std</th><th>Sharpe min</th><th>Sharpe max</th></tr>
 {% for fold in folds %}{% set s = fold.seeds.test_spread.sharpe %}<tr><td>{{ fold.index }}</td>
  <td>{{ fold.seeds.per_seed|length }}</td><td>{{ fmt(s.mean, "sharpe") }}</td><td>{{ fmt(s.std, "sharpe") }}</td>
  <td>{{ fmt(s.min, "sharpe") }}</td><td>{{ fmt(s.max, "sharpe") }}</td></tr>{% endfor %}</table>
+{% endif %}
 {% if report.stress %}
 <h2>Stress windows (test segments only)</h2>
 <table><tr><th>window</th><th>covered</th>{% for name in report.stress[0].strategies %}<th>{{ label(name) }} return</th>{% endfor %}
@@ -109,6 +115,7 @@ SECTIONS = """
 <p>The edge disappears at: {% for name, m in c.edge_disappears_at.items() %}{{ label(name) }}
  {{ ("%g"|format(m) ~ "x") if m is not none else "beyond 5x" }}{% if not loop.last %}; {% endif %}{% endfor %}.</p>
 {% endif %}
+{% if folds[0].trades %}
 <h2>Trades (test)</h2>
 <table><tr><th>fold</th><th>trades</th><th>win rate</th><th>average win</th><th>average loss</th><th>holding bars</th>
  <th>exposure</th><th>turnover / yr</th><th>beta</th></tr>
@@ -117,6 +124,8 @@ SECTIONS = """
  <td>{{ fmt(t.average_loss, "total_return") }}</td><td>{{ fmt(t.average_holding_bars, "sharpe") }}</td>
  <td>{{ fmt(fold.policy.test.average_exposure, "sharpe") }}</td><td>{{ fmt(fold.policy.test.annual_turnover, "annual_turnover") }}</td>
  <td>{{ fmt((fold.beta_alpha or {}).beta, "sharpe") }}</td></tr>{% endfor %}</table>
+{% endif %}
+{% if report.pbo is defined or report.spa %}
 <h2>Overfitting and multiple comparisons</h2>
 <dl>
  <dt>PBO</dt><dd>{% if report.pbo %}{{ fmt(report.pbo.value, "costs_paid") }} over {{ report.pbo.trials }} validation trials
@@ -124,4 +133,5 @@ SECTIONS = """
  {% if report.spa %}<dt>SPA p-value</dt><dd>{{ "%.3f"|format(report.spa.p_value) }} (small: some baseline beats the
   policy after accounting for the {{ report.spa.models|length }} baselines tried)</dd>{% endif %}
 </dl>
+{% endif %}
 """

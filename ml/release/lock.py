@@ -84,8 +84,12 @@ class Lease:
         while True:
             holder = self.holder()
             if holder is None or holder["owner"] == self.owner or holder["expires"] < time.time():
-                self.client.set_registered_model_tag(
-                    self.model_name, LEASE_TAG, json.dumps({"owner": self.owner, "expires": time.time() + self.ttl}))
+                try:
+                    self.client.set_registered_model_tag(
+                        self.model_name, LEASE_TAG,
+                        json.dumps({"owner": self.owner, "expires": time.time() + self.ttl}))
+                except MlflowException:  # two first writes of the tag at once: the store keeps one
+                    pass
                 # A worker that read the old value when we did writes within this pause; then the
                 # read below shows its name, not ours, and we wait for it.
                 time.sleep(self.settle)
