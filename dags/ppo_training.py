@@ -73,7 +73,10 @@ def log_failure(context) -> None:
                           description="Parallel episodes (default from config)."),
         "num_steps": Param(None, type=["null", "integer"], minimum=8, maximum=4096,
                            description="Rollout length per update (default from config)."),
-        "n_folds": Param(2, type="integer", minimum=1, maximum=20, description="Walk-forward folds."),
+        "n_folds": Param(None, type=["null", "integer"], minimum=1, maximum=60,
+                         description="Walk-forward test folds, one year each, the most recent last. Empty: the "
+                                     "config's setting, by default every year back to the start of the data "
+                                     "(16 folds on the 20-year sample)."),
         "seeds": Param(None, type=["null", "array"], items={"type": "integer", "minimum": 0}, minItems=1,
                        maxItems=16, description="PPO seeds per fold (default from config: [1]). Validation picks "
                                                 "one; the report shows the test spread across all."),

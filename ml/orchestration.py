@@ -131,9 +131,10 @@ def config_from_params(params: dict, asset_event: dict | None = None) -> Pipelin
     overrides = {
         "data": data,
         "ppo": {"total_timesteps": int(params["timesteps"]), "device": params["device"]},
-        "splits": {"n_folds": int(params["n_folds"])},
         "registry": {"promote": bool(params["promote"])},
     }
+    if params.get("n_folds") is not None:  # empty: the config's folds (by default every year of the data)
+        overrides["splits"] = {"n_folds": int(params["n_folds"])}
     if params.get("seeds"):
         overrides["seeds"] = [int(seed) for seed in params["seeds"]]
     for key in ("num_envs", "num_steps"):

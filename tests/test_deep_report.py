@@ -94,3 +94,17 @@ def test_evaluation_never_changes_what_training_selected(run, monkeypatch):
         assert after["training"] == before["training"]
         assert after["policy"]["validation"] == before["policy"]["validation"]
         assert after["policy"]["test"] == before["policy"]["test"]
+
+
+def test_a_gate_with_rules_switched_off_never_reads_as_a_yes(run):
+    from ml.evaluation.summary_sections import money_verdict
+
+    _, _, report = run
+    relaxed = {"passed": True, "checks": {"onnx_parity": True},
+               "reasons": ["PASS onnx parity", "OFF beats-cash rule (disabled in the gate config)",
+                           "OFF overfitting (PBO) rule (disabled in the gate config)"]}
+    verdict = money_verdict(report | {"gate": relaxed})
+    assert verdict.startswith("Not shown: its gate passed it only with 2 rule(s) switched off "
+                              "(beats-cash, overfitting)")
+    full = {"passed": True, "checks": {"onnx_parity": True}, "reasons": ["PASS onnx parity"]}
+    assert money_verdict(report | {"gate": full}).startswith("Yes, by every rule of the promotion gate.")

@@ -35,6 +35,10 @@ def money_verdict(report: dict) -> str:
     gate = report.get("gate")
     if gate is None:
         opening = "Pending the promotion gate."
+    elif gate["passed"] and any(reason.startswith("OFF") for reason in gate["reasons"]):
+        relaxed = [reason[4:].split(" rule")[0].split(" (")[0] for reason in gate["reasons"] if reason.startswith("OFF")]
+        opening = (f"Not shown: its gate passed it only with {len(relaxed)} rule(s) switched off "
+                   f"({', '.join(relaxed)}), so read the evidence below before trusting it.")
     elif gate["passed"]:
         opening = "Yes, by every rule of the promotion gate."
     else:
