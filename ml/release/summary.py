@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 
-from mlflow.tracking import MlflowClient
-
 from ml.release.registry import CHALLENGER, CHAMPION, alias_version
+from ml.release.tracking import store_client
 
 
 def registry_summary(model_name: str, tracking_uri: str | None = None) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise ValueError("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    client = MlflowClient(uri)
+    client = store_client(uri)
     versions = client.search_model_versions(f"name = '{model_name}'")
     if not versions:
         return f"model '{model_name}': no registered versions in {uri}"
