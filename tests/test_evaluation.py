@@ -287,3 +287,22 @@ def test_every_selection_metric_is_a_backtest_metric():
     for name in SELECTION_METRICS:
         assert name in computed, name
         assert selection_score(bt, config_from_dict({"selection_metric": name})) == computed[name]
+
+
+def test_backtests_spread_the_borrow_cost_over_the_bars_of_a_year_of_their_interval(gspc_bars):
+    import numpy as np
+    import torch
+
+    from ml.config import ActionConfig, CostConfig
+    from ml.env.action_space import make_action_space
+    from ml.evaluation.backtest import run_backtest, target_series_policy
+    from ml.market.series import prepare_series
+
+    series = prepare_series(gspc_bars, 64, torch.device("cpu"))
+    short = target_series_policy(np.full((len(gspc_bars), 1), -1.0), series.device)
+    costs, space = CostConfig(0, 0, 0, borrow_bps_per_year=100.0), make_action_space(ActionConfig(mode="continuous"))
+    daily = run_backtest(short, series, (100, 110), costs, space, periods_per_year=252.0)
+    five_minutes = run_backtest(short, series, (100, 110), costs, space, periods_per_year=252.0 * 78)
+    # The first bar's borrow on a short of NAV about 1: 100 bps a year spread over the year's bars.
+    assert daily.cost[0] == pytest.approx(1e-2 / 252, rel=0.05)
+    assert daily.cost[0] / five_minutes.cost[0] == pytest.approx(78, rel=1e-2)

@@ -70,9 +70,10 @@ def test_identical_curves_have_no_difference():
     assert point == 0.0 and low == 0.0
 
 
-def fold(index: int, validation_sharpe: float, random_sharpe: float, timesteps: int = 200_000) -> dict:
+def fold(index: int, validation_sharpe: float, random_sharpe: float, timesteps: int = 200_000,
+         allowance: float = 0.0) -> dict:
     return {"index": index, "training": {"timesteps": timesteps},
-            "policy": {"validation": {"sharpe": validation_sharpe},
+            "policy": {"validation": {"sharpe": validation_sharpe}, "selection_allowance": allowance,
                        "test": {"total_return": 0.05, "sharpe": 1.0, "max_drawdown": -0.1},
                        "collapse": {"alarm": False}},
             "validation_baselines": {"cash": {"sharpe": 0.0}, "random": {"sharpe": random_sharpe}}}
@@ -136,7 +137,31 @@ def test_a_policy_that_does_not_beat_random_and_cash_on_validation_learned_nothi
     assert passed["checks"]["learned_something"] and passed["numbers"]["validation_folds_beating_nulls"] == 2
     failed = decide([fold(0, 1.0, 0.5), fold(1, -0.1, -0.5)])  # one of two is not a majority
     assert not failed["checks"]["learned_something"] and not failed["passed"]
-    assert "validation Sharpe above cash and random in 1 of 2 folds" in " ".join(failed["reasons"])
+    assert "above cash and random in 1 of 2 folds" in " ".join(failed["reasons"])
+
+
+def test_the_luck_of_picking_the_best_checkpoint_is_taken_off_the_validation_sharpe():
+    # 0.9 beats random (0.2) and cash, but the best of many checkpoints scores 0.8 by luck alone.
+    lucky = decide([fold(0, 0.9, 0.2, allowance=0.8), fold(1, 0.9, 0.2, allowance=0.8)])
+    assert not lucky["checks"]["learned_something"]
+    assert "less 0.80 for picking the best checkpoint" in " ".join(lucky["reasons"])
+    assert decide([fold(0, 0.9, 0.2, allowance=0.3)])["checks"]["learned_something"]
+
+
+def test_selection_allowance_is_the_expected_best_of_the_trials_by_luck():
+    from ml.evaluation.statistics import expected_max_sharpe
+    from ml.evaluation.walkforward import selection_allowance
+
+    trials = [0.1, -0.4, 0.7, 0.2, -0.1, 0.5]
+    per_bar = np.asarray(trials) / np.sqrt(PPY)
+    want = expected_max_sharpe(len(trials), float(np.var(per_bar, ddof=1))) * np.sqrt(PPY)
+    assert selection_allowance(trials, PPY) == pytest.approx(want, rel=1e-12) and want > 0
+    assert selection_allowance([0.4], PPY) == 0.0 and selection_allowance(None, PPY) == 0.0
+
+
+def test_a_switched_off_champion_comparison_is_reported_off():
+    off = decide([fold(0, 1.0, 0.2)], compare_with_champion=False)
+    assert "OFF champion comparison (disabled in the gate config)" in off["reasons"]
 
 
 def test_the_challenger_must_beat_the_champion_at_the_stated_confidence():
@@ -183,3 +208,21 @@ def test_a_one_update_run_never_replaces_a_trained_champion(tmp_path, shared_mar
     tags = client.get_model_version(first["model_name"], second["version"]).tags
     assert tags["gate.passed"] == "false" and "floor 100,000" in tags["gate.reasons"]
     assert math.isfinite(first["gate"]["numbers"]["trained_timesteps"])
+
+
+def test_a_retried_registration_keeps_the_decision_that_promoted_the_version(tmp_path):
+    from ml.pipeline import register
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = config_from_dict({"splits": {"n_folds": 1}, "registry": {"tracking_uri": store}, "gate": RELAXED,
+                               "ppo": {"total_timesteps": 131_072, "num_envs": 256, "num_steps": 64,
+                                       "eval_every": 2, "progress": False}})
+    first = run_pipeline(config, tmp_path / "run")
+    assert first["champion"]
+    reasons = MlflowClient(store).get_model_version(first["model_name"], first["version"]).tags["gate.reasons"]
+    # The attempt died after the alias moved, before it wrote what it did: the retry registers again.
+    (tmp_path / "run" / "registration.json").unlink()
+    again = register(tmp_path / "run")
+    assert again["version"] == first["version"] and again["champion"]
+    assert again["gate"] == first["gate"] and again["previous_champion"] == first["previous_champion"]
+    assert MlflowClient(store).get_model_version(first["model_name"], first["version"]).tags["gate.reasons"] == reasons

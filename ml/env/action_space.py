@@ -108,6 +108,12 @@ class ExposureSpace(ActionSpace):
         # baselines trade the whole range.
         return target.clamp(-1.0, 1.0)
 
+    def allowed_levels(self) -> np.ndarray:
+        """The levels inside the exposure range: what a random policy under the same limits picks from."""
+        levels = self.levels.double().numpy()
+        low, high = self.range
+        return levels[(levels >= low - 1e-9) & (levels <= high + 1e-9)]
+
     def clamp(self, exposure: torch.Tensor) -> torch.Tensor:
         return exposure.clamp(self.exposure_range[0], self.exposure_range[1])
 
@@ -181,7 +187,7 @@ class ExposureSpace(ActionSpace):
             "cash": np.zeros(len(close)),
             "ma_crossover": (fast > slow).astype("float64").to_numpy(),
             "momentum": np.sign(momentum.fillna(0.0)).to_numpy(),
-            "random": rng.choice(self.levels.double().numpy(), size=len(close)),
+            "random": rng.choice(self.allowed_levels(), size=len(close)),
         }
         return {name: values[:, None] for name, values in exposures.items()}
 

@@ -50,10 +50,14 @@ class Backtest:
 
 @torch.no_grad()
 def run_backtest(decide: Decide, series: MarketSeries, segment: tuple[int, int], costs: CostConfig,
-                 action_space: ActionSpace) -> Backtest:
-    """Start flat at bar ``segment[0]``, decide on every bar up to ``segment[1] - 1``."""
+                 action_space: ActionSpace, periods_per_year: float = 252.0) -> Backtest:
+    """Start flat at bar ``segment[0]``, decide on every bar up to ``segment[1] - 1``.
+
+    ``periods_per_year``: bars a year of the series' interval, which spreads the borrow cost over bars.
+    """
     first, last = segment
-    env = TradingEnv(series, 1, action_space, costs, EnvConfig(episode_bars=last - first + 1, ruin_fraction=0.0))
+    config = EnvConfig(episode_bars=last - first + 1, ruin_fraction=0.0, periods_per_year=periods_per_year)
+    env = TradingEnv(series, 1, action_space, costs, config)
     device = series.device
     env.reset(torch.tensor([first], device=device), torch.tensor([last], device=device))
     n, assets = last - first, series.n_assets
@@ -78,7 +82,9 @@ def target_series_policy(targets: np.ndarray, device: torch.device) -> Decide:
 
 
 def run_baselines(series: MarketSeries, segment: tuple[int, int], costs: CostConfig, action_space: ActionSpace,
-                  seed: int = 0, names: tuple[str, ...] | None = None) -> dict[str, Backtest]:
+                  seed: int = 0, names: tuple[str, ...] | None = None,
+                  periods_per_year: float = 252.0) -> dict[str, Backtest]:
     """The action space's baselines (or those in ``names``) on the segment, with the policy's costs."""
-    return {name: run_backtest(target_series_policy(targets, series.device), series, segment, costs, action_space)
+    return {name: run_backtest(target_series_policy(targets, series.device), series, segment, costs, action_space,
+                               periods_per_year)
             for name, targets in action_space.baselines(series, seed).items() if names is None or name in names}

@@ -30,8 +30,8 @@ def scaled_costs(costs: CostConfig, multiple: float) -> CostConfig:
 
 
 def replay_at_cost_multiples(decisions, series: MarketSeries, segment: tuple[int, int], costs: CostConfig,
-                             action_space: ActionSpace,
-                             multiples: tuple[float, ...] = DEFAULT_MULTIPLES) -> dict[float, Backtest]:
+                             action_space: ActionSpace, multiples: tuple[float, ...] = DEFAULT_MULTIPLES,
+                             periods_per_year: float = 252.0) -> dict[float, Backtest]:
     """The decisions [bars - 1, A] of a backtest on ``segment`` (its ``decision``), replayed at
     each multiple of ``costs``. At multiple 1 this reproduces the original backtest exactly."""
     first, last = segment
@@ -50,7 +50,8 @@ def replay_at_cost_multiples(decisions, series: MarketSeries, segment: tuple[int
     targets = np.zeros((last, series.n_assets))
     targets[first:] = decisions
     decide = target_series_policy(targets, series.device)
-    return {float(m): run_backtest(decide, series, segment, scaled_costs(costs, float(m)), action_space)
+    return {float(m): run_backtest(decide, series, segment, scaled_costs(costs, float(m)), action_space,
+                                   periods_per_year)
             for m in multiples}
 
 

@@ -46,9 +46,10 @@ def fold_robustness(test: Backtest, baselines: dict[str, Backtest], series: Mark
     ppy = periods_per_year(config.data.interval, config.data.calendar)
     ledger = trade_ledger(test, *segment_prices(series, fold.test))
     policy_returns, benchmark_returns = bar_returns(test.nav), bar_returns(baselines[space.benchmark].nav)
-    replays = replay_at_cost_multiples(test.decision, series, fold.test, config.costs, space, COST_MULTIPLES)
+    replays = replay_at_cost_multiples(test.decision, series, fold.test, config.costs, space, COST_MULTIPLES, ppy)
     benchmark_replays = {m: run_baselines(series, fold.test, scaled_costs(config.costs, m), space, fold.index,
-                                          names=(space.benchmark,))[space.benchmark] for m in COST_MULTIPLES}
+                                          names=(space.benchmark,), periods_per_year=ppy)[space.benchmark]
+                         for m in COST_MULTIPLES}
     extras = {
         "trades": trade_statistics(ledger),
         "beta_alpha": beta_alpha(policy_returns, benchmark_returns, ppy),

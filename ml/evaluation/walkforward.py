@@ -22,7 +22,8 @@ from ml.env.trading_env import TradingEnv
 from ml.evaluation.backtest import Backtest, run_backtest, run_baselines
 from ml.evaluation.metrics import bar_returns
 from ml.evaluation.splits import Fold
-from ml.evaluation.statistics import deflated_sharpe_ratio, probabilistic_sharpe_ratio, sharpe_ci
+from ml.evaluation.statistics import (deflated_sharpe_ratio, expected_max_sharpe, probabilistic_sharpe_ratio,
+                                      sharpe_ci)
 from ml.market.calendar import periods_per_year
 from ml.market.series import MarketSeries
 
@@ -30,7 +31,7 @@ from ml.market.series import MarketSeries
 def backtest_policy(agent: ActorCritic, series: MarketSeries, segment: tuple[int, int],
                     config: PipelineConfig) -> Backtest:
     return run_backtest(lambda features, position, _t: agent.decide(features, position), series, segment,
-                        config.costs, agent.action_space)
+                        config.costs, agent.action_space, periods_per_year(config.data.interval, config.data.calendar))
 
 
 def selection_score(backtest: Backtest, config: PipelineConfig) -> float:
@@ -80,6 +81,19 @@ def uncertainty(backtest: Backtest, ppy: float, trial_sharpes: list[float] | Non
     return out
 
 
+def selection_allowance(trial_sharpes: list[float] | None, ppy: float) -> float:
+    """The annualized validation Sharpe that picking the best of the trials scores by luck alone.
+
+    The kept checkpoint's validation Sharpe is the maximum over every trial the selection scored;
+    with zero true skill that maximum is still expected to be this high (the deflated Sharpe's
+    expected maximum, from the trials' spread).
+    """
+    if not trial_sharpes or len(trial_sharpes) < 2:
+        return 0.0
+    per_bar = np.asarray(trial_sharpes, dtype="float64") / np.sqrt(ppy)
+    return expected_max_sharpe(len(per_bar), float(np.var(per_bar, ddof=1))) * float(np.sqrt(ppy))
+
+
 def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: PipelineConfig,
                   trial_sharpes: list[float] | None = None) -> tuple[dict, Backtest, dict[str, Backtest]]:
     """Policy on validation and test, baselines on the identical test window and costs."""
@@ -88,14 +102,15 @@ def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: 
     space = agent.action_space
     validation = backtest_policy(agent, series, fold.validation, config)
     test = backtest_policy(agent, series, fold.test, config)
-    baselines = run_baselines(series, fold.test, config.costs, space, seed=fold.index)
+    baselines = run_baselines(series, fold.test, config.costs, space, seed=fold.index, periods_per_year=ppy)
     # Reported for the gate's "learned something" rule; selection has already happened in training.
     validation_nulls = run_baselines(series, fold.validation, config.costs, space, seed=fold.index,
-                                     names=space.null_baselines)
+                                     names=space.null_baselines, periods_per_year=ppy)
     result = {
         "index": fold.index,
         **fold.dates(series.timestamps),
         "policy": {"validation": validation.metrics(ppy),
+                   "selection_allowance": selection_allowance(trial_sharpes, ppy),
                    "test": test.metrics(ppy) | uncertainty(test, ppy, trial_sharpes),
                    "collapse": space.collapse_report(torch.from_numpy(test.decision), config.action.collapse_share),
                    **space.decision_summary(test.decision, series.symbols)},

@@ -81,6 +81,10 @@ def register(run_dir: Path) -> dict:
                                      tags={"dataset_hash": data["dataset_hash"], "code_version": code_version()})
 
     def judge(champion: str | None) -> dict:
+        if champion == version and run.judgement.exists():
+            # A retry after this version was promoted: keep the decision that promoted it, with its
+            # champion comparison, instead of judging it against itself.
+            return {key: value for key, value in read_json(run.judgement).items() if key != "champion"}
         comparison = None
         if champion and champion != version and config.gate.compare_with_champion:
             comparison = _compare_with_champion(run, config, uri, name, champion)
@@ -92,12 +96,16 @@ def register(run_dir: Path) -> dict:
             + f". Mean test Sharpe {policy_mean['sharpe']:.2f} vs {benchmark.replace('_', ' ')} {hold['sharpe']:.2f}; "
             f"total return {policy_mean['total_return']:+.2%} vs {hold['total_return']:+.2%}."
         )
-        return {"decision": decision, "description": description, "comparison": comparison}
+        judged = {"decision": decision, "description": description, "comparison": comparison}
+        write_json(run.judgement, judged | {"champion": champion})  # before any alias moves
+        return judged
 
     # Judged and moved under the promotion lock; judged again if champion moved in the meantime.
     judged = registry.judge_and_promote(uri, name, version, judge, promote=config.registry.promote)
     decision, comparison, champion, promoted = (judged["decision"], judged["comparison"],
                                                 judged["champion_before"], judged["promoted"])
+    if champion == version:  # promoted by an earlier attempt: the champion it replaced is on record
+        champion = read_json(run.judgement).get("champion")
     # The report now says what became of the model, at its top; then it goes to the run.
     report["gate"] = decision
     report["model"] = {"name": name, "version": version, "champion": promoted, "run_id": run_id, "tracking_uri": uri}

@@ -43,6 +43,7 @@ class RunFolder:
     parity = property(lambda self: self.root / "parity.json")
     parity_windows = property(lambda self: self.root / "parity_windows.npz")
     registration = property(lambda self: self.root / "registration.json")
+    judgement = property(lambda self: self.root / "gate_judgement.json")  # the gate's decision, before aliases move
 
     def fold(self, index: int) -> Path:
         """A fold's folder: the selected seed's policy.pt and history.json, and training.json."""

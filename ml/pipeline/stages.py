@@ -229,6 +229,7 @@ def evaluate(run_dir: Path) -> dict:
         **({"symbols": list(config.data.symbols)} if config.data.symbols
            else {"exposure_levels": list(config.action.exposure_levels)}),
         "benchmark": benchmark, "selection_metric": config.selection_metric,
+        "ppo_total_timesteps": config.ppo.total_timesteps, "ppo_batch_size": config.ppo.batch_size,
         "folds": fold_reports, "aggregate": aggregate(fold_reports),
         **run_robustness(fold_reports, all_curves, all_tests, all_baselines, config, space),
     }

@@ -55,9 +55,12 @@ def evaluate_gate(report: dict, parity: dict, gate: GateConfig, collapse_share: 
     decision.add("finite_test_metrics", finite, "test metrics finite on every fold")
     trained = min(int(fold.get("training", {}).get("timesteps", 0)) for fold in report["folds"])
     if gate.min_timesteps:
+        requested = report.get("ppo_total_timesteps")
+        rounded = (f"; ppo.total_timesteps {requested:,} runs in whole updates of {report['ppo_batch_size']:,} steps"
+                   if requested and requested != trained else "")
         decision.add("training_budget", trained >= gate.min_timesteps,
                      f"training budget: {trained:,} environment steps in the shortest fold "
-                     f"(floor {gate.min_timesteps:,})", trained_timesteps=trained)
+                     f"(floor {gate.min_timesteps:,}{rounded})", trained_timesteps=trained)
     else:
         decision.reasons.append("OFF training-budget floor (disabled in the gate config)")
     if not gate.require_learned:
@@ -89,6 +92,8 @@ def evaluate_gate(report: dict, parity: dict, gate: GateConfig, collapse_share: 
         decision.add("beats_cash", mean_return > gate.cash_margin,
                      f"mean test total return after costs {mean_return:+.2%} vs cash 0.00% "
                      f"(margin {gate.cash_margin:+.2%})", mean_test_total_return=mean_return)
+    if not gate.compare_with_champion:
+        decision.reasons.append("OFF champion comparison (disabled in the gate config)")
     if champion_comparison is not None:
         if champion_comparison.get("skipped"):
             decision.add("beats_champion", False, f"cannot compare with champion: {champion_comparison['skipped']}")
@@ -105,14 +110,21 @@ def evaluate_gate(report: dict, parity: dict, gate: GateConfig, collapse_share: 
 
 
 def _learned_something(decision: GateDecision, report: dict) -> None:
-    """On validation, the policy beats every null baseline (random, cash) in most folds."""
+    """On validation, the policy beats every null baseline (random, cash) in most folds, after taking
+    off what picking the best of its checkpoints would score by luck alone."""
     folds = report["folds"]
-    wins = sum(all(fold["policy"]["validation"]["sharpe"] > null["sharpe"]
-                   for null in fold.get("validation_baselines", {"missing": {"sharpe": math.inf}}).values())
-               for fold in folds)
+
+    def beats_nulls(fold: dict) -> bool:
+        skill = fold["policy"]["validation"]["sharpe"] - fold["policy"].get("selection_allowance", 0.0)
+        nulls = fold.get("validation_baselines") or {"missing": {"sharpe": math.inf}}
+        return all(skill > null["sharpe"] for null in nulls.values())
+
+    wins = sum(beats_nulls(fold) for fold in folds)
     names = sorted({name for fold in folds for name in fold.get("validation_baselines", {})}) or ["random", "cash"]
+    allowance = float(np.mean([f["policy"].get("selection_allowance", 0.0) for f in folds]))
     decision.add("learned_something", wins > len(folds) / 2,
-                 f"validation Sharpe above {' and '.join(names)} in {wins} of {len(folds)} folds (need a majority)",
+                 f"validation Sharpe, less {allowance:.2f} for picking the best checkpoint (mean over folds), above "
+                 f"{' and '.join(names)} in {wins} of {len(folds)} folds (need a majority)",
                  validation_folds_beating_nulls=wins)
 
 
@@ -150,7 +162,7 @@ def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champio
         if first < policy.lookback - 1:
             return {"skipped": f"{name} needs {policy.lookback} bars of history before the window"}
         backtest = run_backtest(onnx_decide(policy, ohlcv), series, (first, last), config.costs,
-                                make_action_space(config.action, series.n_assets))
+                                make_action_space(config.action, series.n_assets), ppy)
         sharpe[name], navs[name] = backtest.metrics(ppy)["sharpe"], backtest.nav
     confidence = config.gate.champion_confidence
     _, low = sharpe_difference_bound(navs["challenger"], navs["champion"], ppy, confidence)
