@@ -21,6 +21,7 @@ The level mask and the range are buffers, so the exported graph obeys them too.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -61,7 +62,7 @@ def _gaussian_log_prob_entropy(mean: torch.Tensor, log_std: torch.Tensor, action
     return log_prob, entropy
 
 
-class ActionSpace(nn.Module):
+class ActionSpace(nn.Module, abc.ABC):
     """The interface every action space implements (see the module docstring)."""
 
     mode: str
@@ -79,12 +80,13 @@ class ActionSpace(nn.Module):
     def mask_actor_bias(self, bias: torch.Tensor) -> torch.Tensor:
         return bias
 
+    @abc.abstractmethod
     def project(self, target: torch.Tensor) -> torch.Tensor:
         """The account's limits on a target [N, A], applied by the environment before the fill."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def to_dict(self) -> dict:
-        raise NotImplementedError
+        """What ``action_space_from_dict`` rebuilds the space from (policy checkpoints)."""
 
 
 class ExposureSpace(ActionSpace):
@@ -136,8 +138,9 @@ class ExposureSpace(ActionSpace):
         return ("target_exposure: fraction of NAV held in the asset after the next bar's open, "
                 f"in [{low}, {high}]; " + self._semantics_detail())
 
+    @abc.abstractmethod
     def _semantics_detail(self) -> str:
-        raise NotImplementedError
+        """The part of ``action_semantics`` that says how the exposure is chosen."""
 
     # Collapse and diagnostics: decisions are exposures [N, 1].
     def dominant(self, decisions: torch.Tensor) -> tuple[float, float]:

@@ -50,14 +50,14 @@ def fold_robustness(test: Backtest, baselines: dict[str, Backtest], series: Mark
     benchmark_replays = {m: run_baselines(series, fold.test, scaled_costs(config.costs, m), space, fold.index,
                                           names=(space.benchmark,), periods_per_year=ppy)[space.benchmark]
                          for m in COST_MULTIPLES}
+    metrics = {m: replays[m].metrics(ppy) for m in COST_MULTIPLES}
     extras = {
         "trades": trade_statistics(ledger),
         "beta_alpha": beta_alpha(policy_returns, benchmark_returns, ppy),
         "regimes": regime_results(pd.Series(policy_returns, index=test.timestamps.iloc[1:].to_numpy()),
                                   benchmark_close(series), series.timestamps, REGIME_WINDOW, ppy),
         "cost_sensitivity": {
-            f"{m:g}x": {"policy_sharpe": replays[m].metrics(ppy)["sharpe"],
-                        "policy_total_return": replays[m].metrics(ppy)["total_return"],
+            f"{m:g}x": {"policy_sharpe": metrics[m]["sharpe"], "policy_total_return": metrics[m]["total_return"],
                         "benchmark_sharpe": benchmark_replays[m].metrics(ppy)["sharpe"]}
             for m in COST_MULTIPLES},
         "pbo": (probability_of_backtest_overfitting(validation_returns.T)

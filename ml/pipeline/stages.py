@@ -233,7 +233,6 @@ def evaluate(run_dir: Path) -> dict:
         "folds": fold_reports, "aggregate": aggregate(fold_reports),
         **run_robustness(fold_reports, all_curves, all_tests, all_baselines, config, space),
     }
-    write_json(run.report, report)
     images["Test Sharpe per fold"] = plot_fold_bars(report, run.plot("fold_sharpe"))
     images["Test total return per fold"] = plot_fold_bars(report, run.plot("fold_return"), metric="total_return")
     if "test_mean_weights" in fold_reports[0]["policy"]:
