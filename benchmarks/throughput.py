@@ -1,19 +1,23 @@
 """Environment-only and full PPO training throughput against the number of parallel episodes.
 
     .venv/bin/python benchmarks/throughput.py [--device cpu|cuda] [--envs 256 1024 4096] [--threads 1 2]
-                                              [--portfolio] [--profile 16384]
+                                              [--portfolio] [--profile 16384] [--risk-config FILE]
 
 Runs on the bundled GSPC sample with the default costs and a 64x64 MLP.
 ``--portfolio`` adds the same two rates in portfolio mode (GSPC + KO + cash).
 ``--profile N`` then says where the time of a training run with N parallel episodes goes:
 the torch profiler's op table, the share of the wall time the GPU was busy, and one
 validation backtest timed on the device and on the CPU.
+``--risk-config FILE`` runs the environment and training through the risk overlay of that
+config's ``risk:`` section. ``--threads N`` sets torch's threads for the environment and
+``ppo.threads`` for training.
 Prints Markdown tables (for docs/benchmarks.md) with machine and date.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -22,9 +26,10 @@ from dataclasses import replace
 
 import torch
 
-from ml.config import ActionConfig, CostConfig, EnvConfig, config_from_dict
+from ml.config import ActionConfig, CostConfig, EnvConfig, config_from_dict, load_config
 from ml.data.sources import load_sample
 from ml.env.action_space import make_action_space
+from ml.env.risk import RiskOverlay
 from ml.env.trading_env import TradingEnv
 from ml.evaluation.splits import walk_forward_folds
 from ml.evaluation.walkforward import backtest_policy, new_agent, train_fold
@@ -36,11 +41,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def env_steps_per_second(series, n_envs: int, steps: int, compiled: bool = False) -> float:
+def env_steps_per_second(series, n_envs: int, steps: int, compiled: bool = False, risk: dict | None = None) -> float:
     device = series.device
     space = make_action_space(ActionConfig(mode="portfolio" if series.n_assets > 1 else "continuous"),
                               series.n_assets)
-    env = TradingEnv(series, n_envs, space, CostConfig(), EnvConfig(episode_bars=256, compile=compiled))
+    overlay = RiskOverlay(load_config(None, {"risk": risk}).risk, series.n_assets, 252.0, "1d") if risk else None
+    env = TradingEnv(series, n_envs, space, CostConfig(), EnvConfig(episode_bars=256, compile=compiled), overlay,
+                     record_risk=False)
     lo, hi = 100, series.ohlcv.shape[0] - 1
     generator = torch.Generator(device=device).manual_seed(0)
     ends = torch.full((n_envs,), hi, device=device)
@@ -65,11 +72,15 @@ def env_steps_per_second(series, n_envs: int, steps: int, compiled: bool = False
     return n_envs * steps / (time.perf_counter() - start)
 
 
-def ppo_steps_per_second(series, n_envs: int, timesteps: int, device: str) -> float:
+def ppo_steps_per_second(series, n_envs: int, timesteps: int, device: str, threads: int | None = None,
+                         risk: dict | None = None) -> float:
+    """PPO training steps/s; ``threads`` sets ppo.threads (None: the trainer's own budget), ``risk``
+    the risk overlay's settings (None: no overlay)."""
     portfolio = series.n_assets > 1
     config = config_from_dict({
         "ppo": {"num_envs": n_envs, "num_steps": 64, "total_timesteps": timesteps, "eval_every": 10**9,
-                "device": device},
+                "device": device, "threads": threads},
+        **({"risk": risk} if risk else {}),
         **({"data": {"symbols": list(series.symbols)}, "action": {"mode": "portfolio"}} if portfolio else {})})
     fold = walk_forward_folds(series.timestamps, config.lookback, config.splits)[-1]
     result = train_fold(series, fold, config)
@@ -123,13 +134,15 @@ def print_table(series, args, compiled: bool) -> None:
     env_column = "env steps/s (eager) | env steps/s (compiled)" if compiled else "env steps/s"
     print(f"| device | threads | parallel episodes | {env_column} | PPO train steps/s |")
     print("|---|---|---|---|---|" + ("---|" if compiled else ""))
+    risk = args.risk
     for threads in args.threads:
         torch.set_num_threads(threads)
         for n_envs in args.envs:
-            rates = [env_steps_per_second(series, n_envs, args.env_steps)]
+            rates = [env_steps_per_second(series, n_envs, args.env_steps, risk=risk)]
             if compiled:
-                rates.append(env_steps_per_second(series, n_envs, args.env_steps, compiled=True))
-            rates.append(ppo_steps_per_second(series, n_envs, n_envs * 64 * args.ppo_updates, args.device))
+                rates.append(env_steps_per_second(series, n_envs, args.env_steps, compiled=True, risk=risk))
+            rates.append(ppo_steps_per_second(series, n_envs, n_envs * 64 * args.ppo_updates, args.device, threads,
+                                              risk))
             print(f"| {device.type} | {threads} | {n_envs} | " + " | ".join(f"{r:,.0f}" for r in rates) + " |",
                   flush=True)
 
@@ -144,7 +157,9 @@ def main() -> None:
     parser.add_argument("--portfolio", action="store_true", help="also measure portfolio mode")
     parser.add_argument("--profile", type=int, metavar="N", help="profile a training run with N parallel episodes")
     parser.add_argument("--profile-updates", type=int, default=3)
+    parser.add_argument("--risk-config", help="a config whose risk: section the environment and training run under")
     args = parser.parse_args()
+    args.risk = (dataclasses.asdict(load_config(args.risk_config).risk) if args.risk_config else None)
 
     device = torch.device(args.device)
     bars = load_sample("GSPC")

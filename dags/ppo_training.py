@@ -27,6 +27,10 @@ from ml.config import INTERVALS, SYMBOL_PATTERN  # imports no torch: parsing sta
 # defaults suit the embedded LocalExecutor (which ignores queues and needs no extra pool).
 TRAINING_QUEUE = os.environ.get("ML_TRAINING_QUEUE", "default")
 TRAINING_POOL = os.environ.get("ML_TRAINING_POOL", "default_pool")
+# Trainings that share one machine's cores (ml.agent.threads divides the cores by it). With the
+# embedded LocalExecutor (one machine, one environment) it also caps how many train tasks run at
+# once; the Celery stack sets it on the workers only, where worker slots and the pool cap them.
+TRAINING_SLOTS = int(os.environ["ML_TRAINING_SLOTS"]) if os.environ.get("ML_TRAINING_SLOTS") else None
 
 
 log = logging.getLogger(__name__)
@@ -57,22 +61,33 @@ def log_failure(context) -> None:
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
                   "execution_timeout": timedelta(hours=1), "on_failure_callback": log_failure},
     params={
-        "source": Param("sample", enum=["sample", "file", "yfinance", "lake"],
+        # Every Param defaults to null: a null Param leaves the config file's value (or, without a
+        # file, the built-in default named in its description), so a file is never overridden by
+        # a form default. Precedence: built-in defaults < config_file < Params set < asset event.
+        "source": Param(None, type=["null", "string"], enum=[None, "sample", "file", "yfinance", "lake"],
                         description="Where bars come from: the bundled sample, a CSV/parquet file, yfinance, "
-                                    "or the curated data lake (runs triggered by market_data use the lake)."),
-        "symbol": Param("GSPC", type="string", pattern=SYMBOL_PATTERN,
-                        description="Ticker (yfinance) or sample name, e.g. GSPC, ^GSPC, BRK-B, EURUSD=X."),
+                                    "or the curated data lake (runs triggered by market_data use the lake). "
+                                    "Empty: the config's data.source (built-in: sample)."),
+        "symbol": Param(None, type=["null", "string"], pattern=SYMBOL_PATTERN,
+                        description="Ticker (yfinance) or sample name, e.g. GSPC, ^GSPC, BRK-B, EURUSD=X. "
+                                    "Empty: the config's data.symbol (built-in: GSPC)."),
         "data_path": Param(None, type=["null", "string"],
                            description="CSV/parquet path when source is 'file'; lake root when source is 'lake'. "
-                                       "Must lie under $ML_DATA_ROOT."),
-        "interval": Param("1d", enum=list(INTERVALS), description="Bar interval (yfinance spelling)."),
-        "start": Param(None, type=["null", "string"], format="date", description="First date to use (YYYY-MM-DD)."),
-        "timesteps": Param(500_000, type="integer", minimum=1024, maximum=1_000_000_000,
-                           description="PPO environment steps per walk-forward fold."),
+                                       "Must lie under $ML_DATA_ROOT. Empty: the config's data.path."),
+        "interval": Param(None, type=["null", "string"], enum=[None, *INTERVALS],
+                          description="Bar interval (yfinance spelling). Empty: the config's data.interval "
+                                      "(built-in: 1d)."),
+        "start": Param(None, type=["null", "string"], format="date",
+                       description="First date to use (YYYY-MM-DD). Empty: the config's data.start (built-in: "
+                                   "all the data)."),
+        "timesteps": Param(None, type=["null", "integer"], minimum=1024, maximum=1_000_000_000,
+                           description="PPO environment steps per walk-forward fold. Empty: the config's "
+                                       "ppo.total_timesteps (built-in: 500000)."),
         "num_envs": Param(None, type=["null", "integer"], minimum=1, maximum=1_000_000,
-                          description="Parallel episodes (default from config)."),
+                          description="Parallel episodes. Empty: the config's ppo.num_envs (built-in: 512)."),
         "num_steps": Param(None, type=["null", "integer"], minimum=8, maximum=4096,
-                           description="Rollout length per update (default from config)."),
+                           description="Rollout length per update. Empty: the config's ppo.num_steps "
+                                       "(built-in: 64)."),
         "n_folds": Param(None, type=["null", "integer"], minimum=1, maximum=60,
                          description="Walk-forward test folds, one year each, the most recent last. Empty: the "
                                      "config's setting, by default every year back to the start of the data "
@@ -80,10 +95,15 @@ def log_failure(context) -> None:
         "seeds": Param(None, type=["null", "array"], items={"type": "integer", "minimum": 0}, minItems=1,
                        maxItems=16, description="PPO seeds per fold (default from config: [1]). Validation picks "
                                                 "one; the report shows the test spread across all."),
-        "device": Param("auto", enum=["auto", "cpu", "cuda"], description="Training device; auto = CUDA if present."),
-        "promote": Param(True, type="boolean", description="Set `champion` when the gate passes."),
+        "device": Param(None, type=["null", "string"], enum=[None, "auto", "cpu", "cuda"],
+                        description="Training device; auto = CUDA if present. Empty: the config's ppo.device "
+                                    "(built-in: auto)."),
+        "promote": Param(None, type=["null", "boolean"],
+                         description="Set `champion` when the gate passes. Empty: the config's registry.promote "
+                                     "(built-in: true)."),
         "config_file": Param(None, type=["null", "string"],
-                             description="Optional YAML/JSON pipeline config, under $ML_CONFIG_ROOT."),
+                             description="Optional YAML/JSON pipeline config, under $ML_CONFIG_ROOT. The other "
+                                         "Params override it only where set."),
     },
 )
 def ppo_training():
@@ -124,7 +144,7 @@ def ppo_training():
         return pipeline.plan_folds(run_dir)
 
     @task(execution_timeout=timedelta(hours=6), queue=TRAINING_QUEUE, pool=TRAINING_POOL,
-          map_index_template="fold {{ task.op_kwargs['fold'] }}")
+          max_active_tis_per_dag=TRAINING_SLOTS, map_index_template="fold {{ task.op_kwargs['fold'] }}")
     def train(run_dir: str, fold: int) -> int:
         from ml import pipeline
 

@@ -127,6 +127,26 @@ def _registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decide(policy, window, held, timestamps, args: argparse.Namespace):
+    """The policy's target, and for a model with a risk overlay the executed target and the state to keep."""
+    import numpy as np
+
+    from ml.serving import InputError
+
+    if policy.risk is None:
+        return policy.decide(window, held, timestamps), {}
+    state = None
+    if args.risk_state:
+        try:
+            state = np.array([json.loads(args.risk_state)], dtype=np.float32)
+        except (ValueError, TypeError):
+            raise InputError("--risk-state: must be the JSON list of numbers the last decision printed") from None
+    decision = policy.decide_with_risk(window, held, args.nav, timestamps, state)
+    executed = [float(x) for x in decision.target[0]]
+    return decision.policy_target, {"executed_target": executed if policy.symbols else executed[0],
+                                    "risk_state": [float(x) for x in decision.state[0]]}
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Decide on the last ``lookback`` bars of a file: what a downstream service does each bar."""
     import numpy as np
@@ -142,14 +162,16 @@ def _serve(args: argparse.Namespace) -> int:
                 raise InputError(f"--bars: {len(args.bars)} file(s) for a model of assets {policy.symbols}")
             weights = args.weights or [0.0] * len(policy.symbols)
             window, timestamps = portfolio_window(args.bars, policy.lookback, return_timestamps=True)
-            target = policy.decide(window, np.array([weights], dtype=np.float32), timestamps)
+            held = np.array([weights], dtype=np.float32)
+            target, risk = _decide(policy, window, held, timestamps, args)
             decision = {"target_weights": dict(zip(policy.symbols, map(float, target[0]))), "weights": weights}
         else:
             if len(args.bars) != 1:
                 raise InputError(f"--bars: one file for a single-asset model, got {len(args.bars)}")
             window, timestamps = bars_to_window(args.bars[0], policy.lookback, return_timestamps=True)
-            target = policy.decide(window, np.array([[args.position]], dtype=np.float32), timestamps)
+            target, risk = _decide(policy, window, np.array([[args.position]], dtype=np.float32), timestamps, args)
             decision = {"target_exposure": float(target[0, 0]), "position": args.position}
+        decision |= risk
     except (InputError, ModelLoadError) as exc:
         print(f"REJECTED {exc}", file=sys.stderr)
         return 2
@@ -236,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "in the order of its symbols")
     serve.add_argument("--position", type=float, default=0.0, help="current exposure in [-1, 1]")
     serve.add_argument("--weights", type=float, nargs="+", help="portfolio: current weight of each asset")
+    serve.add_argument("--nav", type=float, default=1.0,
+                       help="risk-overlay models: the account's value at the last bar's close")
+    serve.add_argument("--risk-state", help="risk-overlay models: the risk_state the previous decision printed "
+                                            "(JSON list; none for a fresh account)")
     serve.add_argument("--max-age", type=_age,
                        help="refuse bars whose last timestamp is older than this (e.g. 36h, 3d; default: no limit)")
     serve.add_argument("--tracking-uri")

@@ -23,6 +23,7 @@ import yaml
 
 # yfinance's spellings; the data sources, the annualization and the DAG Params read this list.
 INTERVALS = ("1m", "2m", "5m", "15m", "30m", "60m", "90m", "1h", "1d", "5d", "1wk", "1mo", "3mo")
+INTRADAY = INTERVALS[:8]
 SOURCES = ("sample", "file", "yfinance", "lake")
 CALENDARS = ("equity", "crypto")
 ACTION_MODES = ("discrete", "continuous", "portfolio")
@@ -144,6 +145,9 @@ class PPOConfig:
     progress: bool = True
     seed: int = _setting(1, *_at_least(0))
     device: str = _setting("auto", choices=DEVICES)
+    # Intra-op CPU threads for this training (None = the task's share of the cores the process may
+    # use: those cores divided by the training tasks its worker may run at once).
+    threads: int | None = _setting(None, *_at_least(1))
     deterministic: bool = False
 
     @property
@@ -190,6 +194,57 @@ class GateConfig:
     cost_multiple: float | None = _setting(2.0, choices=(1.0, 2.0, 5.0))
 
 
+def _is_timezone(name: Any) -> bool:
+    import zoneinfo
+    try:
+        zoneinfo.ZoneInfo(name)
+        return True
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class RiskConfig:
+    """Limits between the policy's target and the fill, applied on every bar from what is known then.
+
+    The same overlay runs in training, in every backtest and baseline replay and inside the
+    exported model. A rule set to null (or 0 / false) is off; with every rule off nothing runs.
+    """
+
+    # Volatility targeting: a full target (gross 1) is scaled so that its trailing realized volatility
+    # (annualized) is this; a target of 0.5 runs at half of it.
+    target_volatility: float | None = _setting(None, *_between(0, 5, low_open=True))
+    volatility_window: int = _setting(20, *_at_least(2))  # bars of log returns behind the volatility and Kelly estimates
+    max_leverage: float = _setting(1.0, *_between(0, 10, low_open=True))  # gross exposure cap after the scaling
+    # Drawdown breaker: once NAV is this far below its peak, gross exposure is capped at
+    # drawdown_exposure for drawdown_cooldown_bars decisions; then it re-arms, the peak reset to that NAV.
+    max_drawdown: float | None = _setting(None, *_between(0, 1, low_open=True))
+    drawdown_exposure: float = _setting(0.0, *_between(0, 10))
+    drawdown_cooldown_bars: int = _setting(20, *_at_least(1))
+    # Loss limit per session (a trading day): flat for the rest of the session once the session's
+    # loss reaches this, and for session_loss_cooldown sessions more.
+    session_loss_limit: float | None = _setting(None, *_between(0, 1, low_open=True))
+    session_loss_cooldown: int = _setting(0, *_at_least(0))
+    # Stop-loss per asset: close it when its price moved this far against the position from the
+    # fill that opened it; stay out of it for stop_cooldown_bars decisions.
+    stop_loss: float | None = _setting(None, *_between(0, 1, low_open=True))
+    stop_cooldown_bars: int = _setting(5, *_at_least(1))
+    # Kelly cap: no asset's exposure above this fraction of its trailing Kelly leverage (mean / variance).
+    kelly_fraction: float | None = _setting(None, *_between(0, 1, low_open=True))
+    # Intraday session rules: hold nothing through the session's last bar; only reduce positions
+    # in its last N bars. Sessions end at session_close in session_timezone.
+    flat_at_session_close: bool = False
+    no_new_positions_bars: int = _setting(0, *_at_least(0))
+    session_timezone: str = _setting("America/New_York", _is_timezone, "must be an IANA time zone (e.g. America/New_York)")
+    session_close: str = _setting("16:00", lambda v: re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v) is not None,
+                                  "must be a time HH:MM")
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.target_volatility, self.max_leverage != 1.0, self.max_drawdown, self.session_loss_limit,
+                    self.stop_loss, self.kelly_fraction, self.flat_at_session_close, self.no_new_positions_bars))
+
+
 @dataclass(frozen=True)
 class RegistryConfig:
     model_name: str | None = None  # default: ppo_<symbol>_<interval> (ppo_<sym1>_<sym2>_... for a portfolio)
@@ -212,6 +267,7 @@ class PipelineConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     splits: SplitConfig = field(default_factory=SplitConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    risk: RiskConfig = field(default_factory=RiskConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
@@ -243,6 +299,13 @@ class PipelineConfig:
                               f"(got '{action.mode}')")
         if action.mode == "portfolio" and not symbols:
             raise ConfigError("action.mode = portfolio: needs data.symbols (two or more)")
+        risk = self.risk
+        if (risk.target_volatility or risk.kelly_fraction) and risk.volatility_window >= self.lookback:
+            raise ConfigError(f"risk.volatility_window = {risk.volatility_window}: must be below lookback "
+                              f"({self.lookback}), the window the exported model receives")
+        if (risk.flat_at_session_close or risk.no_new_positions_bars) and self.data.interval not in INTRADAY:
+            raise ConfigError(f"risk.flat_at_session_close / risk.no_new_positions_bars: session rules need "
+                              f"intraday bars (data.interval = {self.data.interval})")
         if symbols and self.data.source == "file":
             raise ConfigError("data.symbols: portfolio mode reads sample, lake or yfinance data, "
                               "not a single file (data.source: file)")

@@ -110,37 +110,43 @@ def confined(value: str, param: str, roots: list[str], suffixes: tuple[str, ...]
     return found
 
 
+def _given(params: dict, key: str) -> bool:
+    """Whether the user set this Param: null (and an empty string) leave the config's value."""
+    return params.get(key) not in (None, "")
+
+
 def config_from_params(params: dict, asset_event: dict | None = None) -> PipelineConfig:
-    """Map the DAG's Params onto the pipeline config (a config file, then explicit Params).
+    """The pipeline config of a DAG run: built-in defaults, then ``config_file``, then the Params the
+    user set, then the triggering asset event's symbol. A null Param changes nothing, so a config
+    file is never overridden by a Param's default.
 
     A run triggered by the curated-data asset trains on the lake partition that changed. Paths
     are confined to the configured roots first (see the module docstring); the symbol and every
     other value are checked by the config.
     """
-    data = {"source": params["source"], "symbol": params["symbol"], "interval": params["interval"]}
-    if params.get("data_path"):
-        data["path"] = confined(params["data_path"], "data_path", data_roots(),
-                                DATA_SUFFIXES if params["source"] == "file" else ())
-    if asset_event and asset_event.get("symbol"):
-        data.update(source="lake", symbol=asset_event["symbol"],
-                    interval=asset_event.get("interval", data["interval"]))
-        if asset_event.get("lake_root"):
-            data["path"] = confined(str(asset_event["lake_root"]), "asset event lake_root", data_roots())
-    if params.get("start"):
-        data["start"] = params["start"]
-    overrides = {
-        "data": data,
-        "ppo": {"total_timesteps": int(params["timesteps"]), "device": params["device"]},
-        "registry": {"promote": bool(params["promote"])},
-    }
-    if params.get("n_folds") is not None:  # empty: the config's folds (by default every year of the data)
-        overrides["splits"] = {"n_folds": int(params["n_folds"])}
-    if params.get("seeds"):
-        overrides["seeds"] = [int(seed) for seed in params["seeds"]]
-    for key in ("num_envs", "num_steps"):
-        if params.get(key):
-            overrides["ppo"][key] = int(params[key])
     config_file = params.get("config_file")
     if config_file:
         config_file = confined(config_file, "config_file", config_roots(), CONFIG_SUFFIXES)
+    data = {key: params[key] for key in ("source", "symbol", "interval", "start") if _given(params, key)}
+    if _given(params, "data_path"):
+        source = data.get("source") or load_config(config_file or None).data.source
+        data["path"] = confined(params["data_path"], "data_path", data_roots(),
+                                DATA_SUFFIXES if source == "file" else ())
+    if asset_event and asset_event.get("symbol"):
+        data.update(source="lake", symbol=asset_event["symbol"])
+        if asset_event.get("interval"):
+            data["interval"] = asset_event["interval"]
+        if asset_event.get("lake_root"):
+            data["path"] = confined(str(asset_event["lake_root"]), "asset event lake_root", data_roots())
+    ppo = {name: int(params[key]) for key, name in (("timesteps", "total_timesteps"), ("num_envs", "num_envs"),
+                                                     ("num_steps", "num_steps")) if _given(params, key)}
+    if _given(params, "device"):
+        ppo["device"] = params["device"]
+    overrides: dict = {"data": data, "ppo": ppo}
+    if _given(params, "promote"):
+        overrides["registry"] = {"promote": bool(params["promote"])}
+    if _given(params, "n_folds"):
+        overrides["splits"] = {"n_folds": int(params["n_folds"])}
+    if params.get("seeds"):
+        overrides["seeds"] = [int(seed) for seed in params["seeds"]]
     return load_config(config_file or None, overrides)

@@ -8,6 +8,9 @@ export AIRFLOW__CORE__EXECUTOR=LocalExecutor
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="${AIRFLOW__DATABASE__SQL_ALCHEMY_CONN:-sqlite:///$AIRFLOW_HOME/airflow.db}"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$ROOT/.local/mlflow/mlflow.db}"
 export ML_RUNS_DIR="${ML_RUNS_DIR:-$ROOT/.local/runs}"
+# Trainings that share this machine's cores: fold tasks run at most this many at once, each on
+# cores / this many threads (ml/agent/threads.py). One per core by default.
+export ML_TRAINING_SLOTS="${ML_TRAINING_SLOTS:-$(nproc)}"
 export GX_ANALYTICS_ENABLED=false
 export MLFLOW_ENABLE_TELEMETRY=false
 export DO_NOT_TRACK=1

@@ -65,6 +65,18 @@ def test_dag_folder_imports_without_errors(airflow_env, monkeypatch):
     for name in ("source", "symbol", "interval", "timesteps", "device", "n_folds", "seeds", "promote"):
         assert params.get_param(name).description, name
     params.validate()  # defaults satisfy their own schema
+    # Every data and training Param is empty by default (the config file decides), and the form
+    # says what an empty one means without a file: the built-in default, read from the config code.
+    from ml.config import config_from_dict
+
+    defaults = config_from_dict({})
+    built_in = {"source": defaults.data.source, "symbol": defaults.data.symbol, "interval": defaults.data.interval,
+                "timesteps": defaults.ppo.total_timesteps, "num_envs": defaults.ppo.num_envs,
+                "num_steps": defaults.ppo.num_steps, "device": defaults.ppo.device,
+                "promote": str(defaults.registry.promote).lower()}
+    for name, value in built_in.items():
+        assert params.get_param(name).value is None, name
+        assert f"(built-in: {value})" in params.get_param(name).description, name
 
 
 def test_dag_file_imports_nothing_heavy_at_parse_time():

@@ -19,6 +19,9 @@ CONFIG = {
     "ppo": {"total_timesteps": 8192, "num_envs": 64, "num_steps": 32, "eval_every": 1, "progress": False},
     "splits": {"n_folds": 2},
     "gate": {"parity_windows": 32},
+    # The overlay on: every section below is computed through it, and the report shows it.
+    "risk": {"target_volatility": 0.15, "max_drawdown": 0.05, "drawdown_exposure": 0.25, "drawdown_cooldown_bars": 10,
+             "stop_loss": 0.03, "session_loss_limit": 0.015},
 }
 
 
@@ -31,7 +34,7 @@ def run(tmp_path_factory):
 
 def test_report_carries_every_section_under_stable_keys(run):
     out, _, report = run
-    assert report["schema_version"] == "2.0"
+    assert report["schema_version"] == "2.1"
     for key in ("stress", "cost_sensitivity", "pbo", "trades", "spa", "gate", "model", "active_return"):
         assert key in report, key
     assert report["cost_sensitivity"]["multiples"] == ["0x", "1x", "2x", "5x"]
@@ -72,8 +75,41 @@ def test_the_page_opens_with_the_verdict_and_the_gate(run):
     assert money < gate < folds
     assert "No: the promotion gate refused it (trained below the budget floor" in text
     assert f"version {result['version']}" in text and result["run_id"] in text
-    for title in ("Validation and test", "Seed spread", "Cost sensitivity", "Trades (test)", "PBO", "SPA p-value"):
+    for title in ("Validation and test", "Seed spread", "Cost sensitivity", "Trades (test)", "PBO", "SPA p-value",
+                  "Risk overlay (test, mean over folds)"):
         assert title in text, title
+
+
+def test_the_risk_overlay_is_reported_and_exported(run):
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from ml.serving import Policy
+
+    out, result, report = run
+    risk = report["risk"]
+    assert risk["settings"]["target_volatility"] == 0.15
+    assert risk["rules"]["volatility_target"]["bars"] > 0 and risk["rules"]["drawdown_breaker"]["trips"] >= 1
+    for fold in report["folds"]:
+        # "With" is what was traded: the fold's own test metrics, and its benchmark's.
+        assert fold["risk"]["with_overlay"]["policy"]["sharpe"] == fold["policy"]["test"]["sharpe"]
+        assert fold["risk"]["with_overlay"]["buy_and_hold"]["sharpe"] == fold["baselines"]["buy_and_hold"]["sharpe"]
+        # Volatility targeting alone, beside the managed and the plain buy-and-hold.
+        assert "buy_and_hold_vol_target" in fold["baselines"]
+        assert fold["risk"]["without_overlay"]["buy_and_hold"]["average_exposure"] == pytest.approx(1.0, abs=1e-3)
+        log = pd.read_csv(out / fold["risk_log"])
+        assert len(log) == fold["policy"]["test"]["bars"]
+        fired = (log["removed_volatility_target"].abs() > 1e-9).sum()
+        assert fired == fold["risk"]["rules"]["volatility_target"]["bars"]
+        assert log["tripped_drawdown_breaker"].sum() == fold["risk"]["rules"]["drawdown_breaker"]["trips"]
+    metrics = MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.metrics
+    assert metrics["risk/with_overlay/policy/sharpe"] == pytest.approx(risk["with_overlay"]["policy"]["sharpe"])
+    assert metrics["risk/rules/drawdown_breaker/trips"] == risk["rules"]["drawdown_breaker"]["trips"]
+    policy = Policy(out / "model.onnx", prefer_gpu=False)
+    assert policy.risk["max_drawdown"] == 0.05
+    assert [i.name for i in policy.session.get_inputs()] == ["ohlcv", "position", "nav", "session", "risk_state"]
+    assert json.loads((out / "parity.json").read_text())["passed"]
+    assert np.load(out / "parity_windows.npz")["risk_state"].shape == (4, 8)
 
 
 def digest(paths) -> dict[str, str]:

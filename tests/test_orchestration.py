@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ml.config import SYMBOL_PATTERN, SYMBOL_RULE, ConfigError
+from ml.config import SYMBOL_PATTERN, SYMBOL_RULE, ConfigError, config_from_dict
 from ml.orchestration import config_from_params, config_roots, data_roots, newest_asset_event, run_dir_for
 from tests.conftest import ROOT
 
@@ -70,6 +70,35 @@ def test_a_config_file_turns_a_dag_run_into_a_portfolio_run(monkeypatch):
     config = config_from_params({**PARAMS, "config_file": str(ROOT / "docs" / "portfolio-config.yaml")})
     assert bool(config.data.symbols) and config.data.symbols == ("GSPC", "KO") and config.action.mode == "portfolio"
     assert config.model_name == "ppo_GSPC_KO_1d" and config.ppo.total_timesteps == 8192
+
+
+UNSET = {key: None for key in PARAMS}  # a run triggered with the form left empty (every Param's default)
+DIFFERENT = """\
+data: {source: yfinance, symbol: SPY, interval: 1h, start: "2024-01-02"}
+ppo: {total_timesteps: 4096, num_envs: 32, num_steps: 16, device: cpu}
+splits: {n_folds: 5}
+registry: {promote: false}
+seeds: [7, 8]
+"""
+
+
+def test_a_config_file_is_overridden_only_by_the_params_the_user_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("ML_CONFIG_ROOT", str(tmp_path))
+    (tmp_path / "spy.yaml").write_text(DIFFERENT)
+    config = config_from_params({**UNSET, "config_file": str(tmp_path / "spy.yaml")})
+    # Every value differs from its built-in default, and every one comes from the file.
+    assert (config.data.source, config.data.symbol, config.data.interval, config.data.start) == (
+        "yfinance", "SPY", "1h", "2024-01-02")
+    assert (config.ppo.total_timesteps, config.ppo.num_envs, config.ppo.num_steps, config.ppo.device) == (
+        4096, 32, 16, "cpu")
+    assert config.splits.n_folds == 5 and config.registry.promote is False and config.seeds == (7, 8)
+    # A Param the user set wins over the file; the rest still come from it.
+    config = config_from_params({**UNSET, "config_file": str(tmp_path / "spy.yaml"), "symbol": "QQQ",
+                                 "timesteps": 2048, "promote": True})
+    assert (config.data.symbol, config.ppo.total_timesteps, config.registry.promote) == ("QQQ", 2048, True)
+    assert (config.data.source, config.data.interval, config.splits.n_folds) == ("yfinance", "1h", 5)
+    # Without a file, empty Params give the built-in defaults.
+    assert config_from_params(UNSET) == config_from_dict({})
 
 
 # Params that name files or symbols -------------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import nn
 
 from ml import fastpath
 from ml.env.action_space import ActionSpace, action_space_from_dict
+from ml.env.risk import RiskOverlay
 from ml.market.features import NORM_CLIP, FeatureModule
 
 
@@ -98,21 +99,33 @@ class ExportPolicy(nn.Module):
     [B, K] (discrete) or action_std [B, 1] (continuous), then value [B, 1].
     A portfolio: ohlcv [B, L, A, 5] + weights [B, A] -> target_weights [B, A], value [B, 1];
     every asset's window goes through the same feature module, asset after asset as in training.
+    With a risk overlay three inputs follow (nav [B, 1], session [B, 2], risk_state [B, S]) and
+    two outputs (executed_target [B, A], next_risk_state [B, S]): the overlay of training, in the graph.
     """
 
-    def __init__(self, feature_module: FeatureModule, actor_critic: ActorCritic):
+    def __init__(self, feature_module: FeatureModule, actor_critic: ActorCritic, risk: RiskOverlay | None = None):
         super().__init__()
         self.features = feature_module
         self.actor_critic = actor_critic
+        self.risk = risk
 
     @property
     def action_space(self) -> ActionSpace:
         return self.actor_critic.action_space
 
-    def forward(self, ohlcv: torch.Tensor, position: torch.Tensor):
+    def forward(self, ohlcv: torch.Tensor, position: torch.Tensor, nav: torch.Tensor | None = None,
+                session: torch.Tensor | None = None, risk_state: torch.Tensor | None = None):
         features = self.features(self.action_space.asset_windows(ohlcv)).reshape(ohlcv.shape[0], -1)
         actor, value = self.actor_critic(features, position)
-        return self.action_space.export_outputs(actor, value, self.actor_critic.log_std)
+        outputs = self.action_space.export_outputs(actor, value, self.actor_critic.log_std)
+        if self.risk is None:
+            return outputs
+        held = position.reshape(ohlcv.shape[0], -1)
+        target = self.action_space.project(outputs[0].reshape(held.shape))
+        close, fill_price, mean, covariance = self.risk.window_inputs(ohlcv)
+        executed, next_state, _, _ = self.risk(target, held, nav.reshape(-1), close, fill_price, mean, covariance,
+                                               session, risk_state)
+        return *outputs, executed, next_state
 
 
 def policy_checkpoint(actor_critic: ActorCritic, feature_module: FeatureModule) -> dict:

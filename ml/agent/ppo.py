@@ -24,6 +24,7 @@ from ml.agent.checkpoint import (load_training_state, restore_random_streams, sa
                                  save_training_state, seed_everything)
 from ml.agent.diagnostics import dominant_share, hold_share
 from ml.agent.policy import ActorCritic
+from ml.agent.threads import torch_threads, training_threads
 from ml.config import PPOConfig
 from ml.env.trading_env import TradingEnv
 from ml.fastpath import keep_freed_memory
@@ -106,7 +107,23 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
     per-bar returns behind the score, as ``(score, returns)``: they are kept, one row per scored
     checkpoint, in ``TrainResult.validation_returns`` (and in the checkpoint, so a resumed run
     ends with every trial).
+    On the CPU it trains on its thread budget (``ml.agent.threads``): ``cfg.threads``, or its
+    share of the cores among the trainings its worker may run at once; the caller's torch thread
+    count is restored afterwards.
     """
+    if env.device.type != "cpu":
+        return _train(cfg, env, agent, segment, validate, log, checkpoint_path, collapse_share)
+    threads, reason = training_threads(cfg.threads)
+    logger.info("training with %d CPU thread%s: %s", threads, "s" * (threads != 1), reason)
+    with torch_threads(threads):
+        return _train(cfg, env, agent, segment, validate, log, checkpoint_path, collapse_share)
+
+
+def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[int, int],
+           validate: Callable[[ActorCritic], float | tuple[float, Sequence[float]]],
+           log: Callable[[dict, int], None] | None, checkpoint_path: Path | None,
+           collapse_share: float) -> TrainResult:
+    """:func:`train`'s loop, on the threads it was given."""
     device = env.device
     if device.type == "cpu":
         keep_freed_memory()

@@ -28,6 +28,7 @@ import torch
 
 from ml.config import CostConfig, EnvConfig
 from ml.env.action_space import ActionSpace
+from ml.env.risk import RiskOverlay
 from ml.market.series import MarketSeries
 
 BPS = 1e-4
@@ -85,13 +86,18 @@ class StepResult:
     nav: torch.Tensor  # [N] NAV at this bar's close (before any reset)
     cost: torch.Tensor  # [N] money paid in costs this step
     traded: torch.Tensor  # [N] traded notional / NAV (turnover contribution)
+    executed: torch.Tensor  # [N, A] the target that was filled (the policy's, after the risk overlay)
+    interventions: torch.Tensor | None = None  # [N, rules] exposure each risk rule removed (with an overlay)
+    trips: torch.Tensor | None = None  # [N, breakers] which risk breakers tripped on this bar (with an overlay)
 
 
 class TradingEnv:
     """N episodes over one aligned series of A assets.
 
     The series holds the raw bars [T, A, 5] and their precomputed causal features
-    [T, A * F] (row t reads bars <= t only).
+    [T, A * F] (row t reads bars <= t only). With a ``risk`` overlay every target passes
+    through it before the fill, so the agent learns under the limits it will trade with;
+    ``record_risk`` keeps what each rule did in every step's result.
     """
 
     # Everything that changes while episodes run, so a resumed training run steps on
@@ -99,7 +105,8 @@ class TradingEnv:
     _EPISODE_STATE = ("t", "end", "steps", "cash", "units", "nav", "start_nav", "peak_nav", "_position")
 
     def __init__(self, series: MarketSeries, n_envs: int, action_space: ActionSpace,
-                 costs: CostConfig = CostConfig(), config: EnvConfig = EnvConfig()):
+                 costs: CostConfig = CostConfig(), config: EnvConfig = EnvConfig(),
+                 risk: RiskOverlay | None = None, record_risk: bool = True):
         self.device = series.device
         self.features = series.features
         self.n_envs = n_envs
@@ -123,6 +130,12 @@ class TradingEnv:
         self.cash, self.nav, self.start_nav, self.peak_nav = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
         self.units = torch.zeros((n_envs,) + self.position_shape, dtype=torch.float64, device=self.device)
         self._position = torch.zeros((n_envs,) + self.position_shape, dtype=torch.float32, device=self.device)
+        self.risk = risk
+        self.record_risk = record_risk  # the overlay's per-rule records, for backtests; training skips them
+        if risk is not None:
+            self._risk_market = risk.market_inputs(series)
+            self.risk_state = risk.initial_state(zeros)
+            self._EPISODE_STATE = self._EPISODE_STATE + ("risk_state",)
 
     def reset(self, starts: torch.Tensor, ends: torch.Tensor,
               mask: torch.Tensor | None = None, nav: float = 1.0) -> None:
@@ -141,6 +154,8 @@ class TradingEnv:
         self.start_nav[index] = nav
         self.peak_nav[index] = nav
         self._position[index] = 0.0
+        if self.risk is not None:
+            self.risk_state[index] = self.risk.initial_state(self.nav[index])
 
     def observe(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features.index_select(0, self.t), self._position.clone()
@@ -155,6 +170,9 @@ class TradingEnv:
     def step(self, target: torch.Tensor) -> StepResult:
         """Fill the targets ([N, A], or [N] for one asset) at the next bar and mark it at its close."""
         target = self.action_space.project(target.double().reshape((self.n_envs,) + self.position_shape))
+        interventions = trips = None
+        if self.risk is not None:
+            target, interventions, trips = self._apply_risk(target)
         self.t += 1
         prices = self._fill_bar.index_select(0, self.t)
         close = prices[:, 1]
@@ -175,4 +193,16 @@ class TradingEnv:
         return StepResult(
             features=features, position=position, reward=reward.float(), shaping=shaping,
             terminated=terminated, truncated=truncated, nav=self.nav.clone(), cost=cost, traded=traded,
+            executed=target, interventions=interventions, trips=trips,
         )
+
+    def _apply_risk(self, target: torch.Tensor):
+        """The overlay's decision on bar t, from the book at t's close and the bar inputs up to t."""
+        market, t = self._risk_market, self.t
+        close = market.close.index_select(0, t)
+        held = self.units * close / self.nav.clamp(min=1e-12).unsqueeze(-1)
+        executed, self.risk_state, interventions, trips = self.risk(
+            target, held, self.nav, close, market.fill_price.index_select(0, t), market.mean.index_select(0, t),
+            market.covariance.index_select(0, t), market.session.index_select(0, t), self.risk_state,
+            self.record_risk)
+        return executed, interventions, trips

@@ -14,6 +14,7 @@ import numpy as np
 
 from ml.config import CostConfig
 from ml.env.action_space import ActionSpace
+from ml.env.risk import RiskOverlay
 from ml.evaluation.backtest import Backtest, run_backtest, target_series_policy
 from ml.market.series import MarketSeries
 
@@ -31,9 +32,10 @@ def scaled_costs(costs: CostConfig, multiple: float) -> CostConfig:
 
 def replay_at_cost_multiples(decisions, series: MarketSeries, segment: tuple[int, int], costs: CostConfig,
                              action_space: ActionSpace, multiples: tuple[float, ...] = DEFAULT_MULTIPLES,
-                             periods_per_year: float = 252.0) -> dict[float, Backtest]:
+                             periods_per_year: float = 252.0, risk: RiskOverlay | None = None) -> dict[float, Backtest]:
     """The decisions [bars - 1, A] of a backtest on ``segment`` (its ``decision``), replayed at
-    each multiple of ``costs``. At multiple 1 this reproduces the original backtest exactly."""
+    each multiple of ``costs``, through the same risk overlay. At multiple 1 this reproduces the
+    original backtest exactly."""
     first, last = segment
     if not 0 <= first < last < len(series.timestamps):
         raise ValueError(f"segment {segment} is not inside the series' {len(series.timestamps)} bars")
@@ -51,7 +53,7 @@ def replay_at_cost_multiples(decisions, series: MarketSeries, segment: tuple[int
     targets[first:] = decisions
     decide = target_series_policy(targets, series.device)
     return {float(m): run_backtest(decide, series, segment, scaled_costs(costs, float(m)), action_space,
-                                   periods_per_year)
+                                   periods_per_year, risk)
             for m in multiples}
 
 

@@ -204,6 +204,7 @@ _TEMPLATE = """<!DOCTYPE html>
 </dl>
 
 <h2>Folds</h2>
+{% if report.risk %}<p>The policy and every baseline below trade through the risk overlay (see "Risk overlay").</p>{% endif %}
 <table id="folds">
  <tr><th>fold</th><th>train</th><th>validation</th><th>test</th><th>policy Sharpe</th>
   {% for name in verdict_baselines %}<th>{{ label(name) }} Sharpe</th>{% endfor %}

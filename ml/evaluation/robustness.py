@@ -17,6 +17,7 @@ import pandas as pd
 
 from ml.config import PipelineConfig
 from ml.env.action_space import ActionSpace
+from ml.env.risk import RiskOverlay
 from ml.evaluation.backtest import Backtest, run_baselines
 from ml.evaluation.costs import edge_disappears_at, replay_at_cost_multiples, scaled_costs
 from ml.evaluation.exposure_stats import beta_alpha, equal_weight_index, regime_results
@@ -46,9 +47,12 @@ def fold_robustness(test: Backtest, baselines: dict[str, Backtest], series: Mark
     ppy = periods_per_year(config.data.interval, config.data.calendar)
     ledger = trade_ledger(test, *segment_prices(series, fold.test))
     policy_returns, benchmark_returns = bar_returns(test.nav), bar_returns(baselines[space.benchmark].nav)
-    replays = replay_at_cost_multiples(test.decision, series, fold.test, config.costs, space, COST_MULTIPLES, ppy)
+    risk = RiskOverlay.from_config(config, series.n_assets)
+    replays = replay_at_cost_multiples(test.decision, series, fold.test, config.costs, space, COST_MULTIPLES, ppy,
+                                       risk)
     benchmark_replays = {m: run_baselines(series, fold.test, scaled_costs(config.costs, m), space, fold.index,
-                                          names=(space.benchmark,), periods_per_year=ppy)[space.benchmark]
+                                          names=(space.benchmark,), periods_per_year=ppy,
+                                          risk=risk)[space.benchmark]
                          for m in COST_MULTIPLES}
     metrics = {m: replays[m].metrics(ppy) for m in COST_MULTIPLES}
     extras = {

@@ -62,6 +62,15 @@ def money_verdict(report: dict) -> str:
         sentences.append(f"Its edge over {label} " + ("does not survive even zero costs." if where == 0 else
                                                       f"disappears at {where:g}x costs." if where is not None else
                                                       "survives every cost multiple tried (up to 5x)."))
+    risk = report.get("risk")
+    if risk:
+        plain = risk["without_overlay"]
+        sentences.append(f"The policy and {label} both trade through the risk overlay here; without it, their mean "
+                         f"test Sharpes are {plain['policy']['sharpe']:.2f} and {plain[benchmark]['sharpe']:.2f}, and "
+                         f"their mean maximum drawdowns {plain['policy']['max_drawdown']:.1%} and "
+                         f"{plain[benchmark]['max_drawdown']:.1%} (with it: "
+                         f"{risk['with_overlay']['policy']['max_drawdown']:.1%} and "
+                         f"{risk['with_overlay'][benchmark]['max_drawdown']:.1%}).")
     if report["aggregate"].get("collapse_alarm"):
         sentences.append("At least one fold collapsed to one decision.")
     return " ".join(sentences)
@@ -118,6 +127,22 @@ SECTIONS = """
  {% for m in c.multiples %}<td>{{ fmt(row[m], "sharpe") }}</td>{% endfor %}</tr>{% endfor %}</table>
 <p>The edge disappears at: {% for name, m in c.edge_disappears_at.items() %}{{ label(name) }}
  {{ ("%g"|format(m) ~ "x") if m is not none else "beyond 5x" }}{% if not loop.last %}; {% endif %}{% endfor %}.</p>
+{% endif %}
+{% if report.risk %}{% set r = report.risk %}
+<h2>Risk overlay (test, mean over folds)</h2>
+<table><tr><th>strategy</th><th>overlay</th><th>Sharpe</th><th>total return</th><th>volatility</th><th>max drawdown</th>
+ <th>exposure</th><th>turnover / yr</th></tr>
+{% for name in r.with_overlay %}{% for side, tag in (("with_overlay", "on"), ("without_overlay", "off")) %}{% set m = r[side][name] %}
+<tr><td>{{ label(name) }}</td><td>{{ tag }}</td><td>{{ fmt(m.sharpe, "sharpe") }}</td><td>{{ fmt(m.total_return, "total_return") }}</td>
+ <td>{{ fmt(m.annualized_volatility, "max_drawdown") }}</td><td>{{ fmt(m.max_drawdown, "max_drawdown") }}</td>
+ <td>{{ fmt(m.average_exposure, "sharpe") }}</td><td>{{ fmt(m.annual_turnover, "annual_turnover") }}</td></tr>
+{% endfor %}{% endfor %}</table>
+<table><tr><th>rule (policy, test)</th><th>bars acted</th><th>folds</th><th>mean exposure removed</th><th>trips</th></tr>
+{% for rule, a in r.rules.items() %}{% if a.bars %}<tr><td>{{ label(rule) }}</td><td>{{ a.bars }}</td><td>{{ a.folds_acting }}</td>
+ <td>{{ fmt(a.mean_exposure_removed, "sharpe") }}</td><td>{{ a.trips if a.trips is defined else "–" }}</td></tr>{% endif %}{% endfor %}</table>
+<p>Every target passes through the overlay before its fill, in training, in every backtest and baseline
+ (the fold tables below), and inside the exported model. "off" replays the same trained policy and the benchmark
+ with nothing between target and fill. A negative exposure removed means volatility targeting added exposure.</p>
 {% endif %}
 {% if folds[0].trades %}
 <h2>Trades (test)</h2>

@@ -18,9 +18,11 @@ from ml.agent.policy import ActorCritic
 from ml.agent.ppo import TrainResult, train
 from ml.config import PipelineConfig
 from ml.env.action_space import make_action_space
+from ml.env.risk import RiskOverlay
 from ml.env.trading_env import TradingEnv
 from ml.evaluation.backtest import Backtest, run_backtest, run_baselines
 from ml.evaluation.metrics import bar_returns
+from ml.evaluation.risk_report import fold_risk
 from ml.evaluation.splits import Fold
 from ml.evaluation.statistics import (deflated_sharpe_ratio, expected_max_sharpe, probabilistic_sharpe_ratio,
                                       sharpe_ci)
@@ -29,9 +31,12 @@ from ml.market.series import MarketSeries
 
 
 def backtest_policy(agent: ActorCritic, series: MarketSeries, segment: tuple[int, int],
-                    config: PipelineConfig) -> Backtest:
+                    config: PipelineConfig, with_risk: bool = True) -> Backtest:
+    """The policy's greedy decisions on the segment, through the run's risk overlay (unless ``with_risk`` is off)."""
+    risk = RiskOverlay.from_config(config, series.n_assets) if with_risk else None
     return run_backtest(lambda features, position, _t: agent.decide(features, position), series, segment,
-                        config.costs, agent.action_space, periods_per_year(config.data.interval, config.data.calendar))
+                        config.costs, agent.action_space, periods_per_year(config.data.interval, config.data.calendar),
+                        risk)
 
 
 def selection_score(backtest: Backtest, config: PipelineConfig) -> float:
@@ -54,7 +59,8 @@ def train_fold(series: MarketSeries, fold: Fold, config: PipelineConfig,
     seed_everything(ppo.seed, ppo.deterministic)  # the initial weights are part of the seeded run
     agent = new_agent(series, config, fold)
     env_config = replace(config.env, periods_per_year=periods_per_year(config.data.interval, config.data.calendar))
-    env = TradingEnv(series, ppo.num_envs, agent.action_space, config.costs, env_config)
+    env = TradingEnv(series, ppo.num_envs, agent.action_space, config.costs, env_config,
+                     RiskOverlay.from_config(config, series.n_assets), record_risk=False)
 
     def validate(candidate: ActorCritic) -> tuple[float, np.ndarray]:
         # The bar returns go with the score: every checkpoint scored is a trial for the overfitting statistics.
@@ -102,10 +108,16 @@ def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: 
     space = agent.action_space
     validation = backtest_policy(agent, series, fold.validation, config)
     test = backtest_policy(agent, series, fold.test, config)
-    baselines = run_baselines(series, fold.test, config.costs, space, seed=fold.index, periods_per_year=ppy)
+    risk = RiskOverlay.from_config(config, series.n_assets)
+    baselines = run_baselines(series, fold.test, config.costs, space, seed=fold.index, periods_per_year=ppy,
+                              risk=risk)
+    if config.risk.target_volatility:  # the benchmark with volatility targeting alone, no breakers
+        baselines[f"{space.benchmark}_vol_target"] = run_baselines(
+            series, fold.test, config.costs, space, seed=fold.index, names=(space.benchmark,), periods_per_year=ppy,
+            risk=risk.volatility_only())[space.benchmark]
     # Reported for the gate's "learned something" rule; selection has already happened in training.
     validation_nulls = run_baselines(series, fold.validation, config.costs, space, seed=fold.index,
-                                     names=space.null_baselines, periods_per_year=ppy)
+                                     names=space.null_baselines, periods_per_year=ppy, risk=risk)
     result = {
         "index": fold.index,
         **fold.dates(series.timestamps),
@@ -117,6 +129,11 @@ def evaluate_fold(agent: ActorCritic, series: MarketSeries, fold: Fold, config: 
         "baselines": {name: bt.metrics(ppy) | uncertainty(bt, ppy) for name, bt in baselines.items()},
         "validation_baselines": {name: bt.metrics(ppy) for name, bt in validation_nulls.items()},
     }
+    if risk is not None:
+        unmanaged = {"policy": backtest_policy(agent, series, fold.test, config, with_risk=False),
+                     space.benchmark: run_baselines(series, fold.test, config.costs, space, seed=fold.index,
+                                                    names=(space.benchmark,), periods_per_year=ppy)[space.benchmark]}
+        result["risk"] = fold_risk({"policy": test, space.benchmark: baselines[space.benchmark]}, unmanaged, ppy)
     return result, test, baselines
 
 

@@ -7,6 +7,8 @@ Both read the run folder that the earlier stages filled and return small referen
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 
 from ml.agent.policy import load_policy
 from ml.config import PipelineConfig
+from ml.env.risk import STATE_SCALARS, RiskOverlay
 from ml.evaluation.html_report import render_html_report
 from ml.market.features import FEATURE_SET_VERSION
 from ml.market.series import MarketSeries
@@ -35,6 +38,7 @@ def export_model(run_dir: Path) -> dict:
     _, checkpoint = load_agent(run, latest["index"])
     policy = load_policy(checkpoint)
     space = policy.action_space
+    policy.risk = RiskOverlay.from_config(config, space.n_assets)
     metadata = {
         "lookback": config.lookback, "interval": data["interval"], "symbol": data["symbol"],
         "feature_set_version": FEATURE_SET_VERSION,
@@ -49,12 +53,18 @@ def export_model(run_dir: Path) -> dict:
     }
     if config.data.symbols:
         metadata["symbols"] = ",".join(config.data.symbols)  # the order of the asset axis
+    if policy.risk is not None:  # the overlay in the graph; ml.serving derives the session input from these
+        metadata["risk"] = json.dumps(dataclasses.asdict(config.risk), sort_keys=True)
+        metadata["risk_state"] = ",".join(STATE_SCALARS + ("entry_price[asset]", "stop_cooldown[asset]"))
     path = export_onnx(policy, run.model, metadata)
     ohlcv = read_market(run, config, torch.device("cpu")).ohlcv.numpy()
     first, last = latest["test"]["first_bar"], latest["test"]["last_bar"]
     windows, positions = real_windows(policy, ohlcv, first, last, config.gate.parity_windows)
     parity = check_parity(policy, path, windows, positions, config.gate.parity_tolerance)
-    np.savez(run.parity_windows, ohlcv=windows[:4], position=positions[:4])
+    examples = {"ohlcv": windows[:4], "position": positions[:4]}
+    if policy.risk is not None:
+        examples |= dict(zip(("nav", "session", "risk_state"), (t.numpy() for t in policy.risk.example_inputs(4))))
+    np.savez(run.parity_windows, **examples)
     write_json(run.parity, parity.as_dict())
     return {"onnx": str(path), "parity": parity.as_dict()}
 
@@ -75,9 +85,10 @@ def register(run_dir: Path) -> dict:
     client = store_client(uri)
     example = np.load(run.parity_windows)
     policy = Policy(run.model, prefer_gpu=False)
-    input_names = [i.name for i in policy.session.get_inputs()]  # ohlcv, then position or weights
-    version = registry.register_onnx(uri, run_id, name, run.model,
-                                     dict(zip(input_names, (example["ohlcv"], example["position"]))),
+    # ohlcv, then position or weights, then the risk overlay's inputs when it has one
+    input_names = [i.name for i in policy.session.get_inputs()]
+    arrays = [example[key] for key in ("ohlcv", "position", "nav", "session", "risk_state") if key in example]
+    version = registry.register_onnx(uri, run_id, name, run.model, dict(zip(input_names, arrays)),
                                      tags={"dataset_hash": data["dataset_hash"], "code_version": code_version()})
 
     def judge(champion: str | None) -> dict:

@@ -63,6 +63,9 @@ class RunFolder:
     def test_trades(self, fold: int) -> Path:
         return self.root / f"fold_{fold}_test_trades.csv"
 
+    def test_risk(self, fold: int) -> Path:
+        return self.root / f"fold_{fold}_test_risk.csv"
+
     def plot(self, name: str) -> Path:
         return self.plots / f"{name}.png"
 

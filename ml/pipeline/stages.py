@@ -11,6 +11,7 @@ A single asset is a portfolio of one: every stage runs the same code for both.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import replace
@@ -31,6 +32,7 @@ from ml.evaluation.html_report import render_html_report
 from ml.evaluation.plots import (plot_equity_and_drawdown, plot_exposure_histogram, plot_fold_bars,
                                  plot_mean_weights)
 from ml.evaluation.splits import Fold, walk_forward_folds
+from ml.evaluation.risk_report import intervention_log, risk_metrics, run_risk
 from ml.evaluation.robustness import fold_robustness, run_robustness
 from ml.evaluation.walkforward import aggregate, backtest_policy, evaluate_fold, train_fold
 from ml.market.calendar import periods_per_year
@@ -41,7 +43,7 @@ from ml.pipeline.rundir import (HISTORY, POLICY, TRAIN_STATE, TRAINING, VALIDATI
 from ml.release.tracking import RunMetrics, flatten, log_metrics, resolve_tracking, start_run
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA_VERSION = "2.0"
+REPORT_SCHEMA_VERSION = "2.1"
 # Training metrics the tracking server did not get by the end of a fold; evaluate sends them.
 PENDING_METRICS = "pending_metrics.jsonl"
 
@@ -208,6 +210,9 @@ def evaluate(run_dir: Path) -> dict:
                                          validation_trials(run, fold.index, training))
         report.update(extras)
         ledger.to_csv(run.test_trades(fold.index), index=False)
+        if test.interventions is not None:
+            intervention_log(test).to_csv(run.test_risk(fold.index), index=False)
+            report["risk_log"] = run.test_risk(fold.index).name
         test.frame().to_csv(run.test_equity(fold.index), index=False)
         curves = pd.DataFrame({"timestamp": test.timestamps, "policy": test.nav,
                                **{name: bt.nav for name, bt in baselines.items()}})
@@ -233,6 +238,9 @@ def evaluate(run_dir: Path) -> dict:
         "folds": fold_reports, "aggregate": aggregate(fold_reports),
         **run_robustness(fold_reports, all_curves, all_tests, all_baselines, config, space),
     }
+    risk = run_risk(fold_reports, dataclasses.asdict(config.risk))
+    if risk is not None:
+        report["risk"] = risk
     images["Test Sharpe per fold"] = plot_fold_bars(report, run.plot("fold_sharpe"))
     images["Test total return per fold"] = plot_fold_bars(report, run.plot("fold_return"), metric="total_return")
     if "test_mean_weights" in fold_reports[0]["policy"]:
@@ -251,6 +259,8 @@ def evaluate(run_dir: Path) -> dict:
     flat.update({f"test/mean/policy/{k}": v for k, v in report["aggregate"]["policy"].items()})
     flat.update({f"test/mean/{benchmark}/{k}": v
                  for k, v in report["aggregate"]["baselines"][benchmark].items()})
+    if risk is not None:
+        flat.update(risk_metrics(risk))
     log_metrics(tracking["tracking_uri"], tracking["run_id"], flat)  # an absent server fails here in seconds
     for fold in fold_reports:  # then what training could not send
         kept = run.fold(fold["index"]) / PENDING_METRICS

@@ -10,6 +10,10 @@ Contract (portfolio of A assets): inputs ``ohlcv`` float32 [batch, lookback,
 A, 5] and ``weights`` float32 [batch, A] (current weights, cash excluded);
 outputs ``target_weights`` float32 [batch, A] (long-only, summing to at most
 1, the rest in cash) and ``value`` [batch, 1].
+
+With a risk overlay (``risk:`` in the config) the graph also takes ``nav``
+[batch, 1], ``session`` [batch, 2] and ``risk_state`` [batch, S] and returns
+``executed_target`` [batch, A] and ``next_risk_state`` [batch, S].
 """
 
 from __future__ import annotations
@@ -26,19 +30,32 @@ from ml.agent.policy import ExportPolicy
 from ml.serving import create_session
 
 
+RISK_INPUTS = ("nav", "session", "risk_state")
+RISK_OUTPUTS = ("executed_target", "next_risk_state")
+
+
+def input_names(policy: ExportPolicy) -> list[str]:
+    return list(policy.action_space.input_names) + (list(RISK_INPUTS) if policy.risk is not None else [])
+
+
+def output_names(policy: ExportPolicy) -> list[str]:
+    return list(policy.action_space.output_names) + (list(RISK_OUTPUTS) if policy.risk is not None else [])
+
+
 def export_onnx(policy: ExportPolicy, path: str | Path, metadata: dict[str, str]) -> Path:
     """Write the policy graph with a dynamic batch axis and ``metadata_props``."""
     path = Path(path)
     policy = policy.cpu().eval()
-    space = policy.action_space
-    names = list(space.input_names)
+    names, outputs = input_names(policy), output_names(policy)
+    example = policy.action_space.example_inputs(policy.features.lookback)
+    if policy.risk is not None:
+        example = example + policy.risk.example_inputs(example[0].shape[0])
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            policy, space.example_inputs(policy.features.lookback), input_names=names,
-            output_names=list(space.output_names),
-            dynamic_shapes=({0: batch}, {0: batch}),
+            policy, example, input_names=names, output_names=outputs,
+            dynamic_shapes=tuple({0: batch} for _ in names),
             dynamo=True, external_data=False, verbose=False,
         )
     model = program.model_proto
@@ -76,12 +93,16 @@ def real_windows(policy: ExportPolicy, ohlcv: np.ndarray, first: int, last: int,
 
 def check_parity(policy: ExportPolicy, onnx_path: str | Path, windows: np.ndarray,
                  positions: np.ndarray, tolerance: float = 1e-5) -> ParityResult:
-    """Run onnxruntime and torch on the same real windows (and positions or weights); compare every output."""
-    space = policy.action_space
+    """Run onnxruntime and torch on the same real windows (and positions or weights); compare every output.
+
+    A risk overlay gets plausible account states too (some in drawdown, some after a loss)."""
+    inputs = [torch.from_numpy(windows), torch.from_numpy(positions)]
+    if policy.risk is not None:
+        inputs += policy.risk.example_inputs(len(windows))
     session = create_session(onnx_path)
-    got = session.run(list(space.output_names), dict(zip(space.input_names, (windows, positions))))
+    got = session.run(output_names(policy), dict(zip(input_names(policy), (t.numpy() for t in inputs))))
     with torch.no_grad():
-        want = [t.numpy() for t in policy.cpu().eval()(torch.from_numpy(windows), torch.from_numpy(positions))]
+        want = [t.numpy() for t in policy.cpu().eval()(*inputs)]
     diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
     return ParityResult(passed=bool(diff <= tolerance), max_abs_diff=diff, windows=len(windows),
                         provider=session.get_providers()[0], tolerance=tolerance)

@@ -17,6 +17,7 @@ import torch
 
 from ml.config import GateConfig, PipelineConfig
 from ml.env.action_space import make_action_space
+from ml.env.risk import RiskOverlay
 from ml.evaluation.backtest import run_backtest
 from ml.evaluation.statistics import sharpe_difference_bound
 from ml.market.calendar import periods_per_year
@@ -129,17 +130,23 @@ def _learned_something(decision: GateDecision, report: dict) -> None:
 
 
 def onnx_decide(policy: Policy, ohlcv: np.ndarray):
-    """A backtest decision function that runs an exported model on raw windows of ``ohlcv`` [T, A, 5]."""
+    """A backtest decision function that runs an exported model on raw windows of ``ohlcv`` [T, A, 5].
+
+    It returns the policy's own target; the backtest applies the risk overlay of the run, if any.
+    """
     session, lookback = policy.session, policy.lookback
     # The graph's own names and window shape: [1, L, 5] + position, or [1, L, A, 5] + weights.
-    (window_input, window_shape), (position_input, _) = [(i.name, i.shape) for i in session.get_inputs()]
+    (window_input, window_shape), (position_input, _), *risk_inputs = [(i.name, i.shape) for i in session.get_inputs()]
     target_output = session.get_outputs()[0].name
     shape = (1, *window_shape[1:])
+    # A model with an overlay wants the account too; its first output (the policy's target) does not read it.
+    account = ({"nav": np.ones((1, 1), np.float32), "session": np.zeros((1, 2), np.float32),
+                "risk_state": policy.initial_risk_state(np.ones(1))} if risk_inputs else {})
 
     def decide(_features, position, t):
         window = ohlcv[t - lookback + 1:t + 1].reshape(shape).astype(np.float32)
         held = position.reshape(1, -1).cpu().numpy().astype(np.float32)
-        out = session.run([target_output], {window_input: window, position_input: held})[0]
+        out = session.run([target_output], {window_input: window, position_input: held, **account})[0]
         return torch.as_tensor(out.reshape(-1))
 
     return decide
@@ -162,7 +169,8 @@ def compare_on_unseen_window(challenger_onnx: Path, champion_onnx: Path, champio
         if first < policy.lookback - 1:
             return {"skipped": f"{name} needs {policy.lookback} bars of history before the window"}
         backtest = run_backtest(onnx_decide(policy, ohlcv), series, (first, last), config.costs,
-                                make_action_space(config.action, series.n_assets), ppy)
+                                make_action_space(config.action, series.n_assets), ppy,
+                                RiskOverlay.from_config(config, series.n_assets))
         sharpe[name], navs[name] = backtest.metrics(ppy)["sharpe"], backtest.nav
     confidence = config.gate.champion_confidence
     _, low = sharpe_difference_bound(navs["challenger"], navs["champion"], ppy, confidence)

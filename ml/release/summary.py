@@ -37,9 +37,16 @@ def registry_summary(model_name: str, tracking_uri: str | None = None) -> str:
         "Out-of-sample (walk-forward test folds, mean):",
         f"  {'':14s}{'total return':>14s}{'ann. return':>13s}{'Sharpe':>8s}{'max DD':>9s}",
     ]
-    for name, prefix in (("policy", "test/mean/policy/"), (label, f"test/mean/{benchmark}/")):
+    rows = [("policy", "test/mean/policy/"), (label, f"test/mean/{benchmark}/")]
+    if "risk/without_overlay/policy/sharpe" in metrics:  # the same folds with nothing between target and fill
+        lines[-2] = "Out-of-sample (walk-forward test folds, mean; traded through the risk overlay):"
+        rows += [("policy, no overlay", "risk/without_overlay/policy/"),
+                 (f"{label}, no overlay"[:24], f"risk/without_overlay/{benchmark}/")]
+    width = max(len(name) for name, _ in rows) + 2
+    lines[-1] = f"  {'':{width}s}{'total return':>14s}{'ann. return':>13s}{'Sharpe':>8s}{'max DD':>9s}"
+    for name, prefix in rows:
         lines.append(
-            f"  {name:14s}{metrics.get(prefix + 'total_return', float('nan')):>+14.2%}"
+            f"  {name:{width}s}{metrics.get(prefix + 'total_return', float('nan')):>+14.2%}"
             f"{metrics.get(prefix + 'annualized_return', float('nan')):>+13.2%}"
             f"{metrics.get(prefix + 'sharpe', float('nan')):>8.2f}"
             f"{metrics.get(prefix + 'max_drawdown', float('nan')):>+9.2%}"

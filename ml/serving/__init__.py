@@ -4,6 +4,10 @@
     policy = Policy.load("models:/ppo_GSPC_1d@champion")   # or a path to model.onnx
     exposure = policy.decide(ohlcv_window, position)        # [B, L, 5], [B, 1] -> [B, 1]
 
+A model trained with a risk overlay (metadata ``risk``) runs it inside the graph and needs the
+account: ``decision = policy.decide_with_risk(window, position, nav, timestamps, state)`` returns
+the executed target and the state to pass back with the next bar (``RiskDecision``).
+
 A portfolio model (metadata ``symbols``) takes ``ohlcv`` [B, L, A, 5] with the assets
 in that order and the current ``weights`` [B, A], and returns target weights [B, A].
 
@@ -16,18 +20,21 @@ increasing, not in the future and, with ``max_age``, recent enough.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from ml.market.sessions import session_schedule
 from ml.serving.bars import MAX_ABS_LOG_RETURN, BarRules, InputError
 from ml.serving.files import bars_to_window, portfolio_window
 
-__all__ = ["InputError", "ModelLoadError", "Policy", "bars_to_window", "create_session", "cuda_driver_present",
-           "portfolio_window", "resolve_model_path"]
+__all__ = ["InputError", "ModelLoadError", "Policy", "RiskDecision", "bars_to_window", "create_session",
+           "cuda_driver_present", "portfolio_window", "resolve_model_path"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,18 @@ def _reads_ohlc(metadata: dict) -> bool:
     return True
 
 
+@dataclass
+class RiskDecision:
+    target: np.ndarray  # [B, A] the executed target: what the account should hold after the next fill
+    policy_target: np.ndarray  # [B, A] the policy's own target, before the risk overlay
+    state: np.ndarray  # [B, S] the overlay's memory: pass it back unchanged with the next bar
+
+
+# The overlay's state: these scalars, then an entry price and a stop cool-down per asset (the layout of
+# ml.env.risk, which serving cannot import: it needs torch; a test holds the two together).
+_RISK_STATE_SCALARS = 6
+
+
 class Policy:
     """An exported policy with input checks.
 
@@ -142,6 +161,8 @@ class Policy:
             raise ModelLoadError(f"{self.path}: not a loadable ONNX model ({_first_line(exc)})") from None
         # Portfolio models name their assets; the asset axis of the inputs follows this order.
         self.symbols = self.metadata["symbols"].split(",") if self.metadata.get("symbols") else None
+        # The risk overlay's settings, when the model runs one (its session rules need them here).
+        self.risk = json.loads(self.metadata["risk"]) if self.metadata.get("risk") else None
         self.rules = BarRules(reads_ohlc=_reads_ohlc(self.metadata), max_abs_log_return=max_abs_log_return,
                               max_stale_bars=max_stale_bars,
                               max_age=np.timedelta64(max_age, "ns") if max_age is not None else None,
@@ -186,16 +207,61 @@ class Policy:
         if timestamps is not None:
             self.rules.check_timestamps(timestamps, ohlcv.shape[0], self.lookback)
         # max() propagates NaN, and NaN <= 1 is False: one comparison covers finite and range.
-        if assets and not (position.min(initial=0.0) >= -1e-6 and position.sum(axis=1).max(initial=0.0) <= 1.0 + 1e-6):
-            raise InputError("weights: must be finite, non-negative and sum to at most 1 (the rest is cash)")
-        if not assets and not np.abs(position).max(initial=0.0) <= 1.0 + 1e-6:
-            raise InputError("position: must be finite and within [-1, 1]")
+        # A risk overlay may lever up to its max_leverage.
+        limit = float(self.risk["max_leverage"]) if self.risk else 1.0
+        if assets and not (position.min(initial=0.0) >= -1e-6
+                           and position.sum(axis=1).max(initial=0.0) <= limit + 1e-6):
+            raise InputError(f"weights: must be finite, non-negative and sum to at most {limit:g} (the rest is cash)")
+        if not assets and not np.abs(position).max(initial=0.0) <= limit + 1e-6:
+            raise InputError(f"position: must be finite and within [-{limit:g}, {limit:g}]")
         return ohlcv, position
 
     def decide(self, ohlcv: np.ndarray, position: np.ndarray, timestamps: np.ndarray | None = None) -> np.ndarray:
         """Target exposures [B, 1]; for a portfolio model ``position`` is the weights and this
         returns target weights [B, A]. ``timestamps``: see ``validate``."""
         ohlcv, position = self.validate(ohlcv, position, timestamps)
+        if self.risk is not None:
+            raise InputError("this model applies a risk overlay: call decide_with_risk(ohlcv, position, nav, "
+                             "timestamps, state) so that its limits hold")
         if self.symbols is not None:
             return self.session.run(["target_weights"], {"ohlcv": ohlcv, "weights": position})[0]
         return self.session.run(["target_exposure"], {"ohlcv": ohlcv, "position": position})[0]
+
+    def initial_risk_state(self, nav: np.ndarray) -> np.ndarray:
+        """The overlay's state of fresh accounts [B, S] at ``nav`` [B]: at their peak, before any session."""
+        nav = np.asarray(nav, dtype=np.float32).reshape(-1)
+        state = np.zeros((len(nav), _RISK_STATE_SCALARS + 2 * (len(self.symbols or ()) or 1)), dtype=np.float32)
+        state[:, 0], state[:, 1], state[:, 2], state[:, 3] = nav, nav, -1.0, nav
+        return state
+
+    def decide_with_risk(self, ohlcv: np.ndarray, position: np.ndarray, nav, timestamps,
+                         state: np.ndarray | None = None) -> RiskDecision:
+        """The executed target of a model with a risk overlay, for accounts at ``nav`` [B] (the
+        account's value at the last bar's close, any currency). ``timestamps`` (required) give the
+        session; ``state`` is what the previous call returned (None: a fresh account)."""
+        if self.risk is None:
+            raise InputError("this model has no risk overlay: call decide(ohlcv, position)")
+        if timestamps is None:
+            raise InputError("timestamps: required by the risk overlay (sessions and the loss limit follow them)")
+        ohlcv, position = self.validate(ohlcv, position, timestamps)
+        batch = ohlcv.shape[0]
+        try:
+            nav = np.asarray(nav, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise InputError("nav: must be numbers, one per window") from None
+        if nav.shape != (batch,) or not (nav > 0).all() or not np.isfinite(nav).all():
+            raise InputError(f"nav: must be {batch} finite values above 0, one per window")
+        state = self.initial_risk_state(nav) if state is None else np.asarray(state, dtype=np.float32)
+        expected = self.initial_risk_state(nav).shape
+        if state.shape != expected or not np.isfinite(state).all():
+            raise InputError(f"state: must be the finite [{expected[0]}, {expected[1]}] array the last decision "
+                             "returned (or None for a fresh account)")
+        stamps = np.asarray(timestamps)
+        last = stamps[-1:] if stamps.ndim == 1 else stamps[:, -1]
+        day, bars_left = session_schedule(np.broadcast_to(last, (batch,)), self.metadata["interval"],
+                                          self.risk["session_timezone"], self.risk["session_close"])
+        session = np.stack([day, bars_left], axis=1).astype(np.float32)
+        held, target = ("weights", "target_weights") if self.symbols else ("position", "target_exposure")
+        inputs = {"ohlcv": ohlcv, held: position, "nav": nav.reshape(-1, 1), "session": session, "risk_state": state}
+        policy_target, executed, next_state = self.session.run([target, "executed_target", "next_risk_state"], inputs)
+        return RiskDecision(target=executed, policy_target=policy_target.reshape(executed.shape), state=next_state)
