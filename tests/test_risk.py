@@ -150,6 +150,11 @@ def test_session_schedule_from_the_exchange_clock():
     assert day[0] == day[1] and day[2] == day[3] and day[2] - day[0] == 3
     day, left = session_schedule(stamps, "1d")
     assert left.tolist() == [0, 0, 0, 0]  # a daily bar is a session of its own
+    # After the close a bar belongs to the next session, the next calendar day's (weekends and
+    # holidays are not in the clock): 16:00 and 23:00 New York are 24 and 17 hourly bars from its close.
+    late = pd.to_datetime(["2024-03-08 21:00", "2024-03-09 04:00"], utc=True)
+    late_day, late_left = session_schedule(late, "1h")
+    assert late_day.tolist() == [day[0] + 1, day[0] + 1] and late_left.tolist() == [23, 16]
 
 
 def test_session_loss_limit_fires_on_the_hand_computed_bar_and_resets_next_session():
@@ -375,3 +380,18 @@ def test_the_leverage_cap_cuts_a_target_above_it_and_volatility_targeting_only_i
     # At 5% the scale-up (x2.83) stops at gross 1 by itself: one intervention, adding 0.2.
     np.testing.assert_allclose(executed[1].numpy(), [0.5, 0.5], atol=1e-12)
     assert removed[1, vol] == pytest.approx(-0.2, abs=1e-12) and removed[1, cap] == 0.0
+
+
+def test_serving_takes_a_levered_position_that_drifted_past_the_cap(overlay_model):
+    *_, series, segment, backtest, path = overlay_model
+    served = Policy(path, prefer_gpu=False, max_stale_bars=None)
+    t = segment[0]
+    window = slice(t - MIN_LOOKBACK + 1, t + 1)
+    # Short 1.5 (the cap), then a 5% rise: the account now holds -1.5 * 1.05 / (1 - 0.075) = -1.70.
+    drifted = np.array([[-1.5 * 1.05 / (1 - 0.075)]], dtype=np.float32)
+    decision = served.decide_with_risk(series.ohlcv[window, 0].numpy(), drifted, 1.0,
+                                       series.timestamps.to_numpy()[window])
+    assert abs(decision.target[0, 0]) <= 1.5 + 1e-6
+    with pytest.raises(InputError, match=r"position: must be finite and within \[-10, 10\]"):
+        served.decide_with_risk(series.ohlcv[window, 0].numpy(), np.array([[np.nan]]), 1.0,
+                                series.timestamps.to_numpy()[window])

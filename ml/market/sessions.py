@@ -5,7 +5,9 @@ no new positions near the close) need both. They come from the exchange's schedu
 session closes at a fixed local time), never from the bars that follow, so a backtest and a
 live service that sees one bar at a time compute the same values. Daily and longer bars are
 each a session of their own. Half days and holidays are not in the schedule: on a half day the
-close rules act late. numpy and pandas only: ``ml.serving`` uses it without torch.
+close rules act late. A bar that starts at or after the close (extended hours, a market that
+trades around the clock) belongs to the next session. numpy and pandas only: ``ml.serving`` uses
+it without torch.
 """
 
 from __future__ import annotations
@@ -37,10 +39,18 @@ def session_schedule(timestamps, interval: str, timezone: str = "America/New_Yor
         days = (stamps.tz_localize(None).values.astype("datetime64[D]") - _EPOCH).astype("int64")
         return days, np.zeros(len(stamps), dtype="int64")
     local = stamps.tz_convert(timezone)
-    midnight = local.normalize()
+    dates = local.tz_localize(None).normalize()  # the local calendar date, as naive midnight
     hours, minutes = (int(part) for part in close.split(":"))
-    session_close = midnight + pd.Timedelta(hours=hours, minutes=minutes)
-    minutes_left = (session_close - local).total_seconds().to_numpy() / 60.0
+    to_close = pd.Timedelta(hours=hours, minutes=minutes)
+
+    def close_on(day: pd.DatetimeIndex) -> pd.DatetimeIndex:
+        # The close as a local wall-clock time (so a DST switch that day does not move it).
+        return (day + to_close).tz_localize(timezone, ambiguous=True, nonexistent="shift_forward")
+
+    # A bar at or after the close (extended hours, a 24-hour market) belongs to the next session.
+    after_close = np.asarray(local >= close_on(dates))
+    session_date = dates + pd.to_timedelta(after_close.astype("int64"), unit="D")
+    minutes_left = (close_on(session_date) - local).total_seconds().to_numpy() / 60.0
     bars_left = np.maximum(np.ceil(minutes_left / bar_minutes(interval)) - 1, 0).astype("int64")
-    days = (midnight.tz_localize(None).values.astype("datetime64[D]") - _EPOCH).astype("int64")
+    days = (session_date.values.astype("datetime64[D]") - _EPOCH).astype("int64")
     return days, bars_left
