@@ -1,9 +1,11 @@
-# Two entry points: `make demo` (the whole pipeline on the bundled sample) and `make test`.
+# Entry points: `make demo` (the whole pipeline on the bundled sample), `make test`, and `make ui`
+# (the Airflow UI on http://127.0.0.1:8080).
 PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed
+BROWSER := /usr/bin/chromium
 
-.PHONY: demo test venv clean stack-env
+.PHONY: demo test ui venv clean stack-env
 
 venv: $(STAMP)
 
@@ -17,8 +19,18 @@ $(STAMP): requirements.txt pyproject.toml setup.py ml/fastpath/csrc/tanh_mlp.cpp
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The browser tests drive Debian's Chromium: installed once where apt and root are available.
+$(BROWSER):
+	@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] || { \
+		echo "the browser tests need Debian's Chromium at $(BROWSER): apt-get install -y chromium"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
+# The README's UI command: every Airflow component on this machine, UI and API on 127.0.0.1 only.
+ui: $(STAMP)
+	bash -c 'source scripts/env.sh && exec airflow standalone'
 
 # docker/.env for the compose stack, with random secrets; never overwrites an existing one.
 stack-env:

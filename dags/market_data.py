@@ -1,10 +1,11 @@
 """
 ### Market data into the lake
 
-Every weekday after the US close: for each symbol, pull the bars after the
-last curated one (plus a few overlap bars, to catch revisions), keep the pull
-as raw, run the Great Expectations gate on the merged series, then update the
-curated partition, or quarantine the batch with its validation result.
+Every weekday at 21:30 UTC (cron `30 21 * * 1-5`), after the New York close: for
+each symbol, pull the bars after the last curated one (plus a few overlap bars,
+to catch revisions), keep the pull as raw, run the Great Expectations gate on the
+merged series, then update the curated partition, or quarantine the batch with
+its validation result.
 
 One mapped task per symbol (labelled by the symbol), so one failing ticker
 never stops the others. A quarantined batch or bad input fails its task
@@ -55,6 +56,7 @@ def log_failure(context) -> None:
 
 @dag(
     dag_id="market_data",
+    description="Weekdays 21:30 UTC (cron 30 21 * * 1-5), after the New York close: pull, gate, curate.",
     schedule="30 21 * * 1-5",  # 21:30 UTC: after the 16:00 New York close, summer and winter
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -78,7 +80,7 @@ def log_failure(context) -> None:
                            description="Lake root: a folder or s3://bucket/prefix."),
         "calendar": Param("equity", enum=["equity", "crypto"],
                           description="Session calendar the gap rule counts in (crypto trades every day)."),
-        "overlap_bars": Param(5, type="integer", minimum=1, maximum=500,
+        "overlap_bars": Param(5, type="integer", allOf=[{"minimum": 1, "maximum": 500}], title="overlap_bars (1 to 500)",
                               description="Stored bars fetched again to catch revisions."),
     },
 )

@@ -7,6 +7,7 @@
     summary        what the registry holds for a model: versions, aliases, gate, metrics
     registry promote | rollback   move `champion` by hand (only to versions that passed their gate)
     serve          decide target exposures from a bars file with a registered or local model
+                   (--http: answer over HTTP, following the champion alias as it moves)
 """
 
 from __future__ import annotations
@@ -147,8 +148,25 @@ def _decide(policy, window, held, timestamps, args: argparse.Namespace):
                                     "risk_state": [float(x) for x in decision.state[0]]}
 
 
+def _serve_http(args: argparse.Namespace) -> int:
+    """The HTTP service: loads the model first, so a model that cannot be loaded is one line and exit 2."""
+    from ml.service import Champion, run_http
+    from ml.serving import ModelLoadError
+
+    try:
+        champion = Champion(args.model, tracking_uri=args.tracking_uri, reload_interval=args.reload_interval,
+                            max_age=args.max_age, intra_op_threads=args.intra_op_threads)
+    except ModelLoadError as exc:
+        print(f"REJECTED {exc}", file=sys.stderr)
+        return 2
+    run_http(champion, args.host, args.port, max_batch=args.max_batch)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Decide on the last ``lookback`` bars of a file: what a downstream service does each bar."""
+    if args.http:
+        return _serve_http(args)
     import numpy as np
 
     from ml.serving import InputError, ModelLoadError, Policy, bars_to_window, portfolio_window
@@ -253,9 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="target exposure (or portfolio weights) for the latest bars of "
                                               "CSV/parquet files")
     serve.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION or a .onnx path")
-    serve.add_argument("--bars", required=True, nargs="+",
-                       help="CSV/parquet with at least `lookback` bars; a portfolio model takes one file per asset, "
-                            "in the order of its symbols")
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bars", nargs="+",
+                        help="CSV/parquet with at least `lookback` bars; a portfolio model takes one file per asset, "
+                             "in the order of its symbols")
+    source.add_argument("--http", action="store_true",
+                        help="answer POST /decide and /decide/batch over HTTP instead (GET /health, /model); "
+                             "a models:/NAME@ALIAS model is reloaded when the alias moves")
     serve.add_argument("--position", type=float, default=0.0, help="current exposure in [-1, 1]")
     serve.add_argument("--weights", type=float, nargs="+", help="portfolio: current weight of each asset")
     serve.add_argument("--nav", type=float, default=1.0,
@@ -265,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-age", type=_age,
                        help="refuse bars whose last timestamp is older than this (e.g. 36h, 3d; default: no limit)")
     serve.add_argument("--tracking-uri")
+    http = serve.add_argument_group("HTTP service (--http)")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--reload-interval", type=float, default=30.0, metavar="SECONDS",
+                      help="how often to ask the registry where the alias points (0: never)")
+    http.add_argument("--max-batch", type=int, default=4096, help="most windows in one /decide/batch request")
+    http.add_argument("--intra-op-threads", type=int,
+                      help="onnxruntime threads per model call (default: one per core)")
     serve.set_defaults(run=_serve)
     return parser
 

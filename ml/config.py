@@ -70,6 +70,9 @@ class DataConfig:
     symbol: str = _setting("GSPC", is_symbol, SYMBOL_RULE)
     # Two or more: portfolio mode over these (with action.mode: portfolio).
     symbols: tuple[str, ...] = _setting((), lambda v: all(map(is_symbol, v)), f"each symbol {SYMBOL_RULE}")
+    # The symbols a scheduled run retrains, one model each (the DAG maps one training per symbol).
+    universe: tuple[str, ...] = _setting((), lambda v: all(map(is_symbol, v)) and len(set(v)) == len(v),
+                                         f"each symbol once, each {SYMBOL_RULE}")
     interval: str = _setting("1d", choices=INTERVALS)
     path: str | None = None  # the file for source=file; the lake root for source=lake
     start: str | None = None
@@ -168,6 +171,17 @@ class SplitConfig:
     purge_bars: int | None = _setting(None, *_at_least(0))  # None = lookback + 1 (window + one-bar fill horizon)
     embargo_bars: int = _setting(5, *_at_least(0))
     min_train_bars: int = _setting(500, *_at_least(1))
+    # walkforward: the folds above. cpcv: the same folds (they give the exported model and feed the
+    # gate), plus one policy per combinatorial purged CV split, reported under the report's `cpcv`.
+    method: str = _setting("walkforward", choices=("walkforward", "cpcv"))
+    n_groups: int = _setting(6, *_at_least(3))  # cpcv: consecutive groups of bars ...
+    n_test_groups: int = _setting(2, *_at_least(1))  # ... of which every choice of this many is tested
+
+    def __post_init__(self):
+        # Besides the test groups, each split holds one group out for validation and trains on the rest.
+        if self.n_test_groups > self.n_groups - 2:
+            raise ConfigError(f"splits.n_test_groups = {self.n_test_groups}: must be at most splits.n_groups - 2 "
+                              f"({self.n_groups - 2}), leaving a validation group and a train group")
 
 
 @dataclass(frozen=True)
@@ -306,6 +320,10 @@ class PipelineConfig:
         if (risk.flat_at_session_close or risk.no_new_positions_bars) and self.data.interval not in INTRADAY:
             raise ConfigError(f"risk.flat_at_session_close / risk.no_new_positions_bars: session rules need "
                               f"intraday bars (data.interval = {self.data.interval})")
+        if self.data.universe and (symbols or (self.registry.model_name and len(self.data.universe) > 1)):
+            raise ConfigError("data.universe: one model per symbol; it cannot be combined with "
+                              + ("data.symbols (a portfolio is one model)" if symbols else
+                                 f"registry.model_name = {self.registry.model_name} (one name for many models)"))
         if symbols and self.data.source == "file":
             raise ConfigError("data.symbols: portfolio mode reads sample, lake or yfinance data, "
                               "not a single file (data.source: file)")

@@ -17,14 +17,23 @@ the defaults. The CLI does not go through here: a user on their own machine read
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
+from urllib.parse import quote
 
-from ml.config import ConfigError, PipelineConfig, load_config
+from ml.config import ConfigError, PipelineConfig, load_config, merge
 from ml.data.lake import default_root as default_lake_root
+from ml.pipeline.universe import target_configs
+from ml.release.tracking import store_client
+
+log = logging.getLogger(__name__)
 
 RUNS_DIR_ENV = "ML_RUNS_DIR"
+# Defaults of the scheduled run, which has no Params set: a config file and a universe of symbols.
+TRAINING_CONFIG_ENV = "ML_TRAINING_CONFIG"
+TRAINING_UNIVERSE_ENV = "ML_TRAINING_UNIVERSE"
 CONFIG_ROOT_ENV = "ML_CONFIG_ROOT"
 DATA_ROOT_ENV = "ML_DATA_ROOT"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -55,12 +64,16 @@ def ingest_locations(params: dict) -> tuple[str, str | None]:
             confined(path, "path", data_roots()) if path else None)
 
 
-def newest_asset_event(events) -> dict | None:
-    """``extra`` of the newest event among those that triggered a run (events coalesce)."""
-    flat = [event for group in (events or {}).values() for event in group]
-    if not flat:
-        return None
-    return dict(max(flat, key=lambda event: event.timestamp).extra or {})
+def asset_event_updates(events) -> list[dict]:
+    """``extra`` of every triggering asset event, the newest per symbol and interval: events that
+    arrive while a run is queued coalesce into one run, and each symbol in it must be retrained."""
+    flat = sorted((event for group in (events or {}).values() for event in group), key=lambda e: e.timestamp)
+    newest = {}
+    for event in flat:
+        extra = dict(event.extra or {})
+        if extra.get("symbol"):
+            newest[(extra["symbol"], extra.get("interval"))] = extra
+    return list(newest.values())
 
 
 def _airflow_home() -> Path:
@@ -124,16 +137,20 @@ def config_from_params(params: dict, asset_event: dict | None = None) -> Pipelin
     are confined to the configured roots first (see the module docstring); the symbol and every
     other value are checked by the config.
     """
-    config_file = params.get("config_file")
+    config_file = params.get("config_file") or os.environ.get(TRAINING_CONFIG_ENV)
     if config_file:
         config_file = confined(config_file, "config_file", config_roots(), CONFIG_SUFFIXES)
     data = {key: params[key] for key in ("source", "symbol", "interval", "start") if _given(params, key)}
+    if _given(params, "universe"):
+        data["universe"] = list(params["universe"])
+    elif _given(params, "symbol"):
+        data["universe"] = []  # a symbol set by hand is a run of one
     if _given(params, "data_path"):
         source = data.get("source") or load_config(config_file or None).data.source
         data["path"] = confined(params["data_path"], "data_path", data_roots(),
                                 DATA_SUFFIXES if source == "file" else ())
     if asset_event and asset_event.get("symbol"):
-        data.update(source="lake", symbol=asset_event["symbol"])
+        data.update(source="lake", symbol=asset_event["symbol"], universe=[])
         if asset_event.get("interval"):
             data["interval"] = asset_event["interval"]
         if asset_event.get("lake_root"):
@@ -149,4 +166,50 @@ def config_from_params(params: dict, asset_event: dict | None = None) -> Pipelin
         overrides["splits"] = {"n_folds": int(params["n_folds"])}
     if params.get("seeds"):
         overrides["seeds"] = [int(seed) for seed in params["seeds"]]
-    return load_config(config_file or None, overrides)
+    config = load_config(config_file or None, overrides)
+    if not (config_file or config.data.universe or _given(params, "symbol") or asset_event):
+        universe = [part.strip() for part in os.environ.get(TRAINING_UNIVERSE_ENV, "").split(",") if part.strip()]
+        if universe:
+            config = load_config(None, merge(overrides, {"data": {"universe": universe}}))
+    return config
+
+
+def training_configs(params: dict, asset_events=None) -> list[PipelineConfig]:
+    """One config per model a DAG run trains.
+
+    Without triggering events: each symbol of the universe (the ``universe`` Param, else the
+    config's ``data.universe``, else ``$ML_TRAINING_UNIVERSE`` when neither a symbol nor a config
+    file is given), or the one symbol or portfolio.
+
+    Triggered by curated-data events: with a universe, every symbol of it, from the lake the
+    events name (the skip-unchanged check then retrains exactly those whose data changed, so an
+    event lost or coalesced by the scheduler loses no retraining; a changed symbol outside the
+    universe is named in the log and left). Without one, every symbol the events name.
+    """
+    updates = asset_event_updates(asset_events)
+    if not updates:
+        return target_configs(config_from_params(params))
+    universe = config_from_params(params).data.universe
+    if not universe:
+        return [config_from_params(params, update) for update in updates]
+    outside = sorted({update["symbol"] for update in updates} - set(universe))
+    if outside:
+        log.info("curated data changed for %s, outside the training universe %s: not trained",
+                 ", ".join(outside), list(universe))
+    newest = updates[-1]
+    by_symbol = {update["symbol"]: update for update in updates}
+    return [config_from_params(params, by_symbol.get(symbol, {**newest, "symbol": symbol})) for symbol in universe]
+
+
+def mlflow_ui_links(result: dict, ui_url: str) -> dict[str, str]:
+    """Addresses in the MLflow UI of what a stage reported, by kind: its ``run`` (``tracking_uri`` and
+    ``run_id``) and, once registered (``model_name`` and ``version``), the ``model_version`` and the
+    ``report`` that registration logged into the run's artifacts."""
+    base = ui_url.rstrip("/")
+    experiment = store_client(result["tracking_uri"]).get_run(result["run_id"]).info.experiment_id
+    run = f"{base}/#/experiments/{experiment}/runs/{result['run_id']}"
+    links = {"run": run}
+    if result.get("model_name") and result.get("version"):
+        links["model_version"] = f"{base}/#/models/{quote(result['model_name'], safe='')}/versions/{result['version']}"
+        links["report"] = f"{run}/artifacts/report/report.html"
+    return links

@@ -11,7 +11,8 @@ echo "==> Airflow metadata database ($AIRFLOW_HOME)"
 
 echo "==> airflow dags test ppo_training (sample GSPC, $TIMESTEPS timesteps per fold)"
 LOG="$ROOT/.local/demo-dag-run.log"
-CONF="{\"source\": \"sample\", \"symbol\": \"GSPC\", \"timesteps\": $TIMESTEPS, \"config_file\": \"$ROOT/docs/demo-config.yaml\"}"
+# force: the demo always trains, even when an earlier demo registered a model of the same data and settings.
+CONF="{\"source\": \"sample\", \"symbol\": \"GSPC\", \"timesteps\": $TIMESTEPS, \"force\": true, \"config_file\": \"$ROOT/docs/demo-config.yaml\"}"
 # `dags test` runs the tasks one after another: each training has the machine's cores to itself.
 if ! ML_TRAINING_SLOTS=1 "$PY/airflow" dags test ppo_training -c "$CONF" > "$LOG" 2>&1; then
     tail -n 80 "$LOG"; echo "DAG run failed; full log: $LOG"; exit 1
@@ -21,7 +22,7 @@ grep -E "Marking run .* (successful|failed)|DagRun Finished" "$LOG" | tail -n 1 
 echo
 echo "==> Result"
 "$PY/python" -m ml summary --model ppo_GSPC_1d
-RUN_DIR="$(ls -td "$ML_RUNS_DIR"/ppo_training/*/ | head -n 1)"
+RUN_DIR="$(ls -td "$ML_RUNS_DIR"/ppo_training/*/ | head -n 1)GSPC"
 cat <<MSG
 
 Where to look

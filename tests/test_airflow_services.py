@@ -52,7 +52,8 @@ TINY_CONFIG = {
              "require_learned": False, "min_timesteps": 0, "benchmark_psr": None, "max_pbo": None,
              "cost_multiple": None},
 }
-TASK_IDS = ["load_data", "validate_data", "start_tracking", "train", "evaluate", "export_onnx", "register"]
+TASK_IDS = ["plan_universe", "load_data", "validate_data", "start_tracking", "plan_folds", "fold_tasks", "train",
+            "evaluate", "export_onnx", "register", "summary"]
 
 # Generous bounds: the machine is small and shared. A healthy run takes far less (~2 min).
 STARTUP_TIMEOUT = float(os.environ.get("AIRFLOW_E2E_STARTUP_TIMEOUT", 180))  # services up, DAG listed
@@ -198,8 +199,8 @@ def check_champion_serves(env: dict[str, str], run_id: str) -> None:
 
     run_dirs = list((Path(env["ML_RUNS_DIR"]) / DAG_ID).iterdir())
     assert len(run_dirs) == 1, run_dirs  # one folder per DAG run, and the test made one run
-    run_dir = run_dirs[0]
-    assert run_dir.name == run_dir_for(DAG_ID, run_id).name
+    assert run_dirs[0].name == run_dir_for(DAG_ID, run_id).name
+    run_dir = run_dirs[0] / "GSPC"  # the run's one target
     report = json.loads((run_dir / "report.json").read_text())
     assert len(report["folds"]) == 2
 
@@ -248,6 +249,88 @@ def test_local_executor_trains_and_serves_through_rest_api(local_cluster, tmp_pa
     print(f"\nLocalExecutor run {run_id} succeeded in {time.monotonic() - started:.0f}s ({durations(tis)})")
 
     check_champion_serves(cluster.env, run_id)
+
+
+def test_curated_data_events_retrain_every_changed_symbol(tmp_path):
+    """market_data curates two symbols of the training universe; the asset events it emits trigger
+    ppo_training, which retrains every symbol whose curated data changed, from the lake."""
+    from mlflow.tracking import MlflowClient
+
+    home = tmp_path / "airflow"
+    home.mkdir()
+    lake = tmp_path / "lake"
+    port = free_port()
+    env = base_env(home, port, "LocalExecutor", f"sqlite:///{home}/airflow.db")
+    # The deployment's training config, as production sets it: the universe, from the lake.
+    config_file = tmp_path / "training.json"
+    config_file.write_text(json.dumps({
+        **TINY_CONFIG, "ppo": {**TINY_CONFIG["ppo"], "total_timesteps": 4096},
+        "data": {"source": "lake", "path": str(lake), "start": "2009-01-01", "universe": ["GSPC", "KO"]}}))
+    # Asset-triggered runs need the scheduler to create runs.
+    env.update({"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True", "ML_TRAINING_CONFIG": str(config_file),
+                "ML_DATA_ROOT": str(tmp_path),
+                # One task at a time per DAG: two ingest tasks that finish in the same instant both
+                # link the fresh asset alias on SQLite, and one fails (UNIQUE asset_alias_asset).
+                "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1"})
+    cluster = Cluster(home, env, budget=BUDGET + 300)
+    try:
+        cluster.cli("db", "migrate", timeout=cluster.left(300))
+        api = start_core_services(cluster, port)
+
+        def runs(dag_id: str) -> list[dict]:
+            cluster.assert_running()
+            return api.ok_json("GET", f"/api/v2/dags/{dag_id}/dagRuns")["dag_runs"]
+
+        def finished(dag_id: str, run_type: str):
+            found = [run for run in runs(dag_id) if run["run_type"] == run_type]
+            return found if found and all(run["state"] in ("success", "failed") for run in found) else None
+
+        # Unpausing starts the newest nightly run at once. The lake is still empty: each symbol
+        # fails at load, and the run fails naming them.
+        for dag_id in (DAG_ID, "market_data"):
+            api.ok_json("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
+        (nightly,) = wait_until(lambda: finished(DAG_ID, "scheduled"), cluster.left(300), "the nightly run",
+                                interval=3, on_timeout=cluster.report)
+        assert nightly["state"] == "failed"
+        summary = json.loads((Path(env["ML_RUNS_DIR"]) / DAG_ID / run_dir_name(nightly["dag_run_id"])
+                              / "summary.json").read_text())
+        assert [(row["target"], row["outcome"], row["why"].split(":")[0]) for row in summary["targets"]] == [
+            ("GSPC", "failed", "load"), ("KO", "failed", "load")]
+
+        ingest = api.ok_json("POST", "/api/v2/dags/market_data/dagRuns", json={"logical_date": None, "conf": {
+            "symbols": ["GSPC", "KO"], "source": "sample", "lake_root": str(lake)}})["dag_run_id"]
+
+        def market_data_done():
+            state = next(run["state"] for run in runs("market_data") if run["dag_run_id"] == ingest)
+            assert state != "failed", f"market_data failed\n{cluster.report()}"
+            return state == "success"
+
+        wait_until(market_data_done, cluster.left(300), "market_data to succeed", interval=3,
+                   on_timeout=cluster.report)
+        triggered = wait_until(lambda: finished(DAG_ID, "asset_triggered"), cluster.left(RUN_TIMEOUT + 300),
+                               "the asset-triggered run", interval=5, on_timeout=cluster.report)
+        assert {run["state"] for run in triggered} == {"success"}, f"{triggered}\n{cluster.report()}"
+    finally:
+        cluster.stop()
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for run in triggered:
+        folder = Path(env["ML_RUNS_DIR"]) / DAG_ID / run_dir_name(run["dag_run_id"])
+        rows = {row["target"]: row for row in json.loads((folder / "summary.json").read_text())["targets"]}
+        assert set(rows) == {"GSPC", "KO"}, rows  # the whole universe, whichever events it was handed
+        for symbol, row in rows.items():
+            assert row["outcome"] in ("trained", "skipped"), row  # skipped: an earlier triggered run trained it
+            config = json.loads((folder / symbol / "config.json").read_text())
+            assert (config["data"]["source"], config["data"]["path"]) == ("lake", str(lake))
+            # Trained by this run or an earlier one: the newest model was trained on these curated bars.
+            lake_hash = json.loads((folder / symbol / "data.json").read_text())["dataset_hash"]
+            newest = max(client.search_model_versions(f"name = 'ppo_{symbol}_1d'"), key=lambda v: int(v.version))
+            assert newest.tags["dataset_hash"] == lake_hash, (symbol, row)
+
+
+def run_dir_name(run_id: str) -> str:
+    from ml.orchestration import run_dir_for
+
+    return run_dir_for(DAG_ID, run_id).name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,8 +56,12 @@ def test_dag_folder_imports_without_errors(airflow_env, monkeypatch):
     assert bag.import_errors == {}
     dag = bag.dags["ppo_training"]
     assert [t.task_id for t in dag.topological_sort()] == [
-        "load_data", "validate_data", "start_tracking", "plan_folds", "train", "evaluate", "export_onnx", "register"]
-    assert "MappedOperator" in type(dag.get_task("train")).__name__  # one task per fold
+        "plan_universe", "load_data", "validate_data", "start_tracking", "plan_folds", "fold_tasks", "train",
+        "evaluate", "export_onnx", "register", "summary"]
+    # One task per target at every stage, and one per fold of every target for training.
+    for task_id in ("load_data", "validate_data", "start_tracking", "plan_folds", "train", "evaluate",
+                    "export_onnx", "register"):
+        assert "MappedOperator" in type(dag.get_task(task_id)).__name__, task_id
     # Nightly, and whenever the curated market data changes.
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
     assert "0 2 * * *" in repr(dag.timetable.timetable) and "market_data_curated" in str(dag.timetable.asset_condition)
@@ -118,7 +122,7 @@ def test_a_bad_config_file_fails_the_run_at_load_data_without_retries(airflow_en
     assert "AirflowFailException" in log, log[-3000:]
     # One attempt, failed for good: never up for retry.
     assert "up_for_retry" not in log, log[-3000:]
-    assert re.search(r"ppo_training FAILED: task=load_data .* try=1 ", log), log[-3000:]
+    assert re.search(r"ppo_training FAILED: task=plan_universe .* try=1 ", log), log[-3000:]
     assert not runs.exists() or not any(runs.rglob("*")), sorted(runs.rglob("*"))
 
 
@@ -144,7 +148,10 @@ def test_airflow_dags_test_trains_registers_and_promotes(airflow_env, tmp_path):
 
     run_dirs = list((Path(airflow_env["ML_RUNS_DIR"]) / "ppo_training").iterdir())
     assert len(run_dirs) == 1
-    run_dir = run_dirs[0]
+    run_dir = run_dirs[0] / "GSPC"  # one folder per target of the run
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    assert [(row["target"], row["outcome"], row["version"]) for row in summary["targets"]] == [
+        ("GSPC", "trained", version)]
     report = json.loads((run_dir / "report.json").read_text())
     assert len(report["folds"]) == 2
     assert all(len(fold["seeds"]["per_seed"]) == 2 for fold in report["folds"])
@@ -155,6 +162,50 @@ def test_airflow_dags_test_trains_registers_and_promotes(airflow_env, tmp_path):
     exposure = policy.decide(windows["ohlcv"], windows["position"])
     assert exposure.shape == (len(windows["ohlcv"]), 1)
     assert np.isin(exposure, report["exposure_levels"]).all()
+
+
+def test_a_universe_run_trains_what_changed_and_a_failing_symbol_stops_only_itself(airflow_env, tmp_path):
+    """Runs after the single-symbol test above, with the same settings: its GSPC model is current."""
+    from mlflow.tracking import MlflowClient
+
+    from ml.release.registry import CHAMPION, alias_version
+
+    config_file = tmp_path / "tiny.json"
+    config_file.write_text(json.dumps(TINY_CONFIG))
+    uri = airflow_env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    gspc_versions = len(client.search_model_versions("name = 'ppo_GSPC_1d'"))
+    assert gspc_versions >= 1, "the single-symbol DAG test registers GSPC first"
+
+    def run(universe: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
+        conf = {"universe": universe, "source": "sample", "start": "2009-01-01", "timesteps": 4096,
+                "seeds": [1, 2], "config_file": str(config_file)}
+        proc = subprocess.run([AIRFLOW, "dags", "test", "ppo_training", "-c", json.dumps(conf)],
+                              env=airflow_env, capture_output=True, text=True, cwd=airflow_env["AIRFLOW_HOME"])
+        newest = max((Path(airflow_env["ML_RUNS_DIR"]) / "ppo_training").iterdir(), key=lambda p: p.stat().st_mtime)
+        summary = json.loads((newest / "summary.json").read_text())
+        return proc, {row["target"]: row for row in summary["targets"]}
+
+    proc, rows = run(["GSPC", "KO", "NOPE"])
+    log = proc.stdout + proc.stderr
+    # NOPE has no data: its load fails at once (bad input is never retried) and the run fails,
+    # naming it; GSPC is unchanged since its registered version; KO trains and is registered.
+    assert proc.returncode != 0, log[-4000:]
+    assert "1 of 3 targets failed: NOPE (load: DataError: no bundled sample for symbol 'NOPE'" in log, log[-4000:]
+    assert "up_for_retry" not in log, log[-4000:]
+    assert rows["NOPE"]["outcome"] == "failed"
+    assert rows["GSPC"]["outcome"] == "skipped", rows["GSPC"]
+    assert "was trained on the same data" in rows["GSPC"]["why"] and "the champion" in rows["GSPC"]["why"]
+    assert len(client.search_model_versions("name = 'ppo_GSPC_1d'")) == gspc_versions
+    assert rows["KO"]["outcome"] == "trained", rows["KO"]
+    assert alias_version(uri, "ppo_KO_1d", CHAMPION) == rows["KO"]["version"]
+    assert "unchanged: ppo_GSPC_1d" in log  # the skipped task says why in its log
+
+    # Nothing changed since: the next run registers nothing and succeeds.
+    proc, rows = run(["GSPC", "KO"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert {row["outcome"] for row in rows.values()} == {"skipped"}
+    assert len(client.search_model_versions("name = 'ppo_KO_1d'")) == 1
 
 
 def test_airflow_dags_test_market_data_curates_the_lake_and_reruns_change_nothing(airflow_env, tmp_path):
@@ -221,6 +272,6 @@ def test_airflow_dags_test_trains_a_portfolio_from_a_config_file(airflow_env, tm
     policy = Policy.load("models:/ppo_GSPC_KO_1d@champion", tracking_uri=uri)
     assert policy.symbols == ["GSPC", "KO"]
     run_dir = max((Path(airflow_env["ML_RUNS_DIR"]) / "ppo_training").iterdir(), key=lambda p: p.stat().st_mtime)
-    windows = np.load(run_dir / "parity_windows.npz")
+    windows = np.load(run_dir / "GSPC_KO" / "parity_windows.npz")
     weights = policy.decide(windows["ohlcv"], windows["position"])
     assert weights.shape == (len(windows["ohlcv"]), 2) and (weights.sum(axis=1) <= 1 + 1e-6).all()

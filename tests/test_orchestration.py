@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from ml.config import SYMBOL_PATTERN, SYMBOL_RULE, ConfigError, config_from_dict
-from ml.orchestration import config_from_params, config_roots, data_roots, newest_asset_event, run_dir_for
+from ml.orchestration import (asset_event_updates, config_from_params, config_roots, data_roots, run_dir_for,
+                              training_configs)
 from tests.conftest import ROOT
 
 PARAMS = {"source": "sample", "symbol": "GSPC", "interval": "1d", "data_path": None, "start": None,
@@ -23,23 +24,52 @@ def test_params_map_onto_the_config():
     assert config.splits.n_folds == 3 and config.seeds == (3, 4) and config.registry.promote is False
 
 
-def test_a_run_triggered_by_the_lake_trains_on_the_newest_changed_symbol(monkeypatch):
+def _event(minute, symbol, root="s3://market-data"):
+    return SimpleNamespace(timestamp=datetime(2026, 11, 20, 21, minute, tzinfo=timezone.utc),
+                           extra={"symbol": symbol, "interval": "1d", "lake_root": root})
+
+
+def test_coalesced_lake_events_retrain_every_symbol_that_changed(monkeypatch):
     monkeypatch.setenv("ML_DATA_ROOT", "s3://market-data")
-
-    def event(minute, symbol):
-        return SimpleNamespace(timestamp=datetime(2026, 11, 20, 21, minute, tzinfo=timezone.utc),
-                               extra={"symbol": symbol, "interval": "1d", "lake_root": "s3://market-data"})
-
-    events = {"market_data_curated": [event(31, "KO"), event(45, "SPY"), event(40, "GSPC")]}
-    newest = newest_asset_event(events)
-    assert newest["symbol"] == "SPY"
-    config = config_from_params(PARAMS, newest)
-    assert (config.data.source, config.data.symbol, config.data.path) == ("lake", "SPY", "s3://market-data")
-    assert newest_asset_event({}) is None and newest_asset_event(None) is None
+    # Events that arrive while a run is queued coalesce into one run: each symbol is trained once.
+    events = {"market_data_curated": [_event(31, "KO"), _event(45, "SPY"), _event(40, "GSPC"), _event(50, "KO")]}
+    assert [u["symbol"] for u in asset_event_updates(events)] == ["KO", "GSPC", "SPY"]
+    configs = training_configs(PARAMS, events)
+    assert [(c.data.source, c.data.symbol, c.data.path) for c in configs] == [
+        ("lake", symbol, "s3://market-data") for symbol in ("KO", "GSPC", "SPY")]
+    assert asset_event_updates({}) == [] and asset_event_updates(None) == []
+    # With a universe, the events trigger the whole universe from their lake (skip-unchanged then
+    # keeps what did not change), so an event the scheduler dropped loses nothing; a changed
+    # symbol outside it is left (the log names it).
+    configs = training_configs({**PARAMS, "symbol": None, "universe": ["KO", "GSPC", "JNJ"]}, events)
+    assert [(c.data.source, c.data.symbol, c.data.path) for c in configs] == [
+        ("lake", symbol, "s3://market-data") for symbol in ("KO", "GSPC", "JNJ")]
     # A lake root outside the data roots (the market_data Param names it) is refused like a data_path.
     for root in ("s3://other-bucket", "s3://market-data-2", "s3://market-data/../x", "/etc"):
         with pytest.raises(ConfigError, match=r"^asset event lake_root = .*: outside the allowed roots"):
-            config_from_params(PARAMS, {"symbol": "SPY", "interval": "1d", "lake_root": root})
+            training_configs(PARAMS, {"market_data_curated": [_event(31, "SPY", root)]})
+
+
+def test_the_universe_comes_from_the_params_the_config_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("ML_CONFIG_ROOT", str(tmp_path))
+    monkeypatch.setenv("ML_TRAINING_UNIVERSE", "KO, GSPC3L")
+    unset = {key: None for key in PARAMS}
+    symbols = lambda params: [c.data.symbol for c in training_configs(params)]  # noqa: E731
+    assert symbols(unset) == ["KO", "GSPC3L"]  # the scheduled run: nothing set, the environment's universe
+    assert symbols({**unset, "symbol": "GSPC"}) == ["GSPC"]  # a symbol set by hand is a run of one
+    assert symbols({**unset, "universe": ["GSPC", "KO"]}) == ["GSPC", "KO"]
+    config_file = tmp_path / "universe.yaml"
+    config_file.write_text("data:\n  universe: [GSPC3S, KO]\n")
+    assert symbols({**unset, "config_file": str(config_file)}) == ["GSPC3S", "KO"]  # the file beats the environment
+    assert symbols({**unset, "config_file": str(config_file), "symbol": "GSPC"}) == ["GSPC"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("data:\n  symbol: KO\n")
+    assert symbols({**unset, "config_file": str(plain)}) == ["KO"]  # a file that names one symbol trains it
+    # The scheduled run reads its config file from the environment too.
+    monkeypatch.setenv("ML_TRAINING_CONFIG", str(config_file))
+    assert symbols(unset) == ["GSPC3S", "KO"]
+    with pytest.raises(ConfigError, match=r"^data.universe = \['KO', 'KO'\]: each symbol once"):
+        training_configs({**unset, "universe": ["KO", "KO"]})
 
 
 def test_run_folders_are_safe_paths(tmp_path, monkeypatch):

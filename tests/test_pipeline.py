@@ -77,6 +77,12 @@ def test_registry_holds_a_champion_whose_onnx_runs(pipeline_run):
     version = MlflowClient(uri).get_model_version(name, result["version"])
     assert version.tags["gate.passed"] == "true"
     assert "PASS onnx parity" in version.tags["gate.reasons"]
+    # What the version page shows: numbers a person can read, the hashes that decide a retrain.
+    numbers = json.loads(version.tags["gate.numbers"])
+    floats = [value for value in numbers.values() if isinstance(value, float)]
+    assert floats and all(value == float(f"{value:.4g}") for value in floats)
+    assert version.tags["dataset_hash"] and version.tags["config_hash"]
+    assert f"models:/{name}@champion" in MlflowClient(uri).get_registered_model(name).description
 
     policy = Policy.load(f"models:/{name}@champion", tracking_uri=uri)
     meta = policy.metadata

@@ -238,3 +238,20 @@ def test_cli_rejects_a_model_it_cannot_load_with_one_line(tmp_path):
         one_rejection(serve("--model", model, "--bars", SAMPLE / "GSPC.csv", "--tracking-uri", uri), *words)
     with pytest.raises(ModelLoadError, match="models:/unknown@champion: Registered Model with name=unknown not found"):
         Policy.load("models:/unknown@champion", tracking_uri=uri)
+
+
+def test_a_registry_model_needs_a_named_existing_store_and_never_creates_one(tmp_path):
+    """A service in its own folder: no stray mlflow.db, one line saying what to set."""
+    env = {key: value for key, value in __import__("os").environ.items() if key != "MLFLOW_TRACKING_URI"}
+    bars = str(ROOT / "ml" / "sample" / "KO.csv")
+    serve = [sys.executable, "-m", "ml", "serve", "--model", "models:/ppo_KO_1d@champion", "--bars", bars]
+    unnamed = subprocess.run(serve, cwd=tmp_path, env=env, capture_output=True, text=True)
+    missing = subprocess.run([*serve, "--tracking-uri", "sqlite:///elsewhere.db"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+    assert unnamed.returncode != 0 and missing.returncode != 0
+    assert "no MLflow store named: pass tracking_uri (--tracking-uri) or set MLFLOW_TRACKING_URI" in unnamed.stderr
+    assert "no MLflow store at elsewhere.db" in missing.stderr
+    assert "Traceback" not in unnamed.stdout + unnamed.stderr + missing.stdout + missing.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing created where the service runs
+    with pytest.raises(ModelLoadError, match="no MLflow store at"):
+        Policy.load("models:/ppo_KO_1d@champion", tracking_uri=f"sqlite:///{tmp_path / 'none.db'}")

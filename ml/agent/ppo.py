@@ -30,6 +30,8 @@ from ml.env.trading_env import TradingEnv
 from ml.fastpath import keep_freed_memory
 
 logger = logging.getLogger(__name__)
+# Training bars: one segment (first, last), or several with gaps between them.
+Segments = tuple[int, int] | Sequence[tuple[int, int]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,11 +95,40 @@ def bootstrap_truncated(rewards: torch.Tensor, truncated_states: list[tuple[torc
     rewards.view(-1).index_add_(0, rows, gamma * final_value)
 
 
-def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[int, int],
+def episode_sampler(segments: Sequence[tuple[int, int]], n: int, device: torch.device,
+                    generator: torch.Generator) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """Draws ``n`` episodes as (start bars, end bars) inside the training segments.
+
+    Each segment ``(first, last)`` offers the start bars first .. last - 1, and an episode that
+    starts there ends (terminates) at that segment's ``last``: it never steps across the gap to
+    another segment, so it never trades on purged, embargoed or held-out bars. Starts are uniform
+    over every offered bar, so a longer segment is drawn more often. One segment draws exactly as
+    ``torch.randint(first, last)``.
+    """
+    firsts = torch.tensor([first for first, _ in segments], dtype=torch.long, device=device)
+    lasts = torch.tensor([last for _, last in segments], dtype=torch.long, device=device)
+    offered = lasts - firsts
+    if (offered < 1).any():
+        raise ValueError(f"every training segment needs at least two bars, got {list(segments)}")
+    if len(segments) == 1:
+        ends = lasts.expand(n).clone()
+        return lambda: (torch.randint(segments[0][0], segments[0][1], (n,), device=device, generator=generator),
+                        ends)
+    bounds = offered.cumsum(0)  # the draws below bounds[k] and above bounds[k - 1] start in segment k
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        pick = torch.randint(0, int(bounds[-1]), (n,), device=device, generator=generator)
+        which = torch.searchsorted(bounds, pick, right=True)
+        return firsts[which] + pick - (bounds[which] - offered[which]), lasts[which]
+    return draw
+
+
+def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: Segments,
           validate: Callable[[ActorCritic], float | tuple[float, Sequence[float]]],
           log: Callable[[dict, int], None] | None = None,
           checkpoint_path: Path | None = None, collapse_share: float = 0.98) -> TrainResult:
-    """Train on bars [segment[0], segment[1]] with random episode starts inside it.
+    """Train on bars [segment[0], segment[1]] with random episode starts inside it, or on several
+    such segments (the purged train groups of a CPCV split), no episode crossing from one to the next.
 
     With ``checkpoint_path``, state is saved every ``cfg.checkpoint_every`` updates and a
     later call with the same path resumes after the last saved update: same weights, optimizer,
@@ -119,7 +150,7 @@ def train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[in
         return _train(cfg, env, agent, segment, validate, log, checkpoint_path, collapse_share)
 
 
-def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[int, int],
+def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: Segments,
            validate: Callable[[ActorCritic], float | tuple[float, Sequence[float]]],
            log: Callable[[dict, int], None] | None, checkpoint_path: Path | None,
            collapse_share: float) -> TrainResult:
@@ -129,14 +160,11 @@ def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[i
         keep_freed_memory()
     seed_everything(cfg.seed, cfg.deterministic)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    lo, hi = segment
+    segments = [tuple(segment)] if np.ndim(segment) == 1 else [tuple(s) for s in segment]
     agent = agent.to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
 
-    def random_starts() -> torch.Tensor:
-        return torch.randint(lo, hi, (cfg.num_envs,), device=device, generator=generator)
-
-    ends = torch.full((cfg.num_envs,), hi, dtype=torch.long, device=device)
+    draw_episodes = episode_sampler(segments, cfg.num_envs, device, generator)
     n_feat = env.features.shape[1]
     obs_features = torch.zeros((cfg.num_steps, cfg.num_envs, n_feat), device=device)
     obs_position = torch.zeros((cfg.num_steps, cfg.num_envs) + env.position_shape, device=device)
@@ -149,7 +177,7 @@ def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[i
     values = torch.zeros((cfg.num_steps, cfg.num_envs), device=device)
     greedy = torch.zeros((cfg.num_steps, cfg.num_envs) + env.position_shape, device=device)  # for diagnostics
 
-    env.reset(random_starts(), ends)
+    env.reset(*draw_episodes())
     next_features, next_position = env.observe()
     next_done = torch.zeros(cfg.num_envs, device=device)
     best_state, best_score, best_update = copy.deepcopy(agent.state_dict()), -np.inf, 0
@@ -169,7 +197,8 @@ def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[i
         trial_returns = saved_trial_returns(saved)
     resumed_from, steps_at_start = first_update - 1, global_step
     bar = tqdm(total=cfg.num_updates, initial=first_update - 1, desc="ppo updates", unit="update",
-                    disable=not cfg.progress, mininterval=5.0, file=sys.stderr)
+                    # only on a terminal: a task log would record every redraw (at ERROR, as stderr)
+                    disable=not cfg.progress or not sys.stderr.isatty(), mininterval=5.0, file=sys.stderr)
 
     for update in range(first_update, cfg.num_updates + 1):
         progress = (update - 1) / cfg.num_updates
@@ -202,7 +231,7 @@ def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: tuple[i
             done = result.terminated | result.truncated
             next_done = done.float()
             if done.any():
-                env.reset(random_starts(), ends, mask=done)
+                env.reset(*draw_episodes(), mask=done)
                 next_features, next_position = env.observe()
             else:
                 next_features, next_position = result.features, result.position

@@ -255,6 +255,29 @@ _TEMPLATE = """<!DOCTYPE html>
 <p class="verdict{% if 'NOT' in overall or report.aggregate.collapse_alarm %} fails{% endif %}" id="overall">
 {{ overall }}</p>
 
+{% if report.cpcv %}{% set cpcv = report.cpcv %}
+<h2>Combinatorial purged cross-validation</h2>
+<p>{{ cpcv.n_splits }} splits ({{ cpcv.n_test_groups }} of {{ cpcv.n_groups }} groups tested, one policy each,
+ selected on the latest untested group) recombine into {{ cpcv.n_paths }} backtest paths over the whole history.
+ The policy's path Sharpe beats {{ label(cpcv.benchmark) }}'s ({{ fmt(cpcv.paths[0].benchmark.sharpe, "sharpe") }})
+ on {{ cpcv.paths_beating_benchmark }} paths. Probability of backtest overfitting:
+ {% if cpcv.pbo %}{{ "%.0f%%"|format(cpcv.pbo.value * 100) }} (mean over {{ cpcv.pbo.splits }} splits,
+ {{ cpcv.pbo.trials }} checkpoints x seeds){% else %}– (fewer than two trials){% endif %}.</p>
+<table id="cpcv-paths">
+ <tr><th>path</th><th>splits (group by group)</th><th>policy Sharpe</th><th>policy total return</th>
+  <th>policy max drawdown</th><th>{{ label(cpcv.benchmark) }} Sharpe</th></tr>
+ {% for path in cpcv.paths %}
+ <tr><td>{{ path.index }}</td><td>{{ path.splits|join(", ") }}</td><td>{{ fmt(path.policy.sharpe, "sharpe") }}</td>
+  <td>{{ fmt(path.policy.total_return, "total_return") }}</td>
+  <td>{{ fmt(path.policy.max_drawdown, "max_drawdown") }}</td><td>{{ fmt(path.benchmark.sharpe, "sharpe") }}</td></tr>
+ {% endfor %}
+ {% set spread = cpcv.path_sharpe.policy %}
+ <tr class="policy"><td>Sharpe over paths</td><td>mean {{ fmt(spread.mean, "sharpe") }}, std
+  {{ fmt(spread.std, "sharpe") }}</td><td>median {{ fmt(spread.median, "sharpe") }}</td>
+  <td>min {{ fmt(spread.min, "sharpe") }}</td><td>max {{ fmt(spread.max, "sharpe") }}</td><td></td></tr>
+</table>
+{% endif %}
+
 {% if images %}<h2>Figures</h2>{% endif %}
 {% for caption, uri in images %}
 <figure><img src="{{ uri }}" alt="{{ caption }}"><figcaption>{{ caption }}</figcaption></figure>

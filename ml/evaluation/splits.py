@@ -6,13 +6,15 @@ on ``last``, so a segment's rewards never read a bar beyond it. The gap
 between segments (purge + embargo) is at least ``lookback + 1`` bars, so no
 feature window of a later segment contains a bar an earlier one traded on.
 
-``combinatorial_purged_splits`` offers combinatorial purged cross-validation
-(``splits.method: cpcv``) on bar indices, with the same purge and embargo.
+``combinatorial_purged_splits`` offers combinatorial purged cross-validation on bar
+indices, with the same purge and embargo; ``cpcv_folds`` lays its splits out for training
+(``splits.method: cpcv``) and ``cpcv_paths`` recombines their test groups into backtest paths.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -159,8 +161,112 @@ def cpcv_splits(n_bars: int, lookback: int, config: SplitConfig = SplitConfig(),
                 n_test_groups: int = 2) -> list[CPCVSplit]:
     """CPCV splits of ``n_bars`` into ``n_groups`` groups, every choice of ``n_test_groups`` as test,
     purged and embargoed as the walk-forward folds are: purge ``purge_bars`` (default lookback + 1),
-    then ``embargo_bars``. The pipeline trains on walk-forward folds; these splits are for analysis."""
+    then ``embargo_bars``. ``cpcv_folds`` lays them out for training."""
+    purge = _purge(lookback, config)
+    return list(combinatorial_purged_splits(n_bars, n_groups, n_test_groups, purge, config.embargo_bars))
+
+
+def _purge(lookback: int, config: SplitConfig) -> int:
     purge = config.purge_bars if config.purge_bars is not None else lookback + 1
     if purge < lookback + 1:
         raise ValueError(f"purge_bars {purge} is shorter than lookback + horizon ({lookback + 1})")
-    return list(combinatorial_purged_splits(n_bars, n_groups, n_test_groups, purge, config.embargo_bars))
+    return purge
+
+
+def cpcv_paths(n_groups: int, n_test_groups: int) -> np.ndarray:
+    """Which split's test result fills each group on each backtest path: [n_groups, n_paths] split indices.
+
+    A group is tested by C(n_groups - 1, n_test_groups - 1) splits, and that is the number of paths:
+    the k-th split (in split order) that tests group g fills group g on path k. This is skfolio's
+    recombination (``CombinatorialPurgedCV.recombined_paths``), so each path covers every group,
+    the whole history, once.
+    """
+    n_paths = math.comb(n_groups, n_test_groups) * n_test_groups // n_groups
+    paths = np.empty((n_groups, n_paths), dtype=int)
+    used = [0] * n_groups
+    for index, chosen in enumerate(itertools.combinations(range(n_groups), n_test_groups)):
+        for group in chosen:
+            paths[group, used[group]] = index
+            used[group] += 1
+    return paths
+
+
+@dataclass(frozen=True)
+class CPCVFold:
+    """One CPCV split laid out for training: inclusive bar ranges ``(first, last)``, as a ``Fold``'s.
+
+    ``train`` is several segments (the train groups less the purges and embargoes around the test
+    groups and the validation group); ``validation`` is the held-out group; ``test`` holds each test
+    group's backtest segment, in group order.
+    """
+    index: int
+    test_groups: tuple[int, ...]
+    validation_group: int
+    train: tuple[tuple[int, int], ...]
+    validation: tuple[int, int]
+    test: tuple[tuple[int, int], ...]
+
+    def dates(self, timestamps: pd.Series) -> dict:
+        def span(segment: tuple[int, int]) -> dict:
+            return {"start": timestamps.iloc[segment[0]].isoformat(), "end": timestamps.iloc[segment[1]].isoformat(),
+                    "first_bar": int(segment[0]), "last_bar": int(segment[1])}
+        return {"train": [span(s) for s in self.train], "validation": span(self.validation),
+                "test": [span(s) for s in self.test]}
+
+
+def _runs(bars: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted bar indices as contiguous ``(first, last)`` runs."""
+    breaks = np.flatnonzero(np.diff(bars) > 1)
+    return [(int(a), int(b)) for a, b in zip(np.r_[bars[0], bars[breaks + 1]], np.r_[bars[breaks], bars[-1]])]
+
+
+def cpcv_groups(n_bars: int, lookback: int, config: SplitConfig) -> list[tuple[int, int]]:
+    """The ``config.n_groups`` consecutive groups CPCV cuts the usable bars into (from the first bar
+    with a full feature window), sized as skfolio's: equal groups, the rest in the last one."""
+    first_usable = lookback - 1
+    size = (n_bars - first_usable) // config.n_groups
+    if size < 2:
+        raise ValueError(f"{n_bars - first_usable} usable bars cannot make {config.n_groups} groups (splits.n_groups)")
+    starts = [first_usable + g * size for g in range(config.n_groups)]
+    return [(start, end - 1) for start, end in zip(starts, starts[1:] + [n_bars])]
+
+
+def cpcv_folds(n_bars: int, lookback: int, config: SplitConfig) -> list[CPCVFold]:
+    """Every CPCV split of the usable bars (``config.n_groups`` groups, every choice of
+    ``config.n_test_groups`` as test) as a training layout.
+
+    - Train: the split's purged, embargoed train bars (``cpcv_splits``), less the validation group
+      and a walk-forward gap (purge + embargo) on both sides of it, as contiguous segments; a
+      segment of one bar offers no episode and is dropped. They must hold ``min_train_bars``.
+    - Validation: the latest group that is not tested, less the purge and embargo that already
+      separate it from the test groups. Checkpoints and seeds are selected there, so selection
+      never reads a test bar, and the validation window sits next to the most recent training data
+      as in a walk-forward fold.
+    - Test: each test group, from its first bar to the next group's first bar (the last group: to
+      the last bar), so the groups of a path tile the history with no bar return left out. The
+      extra bar is the fill of the group's last decision; the purge after a test group covers it.
+    """
+    groups = cpcv_groups(n_bars, lookback, config)
+    offset, gap = groups[0][0], _purge(lookback, config) + config.embargo_bars
+    splits = cpcv_splits(n_bars - offset, lookback, config, config.n_groups, config.n_test_groups)
+    folds = []
+    for split in splits:
+        train = split.train + offset
+        held_out = max(g for g in range(config.n_groups) if g not in split.test_groups)
+        first, last = groups[held_out]
+        validation = train[(train >= first) & (train <= last)]
+        if validation.size < 2:
+            raise ValueError(f"cpcv split {split.index} keeps {validation.size} validation bar(s) in group {held_out}: "
+                             f"purge + embargo ({gap}) eat groups of {last - first + 1} bars (splits.n_groups)")
+        train = train[(train < validation[0] - gap) | (train > validation[-1] + gap)]
+        segments = [(a, b) for a, b in (_runs(train) if train.size else []) if b > a]
+        bars = sum(b - a + 1 for a, b in segments)
+        if bars < config.min_train_bars:
+            raise ValueError(f"cpcv split {split.index} (test groups {list(split.test_groups)}) would train on {bars} "
+                             f"bars (min_train_bars={config.min_train_bars})")
+        tests = tuple((groups[g][0], groups[g + 1][0] if g + 1 < len(groups) else groups[g][1])
+                      for g in split.test_groups)
+        folds.append(CPCVFold(index=split.index, test_groups=split.test_groups, validation_group=held_out,
+                              train=tuple(segments), validation=(int(validation[0]), int(validation[-1])),
+                              test=tests))
+    return folds

@@ -1,5 +1,7 @@
 """One walk-forward fold: train on its train window, select on validation, report on test.
 
+``train_fold`` also trains a CPCV split (``CPCVFold``): several train segments, one validation segment.
+
 Selection (which update's weights to keep) reads the validation backtest
 only; the test backtest and the baselines run once, after training, on the
 identical window and costs, for the report.
@@ -23,7 +25,7 @@ from ml.env.trading_env import TradingEnv
 from ml.evaluation.backtest import Backtest, run_backtest, run_baselines
 from ml.evaluation.metrics import bar_returns
 from ml.evaluation.risk_report import fold_risk
-from ml.evaluation.splits import Fold
+from ml.evaluation.splits import CPCVFold, Fold
 from ml.evaluation.statistics import (deflated_sharpe_ratio, expected_max_sharpe, probabilistic_sharpe_ratio,
                                       sharpe_ci)
 from ml.market.calendar import periods_per_year
@@ -44,8 +46,8 @@ def selection_score(backtest: Backtest, config: PipelineConfig) -> float:
     return float(metrics[config.selection_metric])
 
 
-def new_agent(series: MarketSeries, config: PipelineConfig, fold: Fold) -> ActorCritic:
-    """A freshly initialized policy for the series, normalized on the fold's training window."""
+def new_agent(series: MarketSeries, config: PipelineConfig, fold: Fold | CPCVFold) -> ActorCritic:
+    """A freshly initialized policy for the series, normalized on the fold's training bars only."""
     agent = ActorCritic(series.features.shape[1], make_action_space(config.action, series.n_assets),
                         config.ppo.hidden)
     mean, std = series.feature_stats(fold.train)
@@ -53,7 +55,7 @@ def new_agent(series: MarketSeries, config: PipelineConfig, fold: Fold) -> Actor
     return agent
 
 
-def train_fold(series: MarketSeries, fold: Fold, config: PipelineConfig,
+def train_fold(series: MarketSeries, fold: Fold | CPCVFold, config: PipelineConfig,
                log: Callable[[dict, int], None] | None = None, checkpoint_path=None) -> TrainResult:
     ppo = config.ppo
     seed_everything(ppo.seed, ppo.deterministic)  # the initial weights are part of the seeded run

@@ -7,6 +7,7 @@ layer above (environment, backtest, fold training) runs the same code for both.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,9 +39,12 @@ class MarketSeries:
         """[T, A] closes."""
         return self.ohlcv[:, :, 3]
 
-    def feature_stats(self, segment: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of the features over a segment (the training window only)."""
-        rows = self.features[segment[0]:segment[1] + 1]
+    def feature_stats(self, segment: tuple[int, int] | Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the features over the training window only: one segment ``(first, last)``,
+        or several (the train groups of a CPCV split), whose bars are pooled."""
+        if np.ndim(segment) == 1:
+            segment = (segment,)
+        rows = torch.cat([self.features[first:last + 1] for first, last in segment])
         return rows.mean(dim=0), rows.std(dim=0)
 
 

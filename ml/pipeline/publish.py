@@ -20,7 +20,8 @@ from ml.env.risk import STATE_SCALARS, RiskOverlay
 from ml.evaluation.html_report import render_html_report
 from ml.market.features import FEATURE_SET_VERSION
 from ml.market.series import MarketSeries
-from ml.pipeline.rundir import RunFolder, code_version, load_agent, read_config, read_json, read_market, write_json
+from ml.pipeline.rundir import (RunFolder, code_version, load_agent, read_config, read_json, read_market,
+                                training_fingerprint, write_json)
 from ml.release import registry
 from ml.release.export import check_parity, export_onnx, real_windows
 from ml.release.gate import compare_on_unseen_window, evaluate_gate
@@ -89,7 +90,8 @@ def register(run_dir: Path) -> dict:
     input_names = [i.name for i in policy.session.get_inputs()]
     arrays = [example[key] for key in ("ohlcv", "position", "nav", "session", "risk_state") if key in example]
     version = registry.register_onnx(uri, run_id, name, run.model, dict(zip(input_names, arrays)),
-                                     tags={"dataset_hash": data["dataset_hash"], "code_version": code_version()})
+                                     tags={"dataset_hash": data["dataset_hash"], "code_version": code_version(),
+                                           "config_hash": training_fingerprint(config)})
 
     def judge(champion: str | None) -> dict:
         if champion == version and run.judgement.exists():

@@ -7,6 +7,7 @@ without NaN/Infinity (as null), so every file is standard JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -17,7 +18,7 @@ import torch
 
 from ml.agent.policy import ActorCritic, load_policy
 from ml.config import PipelineConfig, config_from_dict
-from ml.evaluation.splits import Fold
+from ml.evaluation.splits import CPCVFold, Fold
 from ml.market.series import MarketSeries, align_bars, prepare_series
 
 
@@ -36,6 +37,8 @@ class RunFolder:
     validation = property(lambda self: self.root / "validation.json")
     tracking = property(lambda self: self.root / "tracking.json")
     folds = property(lambda self: self.root / "folds.json")
+    cpcv_folds = property(lambda self: self.root / "cpcv_folds.json")  # splits.method: cpcv
+    cpcv_curves = property(lambda self: self.root / "cpcv_paths.csv")
     report = property(lambda self: self.root / "report.json")
     report_html = property(lambda self: self.root / "report.html")
     plots = property(lambda self: self.root / "plots")
@@ -45,6 +48,10 @@ class RunFolder:
     registration = property(lambda self: self.root / "registration.json")
     judgement = property(lambda self: self.root / "gate_judgement.json")  # the gate's decision, before aliases move
 
+    def status(self, stage: str) -> Path:
+        """How a stage of this run ended (done, failed or skipped, and why): one file per stage."""
+        return self.root / "status" / f"{stage}.json"
+
     def fold(self, index: int) -> Path:
         """A fold's folder: the selected seed's policy.pt and history.json, and training.json."""
         return self.root / "folds" / f"fold_{index}"
@@ -53,6 +60,13 @@ class RunFolder:
         """One seed's folder: policy.pt, history.json, validation_returns.npy, training.json and the
         resumable train_state.pt."""
         return self.fold(fold) / f"seed_{seed}"
+
+    def cpcv_split(self, index: int) -> Path:
+        """A CPCV split's folder: as a fold's, with its seeds' folders inside."""
+        return self.root / "cpcv" / f"split_{index}"
+
+    def cpcv_seed(self, split: int, seed: int) -> Path:
+        return self.cpcv_split(split) / f"seed_{seed}"
 
     def test_equity(self, fold: int) -> Path:
         return self.root / f"fold_{fold}_test_equity.csv"
@@ -72,7 +86,8 @@ class RunFolder:
     def report_artifacts(self) -> list[Path]:
         """What goes into the MLflow run's ``report/`` folder (plots apart)."""
         fixed = [self.report, self.report_html, self.config, self.data, self.validation, self.folds, self.parity]
-        return fixed + sorted(self.root.glob("fold_*_test_*.csv"))
+        cpcv = [path for path in (self.cpcv_folds, self.cpcv_curves) if path.exists()]
+        return fixed + cpcv + sorted(self.root.glob("fold_*_test_*.csv"))
 
 
 # File names inside a fold's or a seed's folder.
@@ -113,6 +128,20 @@ def code_version() -> str:
         return "unknown"
 
 
+def training_fingerprint(config: PipelineConfig) -> str:
+    """Hash of the settings that shape the trained model, the data apart (the dataset hash covers it).
+
+    Where the bars come from, the gate, the registry and the device or thread count do not change
+    what is learned, so they are left out: moving the lake or the tracking server retrains nothing.
+    """
+    settings = config.to_dict()
+    for section in ("data", "gate", "registry"):
+        settings.pop(section)
+    for key in ("device", "threads"):
+        settings["ppo"].pop(key, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def save_config(run: RunFolder, config: PipelineConfig) -> Path:
     return write_json(run.config, config.to_dict())
 
@@ -147,8 +176,21 @@ def read_folds(run: RunFolder) -> list[Fold]:
             for f in read_json(run.folds)]
 
 
+def read_cpcv_folds(run: RunFolder) -> list[CPCVFold]:
+    def bars(span: dict) -> tuple[int, int]:
+        return span["first_bar"], span["last_bar"]
+    return [CPCVFold(index=f["index"], test_groups=tuple(f["test_groups"]), validation_group=f["validation_group"],
+                     train=tuple(bars(s) for s in f["train"]), validation=bars(f["validation"]),
+                     test=tuple(bars(s) for s in f["test"]))
+            for f in read_json(run.cpcv_folds)]
+
+
 def load_agent(run: RunFolder, fold: int, seed: int | None = None) -> tuple[ActorCritic, dict]:
     """The fold's selected policy, or one seed's."""
-    folder = run.fold(fold) if seed is None else run.seed(fold, seed)
+    return load_agent_at(run.fold(fold) if seed is None else run.seed(fold, seed))
+
+
+def load_agent_at(folder: Path) -> tuple[ActorCritic, dict]:
+    """The policy kept in a fold's, a CPCV split's or a seed's folder."""
     checkpoint = torch.load(folder / POLICY, weights_only=True)
     return load_policy(checkpoint).actor_critic, checkpoint

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +32,21 @@ from ml.env.action_space import make_action_space
 from ml.evaluation.html_report import render_html_report
 from ml.evaluation.plots import (plot_equity_and_drawdown, plot_exposure_histogram, plot_fold_bars,
                                  plot_mean_weights)
-from ml.evaluation.splits import Fold, walk_forward_folds
+from ml.evaluation.cpcv import cpcv_report
+from ml.evaluation.splits import CPCVFold, Fold, cpcv_folds, cpcv_groups, walk_forward_folds
 from ml.evaluation.risk_report import intervention_log, risk_metrics, run_risk
 from ml.evaluation.robustness import fold_robustness, run_robustness
 from ml.evaluation.walkforward import aggregate, backtest_policy, evaluate_fold, train_fold
 from ml.market.calendar import periods_per_year
 from ml.market.series import MarketSeries, align_bars
 from ml.pipeline.rundir import (HISTORY, POLICY, TRAIN_STATE, TRAINING, VALIDATION_RETURNS, RunFolder, code_version,
-                                load_agent, market_timestamps, read_bars, read_config, read_folds, read_json,
-                                read_market, save_config, symbol_frames, write_json)
+                                load_agent, load_agent_at, market_timestamps, read_bars, read_config,
+                                read_cpcv_folds, read_folds, read_json, read_market, save_config, symbol_frames,
+                                write_json)
 from ml.release.tracking import RunMetrics, flatten, log_metrics, resolve_tracking, start_run
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA_VERSION = "2.1"
+REPORT_SCHEMA_VERSION = "2.2"
 # Training metrics the tracking server did not get by the end of a fold; evaluate sends them.
 PENDING_METRICS = "pending_metrics.jsonl"
 
@@ -72,6 +75,8 @@ def load_data(run_dir: Path, config: PipelineConfig) -> dict:
         summary["symbols"] = list(data.symbols)
         summary["common_bars"] = len(align_bars(dict(zip(data.symbols, frames)))[0])
     write_json(run.data, summary)
+    log.info("loaded %d bars of %s %s from %s (%s to %s), dataset hash %s", len(bars), summary["symbol"],
+             data.interval, summary["source"], summary["first"][:10], summary["last"][:10], summary["dataset_hash"])
     return summary
 
 
@@ -92,6 +97,9 @@ def validate_data(run_dir: Path) -> dict:
                 write_json(run.validation, {symbol: failed.as_dict()})
             raise
     write_json(run.validation, {symbol: result.as_dict() for symbol, result in results.items()})
+    for symbol, result in results.items():
+        log.info("%s passed the data quality gate: suite %s, %d rules, %d rows, dataset hash %s", symbol,
+                 result.suite, len(result.rules), result.rows, read_json(run.data)["dataset_hash"])
     first = next(iter(results.values()))
     return {"suite": first.suite, "rows": sum(r.rows for r in results.values()), "rules": len(first.rules)}
 
@@ -112,17 +120,26 @@ def start_tracking(run_dir: Path, run_name: str | None = None) -> dict:
                              "symbol": data["symbol"], "interval": data["interval"]})
     tracking = {"tracking_uri": uri, "run_id": run_id}
     write_json(run.tracking, tracking)
+    log.info("MLflow run %s opened in experiment %s at %s", run_id, config.registry.experiment, uri)
     return tracking
 
 
 # 4. Train --------------------------------------------------------------------------------
 
 def plan_folds(run_dir: Path) -> list[int]:
-    """Lay out the walk-forward folds (folds.json); returns their indices, one training task each."""
+    """Lay out the walk-forward folds (folds.json); returns their indices, one training task each.
+
+    With ``splits.method: cpcv`` the CPCV splits are laid out too (cpcv_folds.json); the fold
+    tasks train them (``train_fold_seeds``).
+    """
     run = RunFolder(run_dir)
     config = read_config(run)
     timestamps = market_timestamps(run, config)
     folds = walk_forward_folds(timestamps, config.lookback, config.splits)
+    if config.splits.method == "cpcv":
+        splits = cpcv_folds(len(timestamps), config.lookback, config.splits)
+        write_json(run.cpcv_folds, [{"index": s.index, "test_groups": list(s.test_groups),
+                                     "validation_group": s.validation_group} | s.dates(timestamps) for s in splits])
     write_json(run.folds, [f.as_dict() | f.dates(timestamps) for f in folds])
     return [f.index for f in folds]
 
@@ -131,27 +148,48 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
     """Train one fold once per seed; keep the seed with the best validation score.
 
     Each seed's checkpoint is kept (the report shows the spread across seeds); a retry
-    skips seeds that finished and resumes the one that was interrupted.
+    skips seeds that finished and resumes the one that was interrupted. With ``splits.method:
+    cpcv`` the task of fold i then trains the CPCV splits i, i + K, i + 2K, ... (K folds) the same
+    way, so the tasks that the folds map train every split. Returns the fold's summary.
     """
     run = RunFolder(run_dir)
-    fold_dir = run.fold(fold_index)
-    if (fold_dir / TRAINING).exists():
-        return read_json(fold_dir / TRAINING)
     config = read_config(run)
-    tracking = read_json(run.tracking)
-    fold = read_folds(run)[fold_index]
-    torch_device = resolve_device(device or config.ppo.device)
-    series = read_market(run, config, torch_device)
-    # Kept while the tracking server is away: an outage never stops training.
-    metrics = RunMetrics(tracking["tracking_uri"], tracking["run_id"], spill=fold_dir / PENDING_METRICS)
+    folds = read_folds(run)
+    jobs = [(folds[fold_index], run.fold(fold_index), partial(run.seed, fold_index), {"fold": fold_index},
+             f"fold{fold_index}")]
+    if config.splits.method == "cpcv":
+        jobs += [(split, run.cpcv_split(split.index), partial(run.cpcv_seed, split.index),
+                  {"cpcv_split": split.index}, f"cpcv{split.index}")
+                 for split in read_cpcv_folds(run)[fold_index::len(folds)]]
+    jobs = [job for job in jobs if not (job[1] / TRAINING).exists()]
+    if jobs:
+        tracking = read_json(run.tracking)
+        torch_device = resolve_device(device or config.ppo.device)
+        series = read_market(run, config, torch_device)
+        # Kept while the tracking server is away: an outage never stops training.
+        metrics = RunMetrics(tracking["tracking_uri"], tracking["run_id"], spill=run.fold(fold_index) / PENDING_METRICS)
+        summaries = [_train_seeds(config, series, *job, metrics, torch_device) for job in jobs]
+        metrics.close()  # waits a minute for an absent server, then leaves the rest in PENDING_METRICS
+        for (_, folder, *_), summary in zip(jobs, summaries):
+            write_json(folder / TRAINING, summary)
+    return read_json(run.fold(fold_index) / TRAINING)
+
+
+def _train_seeds(config: PipelineConfig, series: MarketSeries, fold: Fold | CPCVFold, folder: Path,
+                 seed_folder, identity: dict, label: str, metrics: RunMetrics, torch_device: torch.device) -> dict:
+    """Every seed of one fold or CPCV split; the best on validation is copied into ``folder``."""
     seeds = []
     for seed in config.seeds:
-        seed_dir = run.seed(fold_index, seed)
+        seed_dir = seed_folder(seed)
         if not (seed_dir / TRAINING).exists():
             seed_config = replace(config, ppo=replace(config.ppo, seed=seed))
 
-            def log_update(values: dict, step: int, prefix: str = f"fold{fold_index}/seed{seed}/") -> None:
+            def log_update(values: dict, step: int, prefix: str = f"{label}/seed{seed}/") -> None:
                 metrics.log({prefix + k: v for k, v in values.items()}, step)
+                if "validation_score" in values:  # training progress at INFO, once per validation
+                    log.info("%s: %d of %d steps, %.0f steps/s, validation %s %.3f", prefix.rstrip("/"), step,
+                             config.ppo.total_timesteps, values["steps_per_second"], config.selection_metric,
+                             values["validation_score"])
 
             result = train_fold(series, fold, seed_config, log_update, checkpoint_path=seed_dir / TRAIN_STATE)
             torch.save(policy_checkpoint(result.agent, series.feature_module), seed_dir / POLICY)
@@ -165,17 +203,14 @@ def train_fold_seeds(run_dir: Path, fold_index: int, device: str | None = None) 
         seeds.append(read_json(seed_dir / TRAINING))
     best = max(seeds, key=lambda s: s["validation_score"])
     for name in (POLICY, HISTORY):
-        shutil.copyfile(run.seed(fold_index, best["seed"]) / name, fold_dir / name)
-    summary = {"fold": fold_index, "selected_seed": best["seed"], "best_update": best["best_update"],
-               "validation_score": best["validation_score"], "selection_metric": config.selection_metric,
-               "timesteps": min(s.get("timesteps", 0) for s in seeds),
-               "steps_per_second": float(np.mean([s["steps_per_second"] for s in seeds])),
-               "device": str(torch_device), "collapse_alarm": best["collapse_alarm"], "seeds": seeds}
-    metrics.close()  # waits a minute for an absent server, then leaves the rest in PENDING_METRICS
-    write_json(fold_dir / TRAINING, summary)
-    log.info("fold %d trained: seed %s selected on validation (%.3f)", fold_index, best["seed"],
-             best["validation_score"])
-    return summary
+        shutil.copyfile(seed_folder(best["seed"]) / name, folder / name)
+    log.info("%s trained: seed %s selected on validation (%.3f)", label, best["seed"], best["validation_score"])
+    return identity | {
+        "selected_seed": best["seed"], "best_update": best["best_update"],
+        "validation_score": best["validation_score"], "selection_metric": config.selection_metric,
+        "timesteps": min(s.get("timesteps", 0) for s in seeds),
+        "steps_per_second": float(np.mean([s["steps_per_second"] for s in seeds])),
+        "device": str(torch_device), "collapse_alarm": best["collapse_alarm"], "seeds": seeds}
 
 
 def train_folds(run_dir: Path, device: str | None = None) -> dict:
@@ -241,6 +276,8 @@ def evaluate(run_dir: Path) -> dict:
     risk = run_risk(fold_reports, dataclasses.asdict(config.risk))
     if risk is not None:
         report["risk"] = risk
+    if config.splits.method == "cpcv":
+        report["cpcv"] = evaluate_cpcv(run, config, series)
     images["Test Sharpe per fold"] = plot_fold_bars(report, run.plot("fold_sharpe"))
     images["Test total return per fold"] = plot_fold_bars(report, run.plot("fold_return"), metric="total_return")
     if "test_mean_weights" in fold_reports[0]["policy"]:
@@ -250,6 +287,10 @@ def evaluate(run_dir: Path) -> dict:
     report["figures"] = {caption: path.name for caption, path in images.items()}  # re-rendered at registration
     write_json(run.report, report)
     render_html_report(run.report_html, report, images)
+    mean, held = report["aggregate"]["policy"], report["aggregate"]["baselines"][benchmark]
+    log.info("test, mean of %d folds: policy Sharpe %.2f, return %+.2f%%; %s Sharpe %.2f, return %+.2f%%; "
+             "report %s", len(fold_reports), mean["sharpe"], 100 * mean["total_return"], benchmark, held["sharpe"],
+             100 * held["total_return"], run.report_html)
     tracking = read_json(run.tracking)
     flat = {}
     for fold in fold_reports:
@@ -261,6 +302,10 @@ def evaluate(run_dir: Path) -> dict:
                  for k, v in report["aggregate"]["baselines"][benchmark].items()})
     if risk is not None:
         flat.update(risk_metrics(risk))
+    if "cpcv" in report:
+        flat.update({f"cpcv/path_sharpe/{k}": v for k, v in report["cpcv"]["path_sharpe"]["policy"].items()
+                     if k != "values"})
+        flat["cpcv/pbo"] = report["cpcv"]["pbo"]["value"] if report["cpcv"]["pbo"] else None
     log_metrics(tracking["tracking_uri"], tracking["run_id"], flat)  # an absent server fails here in seconds
     for fold in fold_reports:  # then what training could not send
         kept = run.fold(fold["index"]) / PENDING_METRICS
@@ -268,10 +313,30 @@ def evaluate(run_dir: Path) -> dict:
     return {"report": str(run.report), "collapse_alarm": report["aggregate"]["collapse_alarm"]}
 
 
+def evaluate_cpcv(run: RunFolder, config: PipelineConfig, series: MarketSeries) -> dict:
+    """Each CPCV split's policy on its test groups, recombined into backtest paths (cpcv_paths.csv)."""
+    splits = read_cpcv_folds(run)
+    missing = [s.index for s in splits if not (run.cpcv_split(s.index) / TRAINING).exists()]
+    if missing:
+        raise RuntimeError(f"cpcv splits {missing} have not been trained: run the fold training tasks first")
+    trainings = {s.index: read_json(run.cpcv_split(s.index) / TRAINING) for s in splits}
+    section, curves = cpcv_report(
+        {s.index: load_agent_at(run.cpcv_split(s.index))[0] for s in splits}, series, splits,
+        cpcv_groups(len(series.timestamps), config.lookback, config.splits), config, trainings,
+        {s.index: trial_matrix([run.cpcv_seed(s.index, seed["seed"]) for seed in trainings[s.index]["seeds"]])
+         for s in splits})
+    curves.to_csv(run.cpcv_curves, index=False)
+    return section | {"path_curves": run.cpcv_curves.name}
+
+
 def validation_trials(run: RunFolder, fold: int, training: dict) -> np.ndarray | None:
     """Validation bar returns of every checkpoint any seed's selection scored, [trials, bars]."""
-    files = [run.seed(fold, s["seed"]) / VALIDATION_RETURNS for s in training["seeds"]]
-    rows = [np.load(path) for path in files if path.exists()]
+    return trial_matrix([run.seed(fold, s["seed"]) for s in training["seeds"]])
+
+
+def trial_matrix(seed_dirs: list[Path]) -> np.ndarray | None:
+    """The seeds' validation returns of every scored checkpoint, stacked: [trials, bars]."""
+    rows = [np.load(folder / VALIDATION_RETURNS) for folder in seed_dirs if (folder / VALIDATION_RETURNS).exists()]
     rows = [r for r in rows if r.ndim == 2 and r.shape[0]]
     return np.concatenate(rows) if rows else None
 

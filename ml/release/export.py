@@ -18,6 +18,7 @@ With a risk overlay (``risk:`` in the config) the graph also takes ``nav``
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 
 from ml.agent.policy import ExportPolicy
 from ml.serving import create_session
+
+log = logging.getLogger(__name__)
 
 
 RISK_INPUTS = ("nav", "session", "risk_state")
@@ -104,5 +107,7 @@ def check_parity(policy: ExportPolicy, onnx_path: str | Path, windows: np.ndarra
     with torch.no_grad():
         want = [t.numpy() for t in policy.cpu().eval()(*inputs)]
     diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
+    log.info("ONNX parity %s: max |onnxruntime - torch| = %.2e on %d real windows (tolerance %.0e, %s)",
+             "PASSED" if diff <= tolerance else "FAILED", diff, len(windows), tolerance, session.get_providers()[0])
     return ParityResult(passed=bool(diff <= tolerance), max_abs_diff=diff, windows=len(windows),
                         provider=session.get_providers()[0], tolerance=tolerance)

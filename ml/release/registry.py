@@ -26,6 +26,21 @@ from ml.serving import create_session, cuda_driver_present, resolve_model_path
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 _UNCHECKED = object()
+MODEL_DESCRIPTION = (
+    "PPO trading policy {name}, exported to ONNX by the ppo_training pipeline. Each version carries its "
+    "gate decision (tags gate.passed, gate.reasons, gate.numbers) and a description of its test results; "
+    "`champion` is the version services load (models:/{name}@champion), `challenger` the newest one.")
+
+
+def rounded(value, digits: int = 4):
+    """Numbers to ``digits`` significant digits, for people reading them on the version page."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
 
 
 class ChampionChanged(PromotionError):
@@ -41,6 +56,7 @@ def register_onnx(tracking_uri: str, run_id: str, model_name: str, onnx_path: Pa
     client = store_client(tracking_uri)
     existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
     if existing:
+        log.info("%s v%s is already registered from MLflow run %s", model_name, existing[0].version, run_id)
         return str(existing[0].version)
     session = create_session(onnx_path)
     outputs = session.run(None, input_example)  # every output goes into the signature
@@ -65,7 +81,7 @@ def register_onnx(tracking_uri: str, run_id: str, model_name: str, onnx_path: Pa
         raise
     client.finalize_logged_model(model.model_id, "READY")
     try:
-        client.create_registered_model(model_name)
+        client.create_registered_model(model_name, description=MODEL_DESCRIPTION.format(name=model_name))
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):  # else: an earlier run made it
             raise
@@ -73,6 +89,7 @@ def register_onnx(tracking_uri: str, run_id: str, model_name: str, onnx_path: Pa
     # through the process-wide tracking URI.
     version = client.create_model_version(model_name, source=model.artifact_location, run_id=run_id,
                                           tags=tags, model_id=model.model_id)
+    log.info("registered %s v%s from MLflow run %s", model_name, version.version, run_id)
     return str(version.version)
 
 
@@ -86,6 +103,15 @@ def alias_version(tracking_uri: str, model_name: str, alias: str) -> str | None:
         raise  # an unreachable store is not "no champion"
 
 
+def latest_version(tracking_uri: str, model_name: str) -> tuple[str, dict] | None:
+    """The newest registered version of the model and its tags; None when the model has none."""
+    versions = store_client(tracking_uri).search_model_versions(f"name = '{model_name}'")
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    return str(newest.version), dict(newest.tags)
+
+
 def download_model(tracking_uri: str, model_name: str, version: str) -> Path:
     """The version's ONNX file on local disk."""
     return resolve_model_path(f"models:/{model_name}/{version}", tracking_uri)
@@ -95,7 +121,7 @@ def record_decision(tracking_uri: str, model_name: str, version: str, decision: 
     client = store_client(tracking_uri)
     client.set_model_version_tag(model_name, version, "gate.passed", str(decision["passed"]).lower())
     client.set_model_version_tag(model_name, version, "gate.reasons", " | ".join(decision["reasons"])[:5000])
-    client.set_model_version_tag(model_name, version, "gate.numbers", json.dumps(decision["numbers"])[:5000])
+    client.set_model_version_tag(model_name, version, "gate.numbers", json.dumps(rounded(decision["numbers"]))[:5000])
     client.update_model_version(model_name, version, description=description[:5000])
 
 
@@ -113,6 +139,7 @@ def move_champion(tracking_uri: str, model_name: str, version: str, reason: str,
     if expected is not _UNCHECKED and previous != expected:
         raise ChampionChanged(f"{model_name}: champion is v{previous}, not v{expected} as when v{version} was judged")
     client.set_registered_model_alias(model_name, CHAMPION, version)
+    log.info("%s: champion -> v%s (was %s): %s", model_name, version, f"v{previous}" if previous else "none", reason)
     if previous and previous != version:
         client.set_model_version_tag(model_name, version, "previous_champion", previous)
     client.set_model_version_tag(model_name, version, "champion_reason", reason[:5000])
@@ -136,8 +163,15 @@ def judge_and_promote(tracking_uri: str, model_name: str, version: str, judge: C
             judged = judge(champion)
             decision = judged["decision"]
             record_decision(tracking_uri, model_name, version, decision, judged["description"])
+            log.info("%s v%s: promotion gate %s", model_name, version, "PASSED" if decision["passed"] else "FAILED")
+            for rule in decision["reasons"]:
+                log.info("  %s", rule)
             client.set_registered_model_alias(model_name, CHALLENGER, version)
+            log.info("%s: challenger -> v%s", model_name, version)
             promoted = bool(decision["passed"] and promote)
+            if not promoted:
+                log.info("%s: champion stays %s (%s)", model_name, f"v{champion}" if champion else "unset",
+                         "promotion is off (registry.promote)" if decision["passed"] else "the gate failed")
             if promoted:
                 try:
                     move_champion(tracking_uri, model_name, version, reason, expected=champion)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
     # (threads included) never see each other's store. MLflow resolves a `models:/` URI through the
     # process-wide registry whatever registry_uri says, so resolve it here with a client of this store.
     given = uri
+    tracking_uri = _existing_store(given, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     try:
         if uri.startswith("models:/"):
             client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -110,6 +112,19 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
     if not found:
         raise FileNotFoundError(f"{uri}: the model artifact holds no .onnx file")
     return found[0]
+
+
+def _existing_store(model_uri: str, tracking_uri: str | None) -> str:
+    """The store to resolve a registry URI in, which must be named and, for SQLite, exist: MLflow
+    would otherwise create an empty ``mlflow.db`` wherever the service happens to run."""
+    if not tracking_uri:
+        raise ModelLoadError(f"{model_uri}: no MLflow store named: pass tracking_uri (--tracking-uri) "
+                             "or set MLFLOW_TRACKING_URI")
+    if tracking_uri.startswith("sqlite:///"):
+        database = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise ModelLoadError(f"{model_uri}: no MLflow store at {database} (tracking URI {tracking_uri})")
+    return tracking_uri
 
 
 def _reads_ohlc(metadata: dict) -> bool:
