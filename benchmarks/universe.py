@@ -104,6 +104,17 @@ def environment(home: Path, port: int, lake: Path) -> dict[str, str]:
     return env
 
 
+def task_instances(api: Api, run_id: str) -> list[dict]:
+    """Every task instance of the run, page by page (the API returns at most 100 at a time)."""
+    found: list[dict] = []
+    while True:
+        page = api.ok_json("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances",
+                           params={"limit": 100, "offset": len(found)})
+        found += page["task_instances"]
+        if not page["task_instances"] or len(found) >= page["total_entries"]:
+            return found
+
+
 def stage_split(tis: list[dict]) -> dict[str, dict]:
     """Per task: instances, span from first start to last end, and summed task time (seconds)."""
     split = {}
@@ -171,8 +182,7 @@ def main() -> None:
         wall = time.monotonic() - started
         sampler.stopped.set()
         utilization = sampler.mean()
-        tis = api.ok_json("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances",
-                          params={"limit": 1000})["task_instances"]
+        tis = task_instances(api, run_id)
         summary_path = home / "airflow" / "runs" / DAG_ID
         summaries = list(summary_path.glob("*/summary.json"))
         summary = json.loads(summaries[0].read_text()) if summaries else {}
