@@ -226,9 +226,11 @@ def test_the_champion_moves_while_requests_keep_coming(service, store, bars):
         assert answer["target_exposure"] == pytest.approx(expected[answer["model_version"]], abs=1e-6)
 
 
-def test_a_model_it_cannot_load_is_refused_at_start_in_one_line(store, capsys, tmp_path):
+def test_a_model_it_cannot_load_is_refused_at_start_in_one_line(store, capsys, tmp_path, monkeypatch):
     from ml.cli import main
 
+    # As a deployment runs it (scripts/env.sh, the compose file): no MLflow download bars on stderr.
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     url, _ = store
     missing = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for model, store_args, words in (
