@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from ml.agent import threads
-from ml.agent.threads import concurrent_training_tasks, thread_budget, torch_threads, training_threads
+from ml.agent.threads import thread_budget, torch_threads, training_slots, training_threads
 from tests.conftest import ROOT
 
 # Every setting the budget reads; each test starts from none of them.
@@ -77,22 +77,22 @@ def test_cores_available_is_the_process_affinity(monkeypatch):
 ])
 def test_concurrent_training_tasks_inside_an_airflow_task(worker, settings, want):
     worker(cores=8, **settings)
-    assert concurrent_training_tasks() == want
+    assert training_slots()[0] == want
 
 
 def test_outside_airflow_a_training_is_alone_unless_told(worker, monkeypatch):
     # The CLI after `source scripts/env.sh` names an executor but runs no task.
     worker(cores=8, airflow_task=False, AIRFLOW__CORE__EXECUTOR="LocalExecutor", AIRFLOW__CORE__PARALLELISM="4")
-    assert concurrent_training_tasks() == 1
+    assert training_slots()[0] == 1
     monkeypatch.setenv("ML_TRAINING_SLOTS", "2")
-    assert concurrent_training_tasks() == 2
+    assert training_slots()[0] == 2
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
 def test_a_bad_slot_count_is_refused_by_name(worker, value):
     worker(cores=2, ML_TRAINING_SLOTS=value)
     with pytest.raises(ValueError, match="ML_TRAINING_SLOTS"):
-        concurrent_training_tasks()
+        training_slots()
 
 
 def test_training_threads_says_why(worker):

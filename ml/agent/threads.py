@@ -82,11 +82,6 @@ def training_slots() -> tuple[int, str]:
     return 1, f"{executor} runs one task per worker"
 
 
-def concurrent_training_tasks() -> int:
-    """How many training tasks this worker may run at once (see the module's docstring)."""
-    return training_slots()[0]
-
-
 def training_threads(requested: int | None) -> tuple[int, str]:
     """The thread budget of a training on this worker, and why, in words for the log."""
     cores = cores_available()
