@@ -204,12 +204,12 @@ def training_configs(params: dict, asset_events=None) -> list[PipelineConfig]:
 def mlflow_ui_links(result: dict, ui_url: str) -> dict[str, str]:
     """Addresses in the MLflow UI of what a stage reported, by kind: its ``run`` (``tracking_uri`` and
     ``run_id``) and, once registered (``model_name`` and ``version``), the ``model_version`` and the
-    ``report`` that registration logged into the run's artifacts."""
+    ``report`` that registration logged into the run's artifacts (``report_path`` names another page)."""
     base = ui_url.rstrip("/")
     experiment = store_client(result["tracking_uri"]).get_run(result["run_id"]).info.experiment_id
     run = f"{base}/#/experiments/{experiment}/runs/{result['run_id']}"
     links = {"run": run}
     if result.get("model_name") and result.get("version"):
         links["model_version"] = f"{base}/#/models/{quote(result['model_name'], safe='')}/versions/{result['version']}"
-        links["report"] = f"{run}/artifacts/report/report.html"
+        links["report"] = f"{run}/artifacts/{result.get('report_path', 'report/report.html')}"
     return links

@@ -19,6 +19,8 @@ SHARED_MARKET = ROOT.parent / "shared" / "data" / "market"
 def _isolated_mlflow(monkeypatch):
     """No test writes to a developer's MLflow store by accident."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # As scripts/env.sh and the compose file run it: no download bars in the captured logs.
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @pytest.fixture(scope="session")

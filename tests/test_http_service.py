@@ -137,7 +137,7 @@ def broken_low(bars):
     ("/decide", lambda b: {"ohlcv": b[0][0]}, 422, "position: required"),
     ("/decide", lambda b: {"ohlcv": b[0][0][:10], "position": 0}, 422, "ohlcv: shape [10, 5], must be [64, 5]"),
     ("/decide", lambda b: {"ohlcv": [["x"] * 5] * LOOKBACK, "position": 0}, 422, "ohlcv: numbers only"),
-    ("/decide", lambda b: {"ohlcv": b[0][0], "position": 1.5}, 422, "position: must be finite and within [-1, 1]"),
+    ("/decide", lambda b: {"ohlcv": b[0][0], "position": 11}, 422, "position: must be finite and within [-10, 10]"),
     ("/decide", lambda b: {"ohlcv": b[0][0], "position": "flat"}, 422, "position: Input should be a valid number"),
     ("/decide", lambda b: {"ohlcv": b[0][0], "positon": 0}, 422, "positon: unknown field"),
     ("/decide", lambda b: {"ohlcv": b[0][0], "position": 0, "nav": 1e6}, 422, "nav: this model has no risk overlay"),

@@ -147,8 +147,8 @@ class RiskDecision:
     state: np.ndarray  # [B, S] the overlay's memory: pass it back unchanged with the next bar
 
 
-# The largest max_leverage a config accepts (ml.config.RiskConfig): the bound on a levered account's position.
-MAX_RISK_LEVERAGE = 10.0
+# The largest max_leverage a config accepts (ml.config.RiskConfig): the sanity bound on a held position.
+MAX_POSITION = 10.0
 # The overlay's state: these scalars, then an entry price and a stop cool-down per asset (the layout of
 # ml.env.risk, which serving cannot import: it needs torch; a test holds the two together).
 _RISK_STATE_SCALARS = 6
@@ -224,9 +224,10 @@ class Policy:
         if timestamps is not None:
             self.rules.check_timestamps(timestamps, ohlcv.shape[0], self.lookback)
         # max() propagates NaN, and NaN <= 1 is False: one comparison covers finite and range.
-        # With a risk overlay the account may be levered, and a levered position drifts past the
-        # cap the target respected as prices move: only a sanity bound (the largest max_leverage).
-        limit = MAX_RISK_LEVERAGE if self.risk else 1.0
+        # The share held at the last close drifts past the target's limit as prices move after the
+        # fill (a short that rose, cash a little below zero after costs), and the policy was trained
+        # on those drifted values: only a sanity bound (the largest max_leverage).
+        limit = MAX_POSITION
         if assets and not (position.min(initial=0.0) >= -1e-6
                            and position.sum(axis=1).max(initial=0.0) <= limit + 1e-6):
             raise InputError(f"weights: must be finite, non-negative and sum to at most {limit:g} (the rest is cash)")
