@@ -23,6 +23,8 @@ import logging
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from ml.config import MODEL_NAME_PATTERN  # imports no torch: parsing stays fast
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
     description="On curated market data updates: paper-trade every champion on the new bars, then monitor it.",
     doc_md=__doc__,
     params={
-        "models": Param(None, type=["null", "array"], items={"type": "string", "minLength": 1}, minItems=1,
+        "models": Param(None, type=["null", "array"], items={"type": "string", "pattern": MODEL_NAME_PATTERN},
+                        minItems=1,
                         title="Registered models",
                         description="Models to forward-test, e.g. [\"ppo_GSPC_1d\"]. Empty: every model with a "
                                     "champion."),
@@ -60,13 +63,17 @@ def forward_test():
 
     @task(map_index_template="{{ task.op_kwargs['model_name'] }}")
     def trade(model_name: str, run_id=None) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
         from ml_operators import MlflowRegistryHook
 
         from ml import forward
         from ml.orchestration import run_dir_for
 
         workdir = run_dir_for("forward_test", run_id) / model_name
-        return forward.trade_champion(model_name, MlflowRegistryHook().tracking_uri, forward.Ledger(), workdir)
+        try:
+            return forward.trade_champion(model_name, MlflowRegistryHook().tracking_uri, forward.Ledger(), workdir)
+        except forward.BAD_INPUT as error:  # a bad name or bars that break a rule: retrying will not help
+            raise AirflowFailException(str(error)) from None
 
     @task(map_index_template="{{ task.op_kwargs['model_name'] }}")
     def monitor(model_name: str, params=None, run_id=None) -> dict:
@@ -79,8 +86,11 @@ def forward_test():
 
         rules = forward.MonitorRules(min_bars=params["min_bars"], rollback=params["rollback_on_breach"])
         workdir = run_dir_for("forward_test", run_id) / model_name
-        result = forward.monitor_champion(model_name, MlflowRegistryHook().tracking_uri, forward.Ledger(),
-                                          workdir, rules)
+        try:
+            result = forward.monitor_champion(model_name, MlflowRegistryHook().tracking_uri, forward.Ledger(),
+                                              workdir, rules)
+        except forward.BAD_INPUT as error:
+            raise AirflowFailException(str(error)) from None
         if "run_id" in result:
             push_mlflow_links({"tracking_uri": result["tracking_uri"], "run_id": result["run_id"],
                                "model_name": model_name, "version": result["version"],

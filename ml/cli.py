@@ -8,6 +8,8 @@
     registry promote | rollback   move `champion` by hand (only to versions that passed their gate)
     serve          decide target exposures from a bars file with a registered or local model
                    (--http: answer over HTTP, following the champion alias as it moves)
+    forward        paper-trade champions on the new curated bars, then monitor them (as the
+                   forward_test DAG does); exit 1 when a monitoring rule breached
 """
 
 from __future__ import annotations
@@ -198,6 +200,44 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _forward(args: argparse.Namespace) -> int:
+    """Trade and monitor each model: one line per rule; one line and exit 2 for what cannot run."""
+    from ml import forward
+    from ml.serving import ModelLoadError
+
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        print("forward: no MLflow store named: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 2
+    if args.min_bars < 2:
+        print(f"forward: --min-bars {args.min_bars}: must be at least 2", file=sys.stderr)
+        return 2
+    rules = forward.MonitorRules(min_bars=args.min_bars, rollback=args.rollback_on_breach)
+    ledger = forward.Ledger(args.ledger)
+    breached = False
+    try:
+        for name in args.model or forward.champions(tracking_uri):
+            workdir = Path(args.out) / forward.check_model_name(name)
+            traded = forward.trade_champion(name, tracking_uri, ledger, workdir, args.lake)
+            if "skipped" in traded:
+                print(f"{name}: skipped: {traded['skipped']}")
+                continue
+            result = forward.monitor_champion(name, tracking_uri, ledger, workdir, rules, args.lake)
+            print(f"{name} v{traded['version']}: {traded['new_bars']} new bar(s), NAV {traded['nav']:.4f} at "
+                  f"{traded['last_bar']}; page {result['page']}")
+            for check in result["checks"]:
+                print(f"  {check['status'].upper():10} {check['rule']}: {check['detail']}")
+            breached |= bool(result["breaches"])
+    except (*forward.BAD_INPUT, ModelLoadError) as exc:
+        if args.debug:
+            raise
+        print(f"forward: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ledger.dispose()
+    return 1 if breached else 0
+
+
 def _config(args: argparse.Namespace) -> int:
     """Print the effective config (defaults, or a file merged over them) as YAML."""
     import yaml
@@ -296,6 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--intra-op-threads", type=int,
                       help="onnxruntime threads per model call (default: one per core)")
     serve.set_defaults(run=_serve)
+
+    fwd = commands.add_parser("forward", help="paper-trade champions on new curated bars and monitor them")
+    fwd.add_argument("--model", action="append", help="registered model (repeatable; default: every champion)")
+    fwd.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI)")
+    fwd.add_argument("--lake", help="lake root: a folder or s3://bucket/prefix (default $ML_LAKE_ROOT)")
+    fwd.add_argument("--ledger", help="SQLAlchemy URL of the ledger (default $ML_FORWARD_DB, else SQLite in "
+                                      "$ML_RUNS_DIR/forward_test.db)")
+    fwd.add_argument("--out", default="runs/forward_test/cli", help="folder for each model's page and files")
+    fwd.add_argument("--min-bars", type=int, default=20, help="live bars before the rules judge (default 20)")
+    fwd.add_argument("--rollback-on-breach", action="store_true", help="move champion back on a breach")
+    fwd.set_defaults(run=_forward)
     return parser
 
 

@@ -35,6 +35,8 @@ SELECTION_METRICS = ("sharpe", "sortino", "calmar", "total_return", "annualized_
 # empty. The one pattern for the DAG Params (JSON Schema), the CLI, the config and the data sources.
 SYMBOL_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9^][A-Za-z0-9._=^-]{0,31}$"
 SYMBOL_RULE = "must be a ticker: 1 to 32 letters, digits or ^ . _ = - (no '..', no path)"
+# A registered model name that may also name a folder: no separators, no leading dot.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,199}$"
 
 
 class ConfigError(ValueError):

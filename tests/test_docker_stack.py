@@ -760,3 +760,14 @@ def test_env_file_stays_out_of_git_and_images():
     for dockerfile, context in dockerfiles().items():
         rel = (DOCKER / ".env").relative_to(context).as_posix()
         assert dockerignore_excludes(dockerignore_patterns(dockerfile, context), rel), f"{dockerfile.name} sends {rel}"
+
+
+def test_the_forward_ledger_has_its_own_database_on_the_stack_postgres():
+    targets = dict((t, s) for s, t, _ in mounts("postgres"))
+    script = (DOCKER / targets["/docker-entrypoint-initdb.d"] / "20-create-forward-db.sh").read_text()
+    assert "CREATE DATABASE" in script and "FORWARD_DB_NAME" in script
+    pg = environment("postgres")
+    ledger = urlsplit(environment("airflow-scheduler")["ML_FORWARD_DB"])
+    assert ledger.scheme == "postgresql+psycopg2" and ledger.hostname == "postgres"
+    assert ledger.path.lstrip("/") == pg["FORWARD_DB_NAME"] != pg["POSTGRES_DB"]
+    assert (ledger.username, ledger.password) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"])

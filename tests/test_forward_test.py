@@ -12,7 +12,10 @@ fails it naming action collapse (and rolls champion back when asked).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,7 @@ from ml.pipeline.rundir import RunFolder, load_agent, read_config, read_json
 from ml.release import registry
 from ml.release.tracking import store_client
 from ml.serving import Policy
+from tests.conftest import ROOT
 from tests.test_dags import AIRFLOW, airflow_env  # noqa: F401  (the fixture)
 from tests.test_pipeline import TINY
 
@@ -171,6 +175,19 @@ def test_injected_volatility_shift_fails_monitoring_naming_feature_drift(trained
     assert "range_1" in drift["detail"] and "KS" in drift["detail"]
     page = Path(result["page"]).read_text()
     assert "Monitoring breached" in page and "feature drift" in page and "data:image/png;base64," in page
+    assert "live exposure histogram" in page
+
+    # The segment's MLflow run holds the page, which the task's "report.html" button opens.
+    from ml.orchestration import mlflow_ui_links
+
+    client = store_client(trained["uri"])
+    assert {a.path for a in client.list_artifacts(result["run_id"], "report")} == {
+        "report/forward_test.html", "report/monitoring.json"}
+    assert client.get_run(result["run_id"]).data.metrics["forward/breaches"] >= 1
+    links = mlflow_ui_links({"tracking_uri": trained["uri"], "run_id": result["run_id"], "model_name": MODEL,
+                             "version": result["version"], "report_path": "report/forward_test.html"},
+                            "http://127.0.0.1:5000")
+    assert links["report"] == f"{links['run']}/artifacts/report/forward_test.html"
 
 
 def collapsed_version(trained, tmp_path: Path) -> str:
@@ -235,6 +252,13 @@ def test_airflow_dags_test_forward_test_trades_new_bars_and_writes_the_page(trai
     ledger = Ledger(env["ML_FORWARD_DB"])
     rows = ledger.rows(ledger.current_segment(MODEL).id)
     assert len(rows) == 26
+    champion = load_champion(trained["uri"], MODEL, tmp_path / "offline")
+    series = lake_series(champion.config, str(lake_root))
+    last = len(series.timestamps) - 1
+    offline = run_backtest(onnx_decisions(champion.policy, series), series, (last - 25, last),
+                           champion.config.costs, champion.action_space, champion.periods_per_year)
+    np.testing.assert_array_equal(np.array([row.decision for row in rows])[:-1], offline.decision)
+    np.testing.assert_allclose([row.nav for row in rows], offline.nav, rtol=1e-12, atol=0)
     pages = list((tmp_path / "runs" / "forward_test").rglob("forward_test.html"))
     assert len(pages) == 1 and "No rule breached" in pages[0].read_text()
 
@@ -253,3 +277,83 @@ def test_airflow_dags_test_forward_test_trades_new_bars_and_writes_the_page(trai
     assert failed.returncode != 0
     assert f"{MODEL} v{trained['version']}: monitoring breached:" in log, log[-5000:]
     assert "feature drift: 1 one-bar feature(s) drifted" in log and "range_1 KS" in log
+
+
+def test_the_cli_trades_and_monitors_and_refuses_a_bad_model_name_in_one_line(trained, gspc_bars, tmp_path):
+    lake_root = tmp_path / "lake"
+    curate(Lake(lake_root), gspc_bars, len(gspc_bars) - CUT + 25)
+    base = [sys.executable, "-m", "ml", "forward", "--tracking-uri", trained["uri"], "--lake", str(lake_root),
+            "--ledger", f"sqlite:///{tmp_path / 'ledger.db'}", "--out", str(tmp_path / "out")]
+    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    done = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{MODEL} v{trained['version']}: 26 new bar(s)" in done.stdout
+    assert "OK         action collapse" in done.stdout and "feature drift" in done.stdout
+    assert (tmp_path / "out" / MODEL / "forward_test.html").exists()
+
+    refused = subprocess.run(base + ["--model", "../../etc"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == [
+        "forward: model name '../../etc': letters, digits, '_', '.', '=' and '-' only, starting with a letter or "
+        "digit (e.g. ppo_GSPC_1d)"]
+    assert not (tmp_path / "etc").exists()
+
+
+def test_the_ledger_runs_on_postgres_and_refuses_a_bar_twice(tmp_path):
+    """The stack's ledger: a fresh database on the local PostgreSQL, floats kept exactly."""
+    import psycopg2
+    import sqlalchemy as sa
+
+    from ml.forward.ledger import BarRow
+    from tests.test_airflow_services import PG_HOST, PG_PORT, PG_USER, ensure_postgres
+
+    ensure_postgres()
+    name = f"forward_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=5)
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    ledger = Ledger(f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}")
+    try:
+        segment = ledger.start_segment(MODEL, "3", "GSPC", "1d", "2018-10-03T00:00:00Z", "run")
+        row = BarRow(bar_time="2018-10-04T00:00:00Z", version="3", close=[2901.61], fill_price=[2919.35],
+                     cost=0.1 / 3, traded=0.999999999999, nav=1.0 / 3, cash=-1e-17, units=[0.1 / 7],
+                     weights=[0.1 / 9], decision=[0.5], executed=[0.25], risk_state=[1.0 / 3, 2.0 / 3])
+        assert ledger.append(segment.id, [row]) == 1
+        assert ledger.rows(segment.id) == [row] and ledger.last_row(segment.id) == row
+        with pytest.raises(sa.exc.IntegrityError):
+            ledger.append(segment.id, [row, row])
+        assert ledger.rows(segment.id) == [row]
+        assert ledger.current_segment(MODEL) == segment
+    finally:
+        ledger.dispose()
+        admin.cursor().execute(f"DROP DATABASE {name}")
+        admin.close()
+
+
+def test_a_risk_overlay_model_keeps_its_state_across_runs_like_the_backtest(gspc_bars, tmp_path):
+    """A champion with volatility targeting and a drawdown breaker, fed its bars in three runs."""
+    lake_root = tmp_path / "lake"
+    cut = len(gspc_bars) - CUT
+    curate(Lake(lake_root), gspc_bars, cut)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    risk = {"target_volatility": 0.1, "max_leverage": 1.5, "max_drawdown": 0.02, "drawdown_cooldown_bars": 5}
+    config = config_from_dict({**TINY, "data": {**TINY["data"], "source": "lake", "path": str(lake_root)},
+                               "risk": risk, "registry": {"tracking_uri": uri}})
+    result = run_pipeline(config, tmp_path / "run")
+    if not result["champion"]:
+        registry.promote(uri, MODEL, result["version"])
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    for end in (cut, cut + 30, cut + CUT):
+        curate(Lake(lake_root), gspc_bars, end)
+        trade_champion(MODEL, uri, ledger, tmp_path / "work", str(lake_root))
+    rows = ledger.rows(ledger.current_segment(MODEL).id)
+    assert len(rows) == CUT + 1 and all(row.risk_state for row in rows)
+
+    run = RunFolder(tmp_path / "run")
+    agent, _ = load_agent(run, read_json(run.folds)[-1]["index"])
+    series = lake_series(read_config(run), str(lake_root))
+    last = len(series.timestamps) - 1
+    offline = backtest_policy(agent, series, (last - CUT, last), read_config(run))
+    assert offline.trips.any(), "the drawdown breaker never tripped: the test would not see its state"
+    np.testing.assert_allclose(np.array([row.executed for row in rows])[:-1], offline.executed, atol=2e-5)
+    np.testing.assert_allclose([row.nav for row in rows], offline.nav, rtol=2e-5)

@@ -13,18 +13,22 @@ import json
 import logging
 from pathlib import Path
 
+from ml.data.schema import DataError
 from ml.forward.ledger import Ledger
 from ml.forward.monitor import MonitorRules, monitor, nav_band
 from ml.forward.page import render_page
-from ml.forward.paper import ForwardError, lake_series, load_champion, trade
+from ml.forward.paper import ForwardError, check_model_name, lake_series, load_champion, trade
 from ml.release.lock import PromotionError
 from ml.release.registry import rollback
 from ml.release.tracking import log_metrics, resolve_tracking, start_run, store_client
 
-__all__ = ["ForwardError", "Ledger", "MonitorRules", "champions", "monitor_champion", "trade_champion"]
+__all__ = ["BAD_INPUT", "ForwardError", "Ledger", "MonitorRules", "champions", "check_model_name", "monitor_champion",
+           "trade_champion"]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "forward_test"
+# What a retry will not fix: a bad model name, bars that break a rule, a lake without the symbol.
+BAD_INPUT = (ForwardError, DataError)
 
 
 def champions(tracking_uri: str) -> list[str]:

@@ -129,7 +129,7 @@ def band_checks(live: dict, band: dict | None, bars: int, quantiles: tuple[float
 def collapse_check(champion, rows: list[BarRow], share_limit: float) -> Check:
     decisions = torch.tensor([row.decision for row in rows], dtype=torch.float32)
     report = champion.action_space.collapse_report(decisions, share_limit)
-    dominant = report["dominant_exposure"]
+    dominant = report.get("dominant_exposure", report.get("dominant_weights"))  # one asset / a portfolio
     shown = ", ".join(f"{v:+.2f}" for v in dominant) if isinstance(dominant, list) else f"{dominant:+.2f}"
     return Check("action collapse", "breach" if report["alarm"] else "ok",
                  f"{report['dominant_share']:.0%} of {len(rows)} live decisions at {shown} "
@@ -193,7 +193,10 @@ def monitor(champion, series: MarketSeries, rows: list[BarRow], rules: MonitorRu
         checks = band_checks(live, band, bars, rules.band) + [collapse_check(champion, rows, share_limit)]
         drift, drift_table = drift_checks(champion, series, rows, rules)
         checks += drift
+    summary = champion.action_space.decision_summary(np.array([row.decision for row in rows]), series.symbols)
     return {"model_name": champion.model_name, "version": champion.version, "bars": bars,
             "live": {k: float(v) for k, v in live.items()} if live else None,
+            # the same summary the test report shows: shares of each exposure, or mean weights
+            "actions": {key.replace("test_", "live_"): value for key, value in summary.items()},
             "checks": [asdict(c) for c in checks], "drift": drift_table,
             "breaches": [asdict(c) for c in checks if c.status == "breach"], "rules": asdict(rules)}

@@ -63,6 +63,9 @@ def render_page(segment: Segment, rows: list[BarRow], result: dict, band: pd.Dat
         [row.bar_time, row.version, _values(row.close), _values(row.fill_price) if row.fill_price else "",
          f"{row.nav:.6f}", _values(row.weights), _values(row.decision), _values(row.executed), f"{row.cost:.6f}"]
         for row in rows[-30:][::-1]])
+    actions = "".join(f"<p>{html.escape(name.replace('_', ' '))}: " + ", ".join(
+        f"{html.escape(str(key))} {value:.1%}" if "histogram" in name else f"{html.escape(str(key))} {value:.3f}"
+        for key, value in values.items()) + "</p>" for name, values in result["actions"].items())
     history = _table(["segment", "version", "first decision bar", "started"], [
         [str(s.id), html.escape(s.version), s.start_bar, s.created_at] for s in segments])
     verdict = ("<p class='breach'>Monitoring breached: " + html.escape("; ".join(b["rule"] for b in result["breaches"]))
@@ -81,6 +84,7 @@ training data), flat at NAV 1; {result['bars']} bars traded since, last bar {row
 {verdict}
 <img alt="forward NAV against the backtest band" src="{figure}">
 <h2>Monitoring</h2>{checks}
+<h2>Live decisions</h2>{actions}
 <h2>Feature drift (live bars against the training window)</h2>{drift}
 <h2>Latest bars</h2>{recent}
 <h2>Segments of {name}</h2>{history}

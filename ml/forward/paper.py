@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ml.config import PipelineConfig, config_from_dict
+from ml.config import MODEL_NAME_PATTERN, PipelineConfig, config_from_dict
 from ml.data.sources import load_bars
 from ml.env.action_space import ActionSpace, make_action_space
 from ml.env.trading_env import BPS, settle
@@ -31,7 +32,7 @@ from ml.market.calendar import periods_per_year
 from ml.market.series import MarketSeries, prepare_series
 from ml.release import registry
 from ml.release.tracking import store_client
-from ml.serving import Policy
+from ml.serving import InputError, Policy
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,16 @@ class Champion:
         return periods_per_year(self.config.data.interval, self.config.data.calendar)
 
 
+def check_model_name(model_name: str) -> str:
+    if not isinstance(model_name, str) or not re.fullmatch(MODEL_NAME_PATTERN, model_name):
+        raise ForwardError(f"model name {model_name!r}: letters, digits, '_', '.', '=' and '-' only, "
+                           "starting with a letter or digit (e.g. ppo_GSPC_1d)")
+    return model_name
+
+
 def load_champion(tracking_uri: str, model_name: str, workdir: Path) -> Champion | None:
     """The current champion with its training run's report artifacts; None when there is none."""
+    check_model_name(model_name)
     version = registry.alias_version(tracking_uri, model_name, registry.CHAMPION)
     if version is None:
         return None
@@ -105,7 +114,7 @@ class PaperAccount:
     def fill(self, previous: BarRow, t: int) -> dict:
         """The previous bar's executed target filled at bar t, the book marked at t's close."""
         as_row = lambda values: torch.tensor([values], dtype=torch.float64)  # noqa: E731
-        target = self.space.project(as_row(previous.executed))
+        target = as_row(previous.executed)
         cash, units, nav, cost, traded, _ = settle(
             as_row(previous.cash), as_row(previous.units), as_row(previous.nav), target,
             self.reference[t:t + 1], self.close[t:t + 1], self.impact, self.commission, self.borrow_per_bar)
@@ -166,18 +175,24 @@ def decide(champion: Champion, series: MarketSeries, account: PaperAccount, book
         raise ForwardError(f"{champion.model_name}: bar {stamp} has only {t + 1} bars behind it, the model "
                            f"reads {lookback}")
     window = series.ohlcv[t + 1 - lookback:t + 1].numpy()
-    weights = account.weights(book, t)
-    held = weights.float().numpy()
     if series.n_assets == 1:
         window = window[:, 0, :]
-    if policy.risk is not None:
-        times = series.timestamps.iloc[t + 1 - lookback:t + 1].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()
-        state = None if previous is None or previous.risk_state is None else np.array([previous.risk_state])
-        made = policy.decide_with_risk(window, held, [book["nav"]], times.astype("datetime64[ns]"), state)
-        decision, executed, risk_state = made.policy_target[0], made.target[0], made.state[0].tolist()
-    else:
-        decision = executed = policy.decide(window, held)[0]
-        risk_state = None
+    weights = account.weights(book, t)
+    held = weights.float().numpy()
+    try:
+        if policy.risk is not None:
+            times = series.timestamps.iloc[t + 1 - lookback:t + 1].dt.tz_convert("UTC").dt.tz_localize(None)
+            state = None if previous is None or previous.risk_state is None else np.array([previous.risk_state])
+            made = policy.decide_with_risk(window, held, [book["nav"]], times.to_numpy("datetime64[ns]"), state)
+            decision, executed, risk_state = made.policy_target[0], made.target[0], made.state[0].tolist()
+        else:
+            decision = policy.decide(window, held)[0]
+            # The account's limits, as the environment applies them before a fill (an overlay
+            # applies them itself, and may lever past them).
+            executed = account.space.project(torch.tensor(decision, dtype=torch.float64)).numpy()
+            risk_state = None
+    except InputError as error:  # the bars broke a serving rule: name the model and the bar
+        raise ForwardError(f"{champion.model_name}: bar {stamp}: {error}") from None
     return BarRow(bar_time=stamp, version=champion.version, close=account.close[t].tolist(),
                   fill_price=book["fill_price"], cost=book["cost"], traded=book["traded"], nav=book["nav"],
                   cash=book["cash"], units=book["units"], weights=weights[0].tolist(),
@@ -191,8 +206,3 @@ def _position_of(stamps: list[str], stamp: str, segment: Segment) -> int:
     except ValueError:
         raise ForwardError(f"{segment.model_name}: bar {stamp} of ledger segment {segment.id} is no longer in "
                            "the curated data (revised history): start a new segment by re-promoting") from None
-
-
-def ledger_frame(rows: list[BarRow]) -> pd.DataFrame:
-    """The rows of a segment as a table: one row per bar, per-asset lists as arrays."""
-    return pd.DataFrame([row.__dict__ for row in rows])
