@@ -1,17 +1,21 @@
 """The Airflow UI as the README starts it: `source scripts/env.sh && airflow standalone`, on loopback.
 
 One `airflow standalone` serves every test here. It is started from a shell whose PATH lacks the
-project's venv, as on a fresh clone, with its own AIRFLOW_HOME, port and MLflow store, and a DAG
-folder that holds the project's DAG files plus one probe DAG that registers a real MLflow version
-and pushes its links the way the pipeline's register task does.
+project's venv, as on a fresh clone, with its own AIRFLOW_HOME, port and MLflow store, a tiny
+training config ($ML_TRAINING_CONFIG), and a DAG folder that holds the project's DAG files plus one
+probe DAG that registers a real MLflow version and pushes its links the way register does.
 
 Checked: the API server listens on 127.0.0.1 only and lists the DAGs, paused, until the README's
 unpause command; model_promotion refuses a run without an action; a task's MLflow links come back
 from the API server and open the MLflow run, the model version and report.html on a real MLflow
-server; and, in Chromium, the trigger form of ppo_training refuses an out-of-range value.
+server. In Chromium: the trigger form of ppo_training refuses an out-of-range value; then, as a new
+user, a tiny GSPC training typed into that form (unpausing the DAG on trigger) succeeds with the
+typed values as its conf and its MLflow params, and the register task's "MLflow run" and
+"report.html" buttons open, on `mlflow ui`, that training's MLflow run and the pipeline's report.
 
 Everything the fixture starts is stopped at the end (tests.airflow_services.Cluster). Bounds can be
-raised on a slow machine with AIRFLOW_E2E_STARTUP_TIMEOUT and AIRFLOW_E2E_BUDGET (seconds).
+raised on a slow machine with AIRFLOW_E2E_STARTUP_TIMEOUT, AIRFLOW_E2E_RUN_TIMEOUT and
+AIRFLOW_E2E_BUDGET (seconds; the budget caps all the module's waits together).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import psutil
 import pytest
@@ -41,8 +46,17 @@ UNPAUSE_COMMAND = "source scripts/env.sh && airflow dags unpause {dag_id}"
 PROJECT_DAGS = ("ppo_training", "market_data", "model_promotion")
 PROBE_DAG = "mlflow_links_probe"
 STARTUP_TIMEOUT = float(os.environ.get("AIRFLOW_E2E_STARTUP_TIMEOUT", 240))
-BUDGET = float(os.environ.get("AIRFLOW_E2E_BUDGET", 600))
+BUDGET = float(os.environ.get("AIRFLOW_E2E_BUDGET", 1500))
 CHROMIUM = "/usr/bin/chromium"
+# The deployment's training config ($ML_TRAINING_CONFIG): unpausing ppo_training starts its newest
+# nightly run at once, with no Params, and that run must be as small as the one the form triggers.
+# Its settings differ from the form's, so the form's run is not skipped as unchanged.
+TINY_TRAINING_CONFIG = """\
+data: {start: "2009-01-01"}
+ppo: {total_timesteps: 1024, num_envs: 16, num_steps: 16, eval_every: 1, progress: false}
+splits: {n_folds: 1, test_months: 6, validation_months: 6, min_train_bars: 300}
+gate: {parity_windows: 64}
+"""
 
 # Does what the register task of ppo_training does for its buttons, without the training: a real
 # MLflow run with report/report.html, a registered version of it, then push_mlflow_links.
@@ -111,6 +125,9 @@ def ui(tmp_path_factory):
     for name in PROJECT_DAGS:
         (dags / f"{name}.py").symlink_to(ROOT / "dags" / f"{name}.py")
     (dags / f"{PROBE_DAG}.py").write_text(PROBE_DAG_CODE)
+    training_config = home / "ml-configs" / "tiny.yaml"  # $AIRFLOW_HOME/ml-configs: a default config root
+    training_config.parent.mkdir()
+    training_config.write_text(TINY_TRAINING_CONFIG)
     port, mlflow_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_", "ML_"))}
     env.update({
@@ -124,6 +141,7 @@ def ui(tmp_path_factory):
         "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_dir / 'mlflow.db'}",
         "MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}",
         "ML_RUNS_DIR": str(tmp / "runs"),
+        "ML_TRAINING_CONFIG": str(training_config),
     })
     assert shutil.which("airflow", path=env["PATH"]) is None, "the test shell must not find airflow before env.sh"
     cluster = Cluster(home, env, budget=BUDGET)
@@ -292,9 +310,10 @@ def open_trigger_form(page, base_url: str, dag_id: str):
     return dialog
 
 
-def check_trigger_forms(base_url: str, password: str) -> None:
-    """model_promotion waits for an action; ppo_training refuses an out-of-range budget, saying why."""
-    from playwright.sync_api import expect, sync_playwright
+@contextmanager
+def logged_in_page(base_url: str, password: str):
+    """A Chromium page, logged in to the UI; the browser is closed on exit."""
+    from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's browser (apt-get install -y chromium)"
     with sync_playwright() as playwright:
@@ -303,26 +322,133 @@ def check_trigger_forms(base_url: str, password: str) -> None:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1400})
             log_in(page, base_url, password)
-
-            dialog = open_trigger_form(page, base_url, "model_promotion")
-            expect(dialog.get_by_text("This field is required")).to_be_visible()
-            expect(dialog.get_by_role("button", name="Trigger")).to_be_disabled()
-
-            dialog = open_trigger_form(page, base_url, "ppo_training")
-            timesteps = dialog.locator("input[name=element_timesteps]")
-            timesteps.fill("5")
-            timesteps.blur()
-            expect(timesteps).to_have_value("5")  # kept as typed, not moved to the bound
-            dialog.get_by_role("button", name="Trigger").click()
-            expect(dialog.get_by_text("Invalid input for param timesteps: 5 is less than the minimum of 1024")
-                   ).to_be_visible()
+            yield page
         finally:
             browser.close()
 
 
+def check_trigger_forms(base_url: str, password: str) -> None:
+    """model_promotion waits for an action; ppo_training refuses an out-of-range budget, saying why."""
+    from playwright.sync_api import expect
+
+    with logged_in_page(base_url, password) as page:
+        dialog = open_trigger_form(page, base_url, "model_promotion")
+        expect(dialog.get_by_text("This field is required")).to_be_visible()
+        expect(dialog.get_by_role("button", name="Trigger")).to_be_disabled()
+
+        dialog = open_trigger_form(page, base_url, "ppo_training")
+        timesteps = dialog.locator("input[name=element_timesteps]")
+        timesteps.fill("5")
+        timesteps.blur()
+        expect(timesteps).to_have_value("5")  # kept as typed, not moved to the bound
+        dialog.get_by_role("button", name="Trigger").click()
+        expect(dialog.get_by_text("Invalid input for param timesteps: 5 is less than the minimum of 1024")
+               ).to_be_visible()
+
+
 def test_trigger_forms_refuse_bad_values_with_a_message(ui):
     check_trigger_forms(ui["base_url"], ui["password"])
-    # No run was triggered by hand (unpausing ppo_training earlier may have started its nightly run).
+    # No run was triggered by hand. (The refused trigger still unpaused ppo_training, as the form does
+    # before triggering, which starts its nightly run; the form's tiny training is the next test.)
     for dag_id in ("model_promotion", "ppo_training"):
         runs = ui["api"].ok_json("GET", f"/api/v2/dags/{dag_id}/dagRuns")["dag_runs"]
         assert [run for run in runs if run["run_type"] == "manual"] == [], dag_id
+
+
+# ----------------------------------------------------------------------------------------------
+# In a real browser: a tiny training typed into the form, then its MLflow run and report.html
+# ----------------------------------------------------------------------------------------------
+FORM_RUN = {"symbol": "GSPC", "timesteps": 1024, "num_envs": 8, "num_steps": 8, "n_folds": 1, "device": "cpu"}
+RUN_TIMEOUT = float(os.environ.get("AIRFLOW_E2E_RUN_TIMEOUT", 900))  # the nightly run, then the form's
+
+
+def trigger_tiny_training(page, base_url: str, paused: bool) -> None:
+    """FORM_RUN typed into the ppo_training form (source left empty: the bundled sample) and triggered.
+    A paused DAG is unpaused by the form's "unpause on trigger", ticked by default and left so."""
+    from playwright.sync_api import expect
+
+    dialog = open_trigger_form(page, base_url, "ppo_training")
+    for name, value in FORM_RUN.items():
+        if name != "device":
+            field = dialog.locator(f"input[name=element_{name}]")
+            field.fill(str(value))
+            field.blur()
+    # A choice of an enum: the combobox beside the hidden input that holds the value.
+    device = dialog.locator("input[name=element_device]")
+    device.locator("xpath=..").get_by_role("combobox").click()
+    page.get_by_role("option", name=FORM_RUN["device"], exact=True).click()
+    expect(device).to_have_value(FORM_RUN["device"])
+    unpause = dialog.get_by_role("checkbox", name="Unpause ppo_training on trigger")
+    expect(unpause).to_be_checked() if paused else expect(unpause).to_have_count(0)
+    dialog.get_by_role("button", name="Trigger").click()
+    expect(page.get_by_text("Dag run has been successfully triggered.")).to_be_visible()
+
+
+def wait_for_the_form_run(ui) -> dict:
+    """The one manual run of ppo_training, once it succeeded. Unpausing also starts the newest nightly
+    run (tiny too, by $ML_TRAINING_CONFIG); max_active_runs=1 may queue the form's run behind it."""
+    cluster, api = ui["cluster"], ui["api"]
+
+    def succeeded():
+        cluster.assert_running()
+        runs = api.ok_json("GET", "/api/v2/dags/ppo_training/dagRuns")["dag_runs"]
+        assert {run["run_type"] for run in runs} <= {"manual", "scheduled"}, runs
+        assert all(run["state"] != "failed" for run in runs), f"{runs}\n{cluster.report()}"
+        manual = [run for run in runs if run["run_type"] == "manual"]
+        assert len(manual) <= 1, manual
+        return manual[0] if manual and manual[0]["state"] == "success" else None
+
+    return wait_until(succeeded, cluster.left(RUN_TIMEOUT), "the run triggered in the form to succeed",
+                      interval=3, on_timeout=cluster.report)
+
+
+def test_a_tiny_training_typed_into_the_form_opens_its_mlflow_run_and_report(ui, tmp_path, monkeypatch):
+    from playwright.sync_api import expect
+
+    from ml.orchestration import run_dir_for
+
+    base_url, mlflow_url = ui["base_url"], f"http://127.0.0.1:{ui['mlflow_port']}"
+    with logged_in_page(base_url, ui["password"]) as page:
+        # The refused trigger of the test before may have unpaused it already: the form unpauses first.
+        trigger_tiny_training(page, base_url, ui["api"].ok_json("GET", "/api/v2/dags/ppo_training")["is_paused"])
+        run = wait_for_the_form_run(ui)
+        # As typed; source left empty (the config's source: the bundled sample).
+        assert {key: run["conf"].get(key) for key in [*FORM_RUN, "source"]} == {**FORM_RUN, "source": None}, run
+        run_id = run["dag_run_id"]
+        run_name = f"ppo_training/{run_id}/GSPC"
+
+        # The run's page lists its task instances; register's Details tab shows its extra links.
+        page.goto(f"{base_url}/dags/ppo_training/runs/{quote(run_id, safe='')}")
+        page.get_by_role("link", name="register", exact=True).click()
+        page.get_by_role("link", name="Details", exact=True).click()
+        page.get_by_text("Extra Links").wait_for()
+        with mlflow_ui(ui["mlflow_dir"], ui["mlflow_port"], tmp_path):
+            with page.expect_popup() as opened:
+                page.get_by_role("link", name="MLflow run", exact=True).click()
+            mlflow_page = opened.value
+            expect(mlflow_page.get_by_role("heading", name=run_name)).to_be_visible(timeout=60_000)
+            reached = re.fullmatch(re.escape(mlflow_url) + r"/#/experiments/\w+/runs/(\w+)", mlflow_page.url)
+            assert reached, mlflow_page.url
+            mlflow_run_id = reached.group(1)
+            got = requests.get(f"{mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": mlflow_run_id}, timeout=30)
+            assert got.status_code == 200, got.text[:500]
+            data = {item["key"]: item["value"] for kind in ("tags", "params")
+                    for item in got.json()["run"]["data"][kind]}
+            # That training's run, trained with what was typed.
+            trained = {"mlflow.runName": run_name, "symbol": "GSPC", "data.source": "sample", "ppo.device": "cpu",
+                       "ppo.total_timesteps": "1024", "ppo.num_envs": "8", "ppo.num_steps": "8", "splits.n_folds": "1"}
+            assert {key: data.get(key) for key in trained} == trained, data
+
+            with page.expect_popup() as opened:
+                page.get_by_role("link", name="report.html", exact=True).click()
+            report_page = opened.value
+            assert report_page.url == f"{mlflow_page.url}/artifacts/report/report.html", report_page.url
+            expect(report_page.frame_locator("iframe").first.get_by_role(
+                "heading", name="Walk-forward report: GSPC (1d)")).to_be_visible(timeout=60_000)
+            report = requests.get(f"{mlflow_url}/get-artifact", timeout=30,
+                                  params={"path": "report/report.html", "run_uuid": mlflow_run_id})
+            assert report.status_code == 200, report.text[:500]
+    # The pipeline's report of this run: the one in the run's folder, naming its MLflow run.
+    monkeypatch.setenv("ML_RUNS_DIR", ui["cluster"].env["ML_RUNS_DIR"])
+    assert report.content == (run_dir_for("ppo_training", run_id) / "GSPC" / "report.html").read_bytes()
+    assert mlflow_run_id.encode() in report.content
