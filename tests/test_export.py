@@ -110,8 +110,10 @@ def test_serving_rejects_bad_inputs_by_name(exported):
     nan_window[0, 5, 3] = np.nan
     with pytest.raises(InputError, match="window 0 contains NaN"):
         policy.decide(nan_window, position)
-    with pytest.raises(InputError, match="position"):
-        policy.decide(window, np.array([[1.5]], dtype=np.float32))
+    # A held share past 1 after a fill (costs, prices) is what the environment feeds the policy too.
+    policy.decide(window, np.array([[1.0004]], dtype=np.float32))
+    with pytest.raises(InputError, match=r"position: must be finite and within \[-10, 10\]"):
+        policy.decide(window, np.array([[12.0]], dtype=np.float32))
     with pytest.raises(InputError, match="strictly positive"):
         policy.decide(np.abs(window) * -1, position)
     # A single [L, 5] window and a flat position vector are accepted as a batch of one.
