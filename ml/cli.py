@@ -8,6 +8,8 @@
     registry promote | rollback   move `champion` by hand (only to versions that passed their gate)
     serve          decide target exposures from a bars file with a registered or local model
                    (--http: answer over HTTP, following the champion alias as it moves)
+    tune           hyperparameter search on the validation folds (Optuna), then retrain the best
+                   config with the full pipeline; the report counts every trial
     forward        paper-trade champions on the new curated bars, then monitor them (as the
                    forward_test DAG does); exit 1 when a monitoring rule breached
 """
@@ -67,6 +69,34 @@ def _pipeline(args: argparse.Namespace) -> int:
         print(f"tracking error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import optuna
+
+    from ml.release.tracking import TrackingUnavailable
+    from ml.tuning import DEFAULT_SPACE, load_space, tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed below
+    if args.trials < 0:
+        print(f"tune: --trials {args.trials}: must be 0 or more", file=sys.stderr)
+        return 2
+    config = load_config(args.config)  # the base config and the space are refused before any trial
+    space = load_space(args.space, config) if args.space else DEFAULT_SPACE.check(config)
+
+    def show(trial: dict) -> None:
+        score = "-" if trial["value"] is None else f"{trial['value']:.4f}"
+        print(f"trial {trial['number']} {trial['state']} score {score} {json.dumps(trial['params'])}", flush=True)
+
+    try:
+        result = tune(args.study, args.storage, config, space, Path(args.out), args.trials,
+                      retrain=not args.no_retrain, seed=args.seed, on_trial=show)
+    except TrackingUnavailable as exc:
+        print(f"tracking error: {exc}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -268,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--device", help="auto | cpu | cuda")
     pipeline.add_argument("--config", help="YAML/JSON config file (see docs/example-config.yaml)")
     pipeline.set_defaults(run=_pipeline)
+
+    tune_cmd = commands.add_parser("tune", help="hyperparameter search on validation folds, then retrain the best")
+    tune_cmd.add_argument("--config", help="base YAML/JSON config the searched fields are merged over")
+    tune_cmd.add_argument("--trials", type=int, required=True, help="trials to run now (the study keeps earlier ones)")
+    tune_cmd.add_argument("--study", required=True, help="study name (continued when it exists in the storage)")
+    tune_cmd.add_argument("--storage", required=True,
+                          help="Optuna storage URL: sqlite:///study.db or postgresql+psycopg2://...")
+    tune_cmd.add_argument("--out", required=True, help="folder for the trial folders and the retrained run "
+                                               "(best_after_N_trials/)")
+    tune_cmd.add_argument("--space", help="YAML/JSON search space (default: learning rate, entropy, layers, "
+                                          "lookback, turnover penalty)")
+    tune_cmd.add_argument("--seed", type=int, help="sampler seed (reproducible proposals)")
+    tune_cmd.add_argument("--no-retrain", action="store_true", help="only run the trials")
+    tune_cmd.set_defaults(run=_tune)
 
     data = commands.add_parser("data", help="market data commands").add_subparsers(dest="data_command", required=True)
     validate = data.add_parser("validate", help="run the quality gate on a CSV/parquet file")

@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a module may import from its own layer and the layers before it.
 LAYERS = ["ml.config", "ml.data", "ml.market", "ml.env", "ml.fastpath", "ml.agent", "ml.evaluation",
-          "ml.serving", "ml.release", "ml.service", "ml.forward", "ml.pipeline", "ml.orchestration", "ml.cli"]
+          "ml.serving", "ml.release", "ml.service", "ml.forward", "ml.pipeline", "ml.tuning",
+          "ml.orchestration", "ml.cli"]
 
 
 def module_name(path: Path) -> str:

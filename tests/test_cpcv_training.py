@@ -239,7 +239,7 @@ def test_pipeline_reports_one_path_per_skfolio_path(cpcv_run):
     out, report = cpcv_run
     reference = CombinatorialPurgedCV(n_folds=4, n_test_folds=2)
     section = report["cpcv"]
-    assert report["schema_version"] == REPORT_SCHEMA_VERSION == "2.2"
+    assert report["schema_version"] == REPORT_SCHEMA_VERSION == "2.3"
     assert len(report["folds"]) == 1  # the walk-forward fold still gives the exported model
     assert section["n_splits"] == len(section["splits"]) == reference.n_splits == 6
     assert section["n_paths"] == len(section["paths"]) == reference.n_test_paths == 3

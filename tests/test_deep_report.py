@@ -34,7 +34,7 @@ def run(tmp_path_factory):
 
 def test_report_carries_every_section_under_stable_keys(run):
     out, _, report = run
-    assert report["schema_version"] == "2.2"
+    assert report["schema_version"] == "2.3"
     for key in ("stress", "cost_sensitivity", "pbo", "trades", "spa", "gate", "model", "active_return"):
         assert key in report, key
     assert report["cost_sensitivity"]["multiples"] == ["0x", "1x", "2x", "5x"]

@@ -2,8 +2,8 @@
 
 ``money_verdict`` writes the one-paragraph answer from report.json alone; the
 template fragment renders the gate decision, the registered version, validation
-beside test, the seed spread, stress windows, cost sensitivity, trades and the
-overfitting statistics. Absent sections (a report read before registration has
+beside test, the seed spread, stress windows, cost sensitivity, trades, the
+overfitting statistics and the hyperparameter search. Absent sections (a report read before registration has
 no gate yet) are left out, never invented.
 """
 
@@ -162,5 +162,16 @@ SECTIONS = """
  {% if report.spa %}<dt>SPA p-value</dt><dd>{{ "%.3f"|format(report.spa.p_value) }} (small: some baseline beats the
   policy after accounting for the {{ report.spa.models|length }} baselines tried)</dd>{% endif %}
 </dl>
+{% endif %}
+{% if report.tuning %}{% set t = report.tuning %}
+<h2>Hyperparameter search</h2>
+<dl>
+ <dt>Study</dt><dd>{{ t.study }}: {{ t.trials_completed }} completed, {{ t.trials_pruned }} pruned,
+  {{ t.trials_failed }} failed trials (validation folds only; the test windows were not read)</dd>
+ <dt>Best trial</dt><dd>{{ t.best_trial }}, mean validation score {{ fmt(t.best_validation_score, "sharpe") }}</dd>
+ {% if t.selection_allowance is not none %}<dt>Best of {{ t.trials_completed }} by luck alone</dt><dd>{{ fmt(t.selection_allowance, "sharpe") }}
+  (inflation of the best score: {{ fmt(t.inflation, "sharpe") }})</dd>{% endif %}
+</dl>
+<p>Every trial's validation score counts in the deflated Sharpe ratio and its validation returns in the PBO.</p>
 {% endif %}
 """

@@ -47,6 +47,7 @@ class RunFolder:
     parity_windows = property(lambda self: self.root / "parity_windows.npz")
     registration = property(lambda self: self.root / "registration.json")
     judgement = property(lambda self: self.root / "gate_judgement.json")  # the gate's decision, before aliases move
+    tuning = property(lambda self: self.root / "tuning.json")  # the study that picked this config (ml.tuning)
 
     def status(self, stage: str) -> Path:
         """How a stage of this run ended (done, failed or skipped, and why): one file per stage."""
@@ -86,8 +87,8 @@ class RunFolder:
     def report_artifacts(self) -> list[Path]:
         """What goes into the MLflow run's ``report/`` folder (plots apart)."""
         fixed = [self.report, self.report_html, self.config, self.data, self.validation, self.folds, self.parity]
-        cpcv = [path for path in (self.cpcv_folds, self.cpcv_curves) if path.exists()]
-        return fixed + cpcv + sorted(self.root.glob("fold_*_test_*.csv"))
+        optional = [path for path in (self.cpcv_folds, self.cpcv_curves, self.tuning) if path.exists()]
+        return fixed + optional + sorted(self.root.glob("fold_*_test_*.csv"))
 
 
 # File names inside a fold's or a seed's folder.

@@ -36,7 +36,8 @@ from ml.evaluation.cpcv import cpcv_report
 from ml.evaluation.splits import CPCVFold, Fold, cpcv_folds, cpcv_groups, walk_forward_folds
 from ml.evaluation.risk_report import intervention_log, risk_metrics, run_risk
 from ml.evaluation.robustness import fold_robustness, run_robustness
-from ml.evaluation.walkforward import aggregate, backtest_policy, evaluate_fold, train_fold
+from ml.evaluation.walkforward import (aggregate, backtest_policy, evaluate_fold, selection_allowance,
+                                      train_fold)
 from ml.market.calendar import periods_per_year
 from ml.market.series import MarketSeries, align_bars
 from ml.pipeline.rundir import (HISTORY, POLICY, TRAIN_STATE, TRAINING, VALIDATION_RETURNS, RunFolder, code_version,
@@ -46,7 +47,7 @@ from ml.pipeline.rundir import (HISTORY, POLICY, TRAIN_STATE, TRAINING, VALIDATI
 from ml.release.tracking import RunMetrics, flatten, log_metrics, resolve_tracking, start_run
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA_VERSION = "2.2"
+REPORT_SCHEMA_VERSION = "2.3"
 # Training metrics the tracking server did not get by the end of a fold; evaluate sends them.
 PENDING_METRICS = "pending_metrics.jsonl"
 
@@ -230,6 +231,8 @@ def evaluate(run_dir: Path) -> dict:
     space = make_action_space(config.action, series.n_assets)
     fold_reports, all_curves, all_tests, all_baselines = [], [], [], []
     images = {}
+    tuning = read_json(run.tuning) if run.tuning.exists() else None  # the study that picked this config
+    run_folds = read_json(run.folds)
     for fold in read_folds(run):
         fold_dir = run.fold(fold.index)
         training = read_json(fold_dir / TRAINING)
@@ -237,12 +240,15 @@ def evaluate(run_dir: Path) -> dict:
         # Every validation score any seed's selection looked at is a trial for the deflated Sharpe.
         trials = [h["validation_score"] for s in training["seeds"]
                   for h in read_json(run.seed(fold.index, s["seed"]) / HISTORY) if "validation_score" in h]
+        if tuning is not None:  # and every trial of the hyperparameter search, scored on this fold
+            trials += [t["intermediate"][str(fold.index)] for t in tuning["trials"]
+                       if t["intermediate"].get(str(fold.index)) is not None]
         report, test, baselines = evaluate_fold(agent, series, fold, config,
                                                 trials if config.selection_metric == "sharpe" else None)
         report["training"] = training
         report["seeds"] = seed_spread(run, fold, series, config, training)
         extras, ledger = fold_robustness(test, baselines, series, fold, config, space,
-                                         validation_trials(run, fold.index, training))
+                                         validation_trials(run, fold.index, training, tuning, run_folds))
         report.update(extras)
         ledger.to_csv(run.test_trades(fold.index), index=False)
         if test.interventions is not None:
@@ -278,6 +284,8 @@ def evaluate(run_dir: Path) -> dict:
         report["risk"] = risk
     if config.splits.method == "cpcv":
         report["cpcv"] = evaluate_cpcv(run, config, series)
+    if tuning is not None:
+        report["tuning"] = tuning_section(tuning, config)
     images["Test Sharpe per fold"] = plot_fold_bars(report, run.plot("fold_sharpe"))
     images["Test total return per fold"] = plot_fold_bars(report, run.plot("fold_return"), metric="total_return")
     if "test_mean_weights" in fold_reports[0]["policy"]:
@@ -329,9 +337,46 @@ def evaluate_cpcv(run: RunFolder, config: PipelineConfig, series: MarketSeries) 
     return section | {"path_curves": run.cpcv_curves.name}
 
 
-def validation_trials(run: RunFolder, fold: int, training: dict) -> np.ndarray | None:
-    """Validation bar returns of every checkpoint any seed's selection scored, [trials, bars]."""
-    return trial_matrix([run.seed(fold, s["seed"]) for s in training["seeds"]])
+def validation_trials(run: RunFolder, fold: int, training: dict, tuning: dict | None = None,
+                      run_folds: list[dict] | None = None) -> np.ndarray | None:
+    """Validation bar returns of every checkpoint any seed's selection scored, [trials, bars].
+
+    With ``tuning``, each search trial's checkpoints on the same fold join, when that trial's
+    validation window is this run's, bar for bar.
+    """
+    own = trial_matrix([run.seed(fold, s["seed"]) for s in training["seeds"]])
+    if tuning is None or own is None:
+        return own
+    rows, here = [own], next(f["validation"] for f in run_folds if f["index"] == fold)
+    for trial in tuning["trials"]:
+        if str(fold) not in trial["intermediate"] or not trial.get("folder"):
+            continue
+        folder = RunFolder(trial["folder"])
+        if not folder.folds.exists():
+            log.info("fold %d: trial %d left out of the PBO: %s is gone", fold, trial["number"], folder.root)
+            continue
+        window = next((f["validation"] for f in read_json(folder.folds) if f["index"] == fold), None)
+        matrix = trial_matrix(sorted(folder.fold(fold).glob("seed_*")))
+        if window != here or matrix is None or matrix.shape[1] != own.shape[1]:
+            log.info("fold %d: trial %d left out of the PBO: its validation bars are not this run's",
+                     fold, trial["number"])
+            continue
+        rows.append(matrix)
+    return np.concatenate(rows)
+
+
+def tuning_section(tuning: dict, config: PipelineConfig) -> dict:
+    """The search behind this config: trial counts, and how much of the best score luck explains."""
+    states = [t["state"] for t in tuning["trials"]]
+    scores = [t["value"] for t in tuning["trials"] if t["state"] == "COMPLETE" and t["value"] is not None]
+    allowance = None
+    if config.selection_metric == "sharpe":  # the allowance is a Sharpe ratio's
+        allowance = selection_allowance(scores, periods_per_year(config.data.interval, config.data.calendar))
+    best = tuning["best_value"]
+    return {"study": tuning["study"], "trials_completed": states.count("COMPLETE"),
+            "trials_pruned": states.count("PRUNED"), "trials_failed": states.count("FAIL"),
+            "best_trial": tuning["best_trial"], "best_validation_score": best, "selection_allowance": allowance,
+            "inflation": best - allowance if allowance is not None and best is not None else None}
 
 
 def trial_matrix(seed_dirs: list[Path]) -> np.ndarray | None:

@@ -1,0 +1,114 @@
+"""Hyperparameter search: trials on validation folds only, a study continued by a second process,
+and a retrained best config whose report counts every trial in the deflated Sharpe and the PBO."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from ml.cli import main
+from ml.config import config_from_dict
+from ml.tuning import load_space, trial_record, tune
+from tests.conftest import ROOT
+from tests.test_pipeline import TINY
+
+SPACE = {"ppo.learning_rate": {"log_uniform": ["1e-5", "1e-3"]}, "ppo.ent_coef": {"uniform": [0.0, 0.05]},
+         "ppo.hidden": {"choice": [[32, 32], [64, 64]]}, "lookback": {"choice": [64, 80]}}
+FIRST, SECOND = 6, 2  # trials run in this process, then by the CLI in a second one
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune")
+    base = {**TINY, "registry": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}"}}
+    (out / "base.yaml").write_text(yaml.safe_dump(base))
+    (out / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    storage = f"sqlite:///{out / 'study.db'}"
+    config = config_from_dict(base)
+    # Two startup trials: the median pruner judges the rest after their first fold.
+    first = []
+    tune("s", storage, config, load_space(out / "space.yaml", config), out, FIRST, retrain=False, seed=0,
+         startup_trials=2, on_trial=first.append)
+    done = subprocess.run([sys.executable, "-m", "ml", "tune", "--config", str(out / "base.yaml"),
+                           "--trials", str(SECOND), "--study", "s", "--storage", storage, "--out", str(out),
+                           "--space", str(out / "space.yaml"), "--seed", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, storage, first, done.stdout
+
+
+def test_trials_are_scored_on_folds_and_pruned(study):
+    _, storage, first, _ = study
+    assert [t["number"] for t in first] == list(range(FIRST))
+    records = trial_record("s", storage)
+    assert len(records) == FIRST + SECOND
+    states = [t["state"] for t in records]
+    assert set(states) <= {"COMPLETE", "PRUNED"}
+    assert "PRUNED" in states  # the pruner stopped a trial below the median after its first fold
+    for t in records:
+        # One intermediate value per fold trained; a pruned trial stopped after its first.
+        assert list(t["intermediate"]) == ([0] if t["state"] == "PRUNED" else [0, 1])
+        if t["state"] == "COMPLETE":
+            assert t["value"] == pytest.approx(np.mean(list(t["intermediate"].values())))
+        assert set(t["params"]) == set(SPACE)
+
+
+def test_a_second_process_continues_the_study(study):
+    _, _, _, stdout = study
+    lines = [line for line in stdout.splitlines() if line.startswith("trial ")]
+    assert [int(line.split()[1]) for line in lines] == list(range(FIRST, FIRST + SECOND))
+    assert all(line.split()[2] in ("COMPLETE", "PRUNED") and "ppo.learning_rate" in line for line in lines)
+    assert '"version"' in stdout  # the retrained model's registry result
+
+
+def test_trials_never_read_the_test_windows(study):
+    out, _, _, _ = study
+    folders = sorted((out / "trials").glob("trial_*"))
+    assert len(folders) == FIRST + SECOND
+    for folder in folders:
+        assert (folder / "folds" / "fold_0" / "training.json").exists()
+        assert not (folder / "report.json").exists()
+        assert not list(folder.glob("fold_*_test_*.csv")) and not (folder / "model.onnx").exists()
+
+
+def test_the_best_run_counts_every_trial(study):
+    out, storage, _, _ = study
+    best = out / f"best_after_{FIRST + SECOND}_trials"  # named by the study's size; never overwritten
+    tuning = json.loads((best / "tuning.json").read_text())
+    report = json.loads((best / "report.json").read_text())
+    section = report["tuning"]
+    pruned = sum(t["state"] == "PRUNED" for t in tuning["trials"])
+    assert section["study"] == "s" and section["trials_pruned"] == pruned
+    assert section["trials_completed"] >= FIRST + SECOND - pruned
+    assert section["best_trial"] == tuning["best_trial"]
+    assert section["inflation"] == pytest.approx(section["best_validation_score"] - section["selection_allowance"])
+    for fold in report["folds"]:
+        own = [h for h in json.loads((best / "folds" / f"fold_{fold['index']}" / "seed_1" / "history.json").read_text())
+               if "validation_score" in h]
+        scored = [t for t in tuning["trials"] if str(fold["index"]) in t["intermediate"]]
+        assert fold["policy"]["test"]["dsr_trials"] == len(own) + len(scored) > len(own)
+        # The PBO sees more candidates than the run's own checkpoints (trials with the same validation bars).
+        own_rows = np.load(best / "folds" / f"fold_{fold['index']}" / "seed_1" / "validation_returns.npy").shape[0]
+        assert fold["pbo"]["n_trials"] > own_rows
+    assert "Hyperparameter search" in (best / "report.html").read_text()
+
+
+@pytest.mark.parametrize("space, named", [
+    ({"ppo.learning_rat": {"uniform": [0, 1]}}, "ppo.learning_rat"),
+    ({"ppo.hidden": {"choice": [[0]]}}, "ppo.hidden"),
+    ({"ppo.ent_coef": {"uniform": [0.05, 0.0]}}, "ppo.ent_coef"),
+    ({"lookback": {"choice": [32, 64]}}, "lookback"),
+])
+def test_a_bad_space_file_is_one_line_naming_the_field(tmp_path, capsys, space, named):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    code = main(["tune", "--trials", "1", "--study", "x", "--storage", f"sqlite:///{tmp_path / 's.db'}",
+                 "--out", str(tmp_path / "out"), "--space", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and str(path) in err and named in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s.db").exists()
