@@ -23,10 +23,11 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
-from ml.config import ConfigError, PipelineConfig, load_config, merge
+from ml.config import MODEL_NAME_PATTERN, ConfigError, PipelineConfig, load_config, merge
 from ml.data.lake import default_root as default_lake_root
 from ml.pipeline.universe import target_configs
 from ml.release.tracking import store_client
+from ml.tuning import DEFAULT_SPACE, SearchSpace, load_space
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ RUNS_DIR_ENV = "ML_RUNS_DIR"
 # Defaults of the scheduled run, which has no Params set: a config file and a universe of symbols.
 TRAINING_CONFIG_ENV = "ML_TRAINING_CONFIG"
 TRAINING_UNIVERSE_ENV = "ML_TRAINING_UNIVERSE"
+TUNING_STORAGE_ENV = "ML_TUNING_STORAGE"
 CONFIG_ROOT_ENV = "ML_CONFIG_ROOT"
 DATA_ROOT_ENV = "ML_DATA_ROOT"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +118,7 @@ def confined(value: str, param: str, roots: list[str], suffixes: tuple[str, ...]
         inside = any(path.is_relative_to(Path(root).expanduser().resolve()) for root in roots if not _is_uri(root))
         found = str(path)
     if not inside:
-        env = CONFIG_ROOT_ENV if param == "config_file" else DATA_ROOT_ENV
+        env = CONFIG_ROOT_ENV if param in ("config_file", "space_file") else DATA_ROOT_ENV
         raise ConfigError(f"{param} = {value}: outside the allowed roots {roots} (set {env} to allow another)")
     if suffixes and not found.lower().endswith(suffixes):
         raise ConfigError(f"{param} = {value}: must be a {', '.join(suffixes)} file")
@@ -213,3 +215,24 @@ def mlflow_ui_links(result: dict, ui_url: str) -> dict[str, str]:
         links["model_version"] = f"{base}/#/models/{quote(result['model_name'], safe='')}/versions/{result['version']}"
         links["report"] = f"{run}/artifacts/{result.get('report_path', 'report/report.html')}"
     return links
+
+
+def tuning_plan(params: dict) -> tuple[str, str, Path, PipelineConfig, SearchSpace]:
+    """The study a ``ppo_tuning`` run continues: name, Optuna storage (``$ML_TUNING_STORAGE``, else
+    SQLite beside the runs), folder, base config (as ``ppo_training`` builds it from the Params)
+    and search space (the ``space_file`` Param, under the config roots, else the default)."""
+    study = params.get("study") or ""
+    if not re.fullmatch(MODEL_NAME_PATTERN, study):
+        raise ConfigError(f"study = {study!r}: letters, digits, '_', '.', '=' and '-' only, starting with a "
+                          "letter or digit (it names the study's folder)")
+    targets = target_configs(config_from_params(params))
+    if len(targets) != 1:
+        raise ConfigError(f"a study tunes one symbol or portfolio, the config names {len(targets)}: set the "
+                          "symbol Param")
+    config = targets[0]
+    space_file = params.get("space_file")
+    space = (load_space(confined(space_file, "space_file", config_roots(), CONFIG_SUFFIXES), config)
+             if space_file else DEFAULT_SPACE.check(config))
+    root = runs_root() / "ppo_tuning"
+    storage = os.environ.get(TUNING_STORAGE_ENV) or f"sqlite:///{root / 'optuna.db'}"
+    return study, storage, root / study, config, space

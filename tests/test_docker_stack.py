@@ -762,12 +762,14 @@ def test_env_file_stays_out_of_git_and_images():
         assert dockerignore_excludes(dockerignore_patterns(dockerfile, context), rel), f"{dockerfile.name} sends {rel}"
 
 
-def test_the_forward_ledger_has_its_own_database_on_the_stack_postgres():
+def test_the_forward_ledger_and_the_studies_have_their_own_databases_on_the_stack_postgres():
     targets = dict((t, s) for s, t, _ in mounts("postgres"))
-    script = (DOCKER / targets["/docker-entrypoint-initdb.d"] / "20-create-forward-db.sh").read_text()
-    assert "CREATE DATABASE" in script and "FORWARD_DB_NAME" in script
+    script = (DOCKER / targets["/docker-entrypoint-initdb.d"] / "20-create-ml-dbs.sh").read_text()
+    assert script.count("CREATE DATABASE") == 2 and "FORWARD_DB_NAME" in script and "TUNING_DB_NAME" in script
     pg = environment("postgres")
-    ledger = urlsplit(environment("airflow-scheduler")["ML_FORWARD_DB"])
-    assert ledger.scheme == "postgresql+psycopg2" and ledger.hostname == "postgres"
-    assert ledger.path.lstrip("/") == pg["FORWARD_DB_NAME"] != pg["POSTGRES_DB"]
-    assert (ledger.username, ledger.password) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"])
+    scheduler = environment("airflow-scheduler")
+    for variable, name in (("ML_FORWARD_DB", "FORWARD_DB_NAME"), ("ML_TUNING_STORAGE", "TUNING_DB_NAME")):
+        url = urlsplit(scheduler[variable])
+        assert url.scheme == "postgresql+psycopg2" and url.hostname == "postgres"
+        assert url.path.lstrip("/") == pg[name] != pg["POSTGRES_DB"]
+        assert (url.username, url.password) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"])

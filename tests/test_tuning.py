@@ -15,6 +15,7 @@ from ml.cli import main
 from ml.config import config_from_dict
 from ml.tuning import load_space, trial_record, tune
 from tests.conftest import ROOT
+from tests.test_dags import AIRFLOW, airflow_env  # noqa: F401  (the fixture)
 from tests.test_pipeline import TINY
 
 SPACE = {"ppo.learning_rate": {"log_uniform": ["1e-5", "1e-3"]}, "ppo.ent_coef": {"uniform": [0.0, 0.05]},
@@ -112,3 +113,36 @@ def test_a_bad_space_file_is_one_line_naming_the_field(tmp_path, capsys, space, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and str(path) in err and named in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "s.db").exists()
+
+
+def test_airflow_dags_test_ppo_tuning_runs_8_trials_and_registers_the_best(airflow_env, tmp_path):  # noqa: F811
+    """The DAG: eight trial tasks, then the best config retrained, registered and counted."""
+    from ml.release.tracking import store_client
+
+    config_file = tmp_path / "tiny.yaml"  # under ML_CONFIG_ROOT (the test session's temp folder)
+    config_file.write_text(yaml.safe_dump({"data": {"start": "2009-01-01"}, **{key: TINY[key] for key in ("ppo", "splits", "gate")}}))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"ppo.learning_rate": {"log_uniform": [1e-5, 1e-3]},
+                                                        "ppo.ent_coef": {"uniform": [0.0, 0.05]}}))
+    env = {**airflow_env, "ML_RUNS_DIR": str(tmp_path / "runs")}
+    conf = {"study": "gspc_dag", "trials": 8, "symbol": "GSPC", "config_file": str(config_file),
+            "space_file": str(tmp_path / "space.yaml")}
+    proc = subprocess.run([AIRFLOW, "dags", "test", "ppo_tuning", "-c", json.dumps(conf)], env=env,
+                          capture_output=True, text=True, cwd=env["AIRFLOW_HOME"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    folder = tmp_path / "runs" / "ppo_tuning" / "gspc_dag"
+    records = trial_record("gspc_dag", f"sqlite:///{tmp_path / 'runs' / 'ppo_tuning' / 'optuna.db'}")
+    assert len(records) == 8 and {t["state"] for t in records} <= {"COMPLETE", "PRUNED"}
+    best = folder / "best_after_8_trials"
+    report = json.loads((best / "report.json").read_text())
+    section = report["tuning"]
+    assert section["trials_completed"] + section["trials_pruned"] == 8
+    for fold in report["folds"]:
+        assert fold["policy"]["test"]["dsr_trials"] >= section["trials_completed"] + 1
+    registration = json.loads((best / "registration.json").read_text())
+    version = store_client(env["MLFLOW_TRACKING_URI"]).get_model_version(registration["model_name"],
+                                                                         registration["version"])
+    assert version.run_id == registration["run_id"]
+
+    refused = subprocess.run([AIRFLOW, "dags", "test", "ppo_tuning", "-c", json.dumps({**conf, "study": "../x"})],
+                             env=env, capture_output=True, text=True, cwd=env["AIRFLOW_HOME"])
+    assert refused.returncode != 0 and not (tmp_path / "runs" / "x").exists()

@@ -38,9 +38,11 @@ def create_study(name: str, storage: str, seed: int | None = None, startup_trial
     the finished trials from the storage.
     """
     try:
-        sqlalchemy.engine.make_url(storage)
+        url = sqlalchemy.engine.make_url(storage)
     except sqlalchemy.exc.ArgumentError:
         raise ConfigError(f"storage {storage!r}: not a database URL (e.g. sqlite:///study.db)") from None
+    if url.get_backend_name() == "sqlite" and url.database:  # SQLite creates the file, not its folder
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     try:
         study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
                                     pruner=optuna.pruners.MedianPruner(n_startup_trials=startup_trials))
