@@ -96,7 +96,18 @@ def test_the_best_run_counts_every_trial(study):
         # The PBO sees more candidates than the run's own checkpoints (trials with the same validation bars).
         own_rows = np.load(best / "folds" / f"fold_{fold['index']}" / "seed_1" / "validation_returns.npy").shape[0]
         assert fold["pbo"]["n_trials"] > own_rows
-    assert "Hyperparameter search" in (best / "report.html").read_text()
+    page = (best / "report.html").read_text()
+    assert "Hyperparameter search" in page
+    # The study's plots: on the report page and in the MLflow run, beside the run's own.
+    assert set(tuning["figures"].values()) == {"tuning_history.png", "tuning_importance.png"}
+    from ml.release.tracking import store_client
+
+    registration = json.loads((best / "registration.json").read_text())
+    logged = {a.path for a in store_client(registration["tracking_uri"]).list_artifacts(registration["run_id"],
+                                                                                        "report/plots")}
+    for caption, name in tuning["figures"].items():
+        assert (best / "plots" / name).stat().st_size > 10_000 and caption in page
+        assert f"report/plots/{name}" in logged
 
 
 @pytest.mark.parametrize("space, named", [
@@ -146,3 +157,19 @@ def test_airflow_dags_test_ppo_tuning_runs_8_trials_and_registers_the_best(airfl
     refused = subprocess.run([AIRFLOW, "dags", "test", "ppo_tuning", "-c", json.dumps({**conf, "study": "../x"})],
                              env=env, capture_output=True, text=True, cwd=env["AIRFLOW_HOME"])
     assert refused.returncode != 0 and not (tmp_path / "runs" / "x").exists()
+
+
+def test_the_study_plots_leave_matplotlib_settings_as_they_were(tmp_path):
+    """Optuna's plots switch the style sheet process-wide; the report's own plots must not change."""
+    import matplotlib
+    import optuna
+
+    from ml.tuning.study import plot_study
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="p", storage=storage, direction="maximize")
+    study.optimize(lambda t: t.suggest_float("a", 0, 1) - t.suggest_float("b", 0, 1) ** 2, n_trials=6)
+    before = dict(matplotlib.rcParams)
+    figures = plot_study("p", storage, tmp_path / "plots")
+    assert dict(matplotlib.rcParams) == before
+    assert sorted(figures.values()) == ["tuning_history.png", "tuning_importance.png"]

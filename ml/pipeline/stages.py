@@ -286,6 +286,7 @@ def evaluate(run_dir: Path) -> dict:
         report["cpcv"] = evaluate_cpcv(run, config, series)
     if tuning is not None:
         report["tuning"] = tuning_section(tuning, config)
+        images.update({caption: run.plots / name for caption, name in tuning.get("figures", {}).items()})
     images["Test Sharpe per fold"] = plot_fold_bars(report, run.plot("fold_sharpe"))
     images["Test total return per fold"] = plot_fold_bars(report, run.plot("fold_return"), metric="total_return")
     if "test_mean_weights" in fold_reports[0]["policy"]:

@@ -16,11 +16,17 @@ import json
 import logging
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
-import optuna
-import sqlalchemy
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+import optuna  # noqa: E402
+import sqlalchemy  # noqa: E402
+from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances  # noqa: E402
 
 from ml.config import ConfigError, PipelineConfig, config_from_dict, merge
 from ml.pipeline import load_data, plan_folds, run_pipeline, start_tracking, train_fold_seeds, validate_data
@@ -159,6 +165,31 @@ def tuning_summary(name: str, storage: str) -> dict:
             "trials": trial_record(name, storage)}
 
 
+def plot_study(name: str, storage: str, folder: Path) -> dict[str, str]:
+    """Optimization history and parameter importances (fANOVA) as PNGs in ``folder``: {caption: file name}."""
+    study = _load(name, storage)
+    plots = {"tuning_history.png": ("Hyperparameter search: validation score of every trial",
+                                    plot_optimization_history),
+             "tuning_importance.png": ("Hyperparameter search: parameter importances (fANOVA)",
+                                       plot_param_importances)}
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for file_name, (caption, plot) in plots.items():
+        # Optuna's plots switch matplotlib's style sheet for the whole process: rc_context puts it back.
+        with warnings.catch_warnings(), matplotlib.rc_context():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the matplotlib backend's
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as error:  # e.g. importances need two completed trials
+                log.info("study %s: no %s plot: %s", name, file_name, error)
+                continue
+            figure = axes.get_figure()
+            figure.savefig(folder / file_name, dpi=110, bbox_inches="tight")
+            plt.close(figure)
+        figures[caption] = file_name
+    return figures
+
+
 def retrain_folder(out_dir: Path, trials: int) -> Path:
     """A new folder for the retrained best config, named by the study's size; an earlier
     retrain is kept (its run folder backs a registered version), never overwritten."""
@@ -190,5 +221,7 @@ def tune(name: str, storage: str, base_config: PipelineConfig, space: SearchSpac
     config = config_from_dict(merge(config.to_dict(), {"registry": base_config.to_dict()["registry"]}))
     summary = tuning_summary(name, storage)
     run_dir = retrain_folder(out_dir, len(summary["trials"]))
+    # The study's plots go with the run's own: into report.html and the MLflow run's report/plots.
+    summary["figures"] = plot_study(name, storage, RunFolder(run_dir).plots)
     write_json(RunFolder(run_dir).tuning, summary)
     return run_pipeline(config, run_dir)
