@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
                         title="Registered models",
                         description="Models to forward-test, e.g. [\"ppo_GSPC_1d\"]. Empty: every model with a "
                                     "champion."),
-        "min_bars": Param(20, type="integer", minimum=2, maximum=10_000, title="min_bars (2 to 10,000)",
+        # Bounds under allOf: the form then refuses a value out of range instead of moving it to the bound.
+        "min_bars": Param(20, type="integer", allOf=[{"minimum": 2, "maximum": 10_000}], title="min_bars (2 to 10,000)",
                           description="Live bars a segment needs before the monitoring rules judge it."),
         "rollback_on_breach": Param(False, type="boolean",
                                     description="Move `champion` back to the version it replaced when a "

@@ -60,7 +60,8 @@ def _plan(params: dict):
     params={
         "study": Param("ppo_study", type="string", pattern=MODEL_NAME_PATTERN, title="Study",
                        description="Optuna study to continue (created on first use); names its folder."),
-        "trials": Param(8, type="integer", minimum=1, maximum=500, title="trials (1 to 500)",
+        # Bounds under allOf: the form then refuses a value out of range instead of moving it to the bound.
+        "trials": Param(8, type="integer", allOf=[{"minimum": 1, "maximum": 500}], title="trials (1 to 500)",
                         description="Trials this run adds to the study, one task each."),
         "symbol": Param(None, type=["null", "string"], pattern=SYMBOL_PATTERN,
                         description="Ticker or sample name. Empty: the config's data.symbol (built-in: GSPC)."),
