@@ -16,7 +16,6 @@ Rules judge only once the segment has ``min_bars`` bars; before that they say so
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.stats import ks_2samp
 
+from ml.evaluation.metrics import max_drawdown, sharpe_ratio
 from ml.forward.ledger import BarRow, iso
 from ml.market.series import MarketSeries
 
@@ -55,21 +55,17 @@ class Check:
 
 
 def live_statistics(rows: list[BarRow], ppy: float) -> dict:
-    """The segment's statistics: returns of NAV from its first bar, gross exposure and turnover."""
+    """The segment's statistics: NAV from its first bar, gross exposure and turnover."""
     nav = np.array([row.nav for row in rows])
     weights = np.array([row.weights for row in rows])
-    return window_statistics(nav[1:] / nav[:-1] - 1.0, np.abs(weights[1:]).sum(axis=1),
-                             np.abs(np.diff(weights, axis=0)).sum(axis=1), ppy)
+    return window_statistics(nav, np.abs(weights[1:]).sum(axis=1), np.abs(np.diff(weights, axis=0)).sum(axis=1), ppy)
 
 
-def window_statistics(returns: np.ndarray, exposure: np.ndarray, turnover: np.ndarray, ppy: float) -> dict:
-    """Statistics of windows: arrays [..., n] (one window, or many stacked); each [...]."""
-    std = returns.std(axis=-1, ddof=1) if returns.shape[-1] > 1 else np.zeros(returns.shape[:-1])
-    sharpe = np.where(std > 1e-12, returns.mean(axis=-1) / np.maximum(std, 1e-12) * math.sqrt(ppy), 0.0)
-    nav = np.concatenate([np.ones(returns.shape[:-1] + (1,)), np.cumprod(1.0 + returns, axis=-1)], axis=-1)
-    drawdown = (nav / np.maximum.accumulate(nav, axis=-1) - 1.0).min(axis=-1)
-    return {"sharpe": sharpe, "max_drawdown": drawdown, "turnover": turnover.mean(axis=-1),
-            "exposure": exposure.mean(axis=-1)}
+def window_statistics(nav: np.ndarray, exposure: np.ndarray, turnover: np.ndarray, ppy: float) -> dict:
+    """One window's statistics, with the report's definitions (``ml.evaluation.metrics``): NAV at
+    each bar's close from the window's start, and the exposure and turnover of its bars."""
+    return {"sharpe": sharpe_ratio(nav, ppy), "max_drawdown": max_drawdown(nav), "turnover": float(turnover.mean()),
+            "exposure": float(exposure.mean())}
 
 
 def backtest_paths(report_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,10 +89,12 @@ def backtest_band(report_dir: Path, bars: int, ppy: float, quantiles: tuple[floa
     returns, exposure, turnover = backtest_paths(report_dir)
     if len(returns) < bars or bars < 2:
         return None
-    windows = window_statistics(*(sliding_window_view(a, bars) for a in (returns, exposure, turnover)), ppy)
+    stats = [window_statistics(np.concatenate([[1.0], np.cumprod(1.0 + path)]), held, traded, ppy)
+             for path, held, traded in zip(*(sliding_window_view(a, bars) for a in (returns, exposure, turnover)))]
+    windows = {name: np.array([row[name] for row in stats]) for name in STATISTICS}
     return {name: {"low": float(np.quantile(values, quantiles[0])), "high": float(np.quantile(values, quantiles[1])),
                    "median": float(np.median(values))} for name, values in windows.items()} | {
-        "windows": len(returns) - bars + 1}
+        "windows": len(stats)}
 
 
 def nav_band(report_dir: Path, horizon: int, quantiles: tuple[float, float]) -> pd.DataFrame:
