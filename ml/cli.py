@@ -12,6 +12,9 @@
                    config with the full pipeline; the report counts every trial
     forward        paper-trade champions on the new curated bars, then monitor them (as the
                    forward_test DAG does); exit 1 when a monitoring rule breached
+    panel          one policy trained across many symbols, judged on each of them and on a
+                   held-out symbol beside per-symbol policies and buy-and-hold
+    compare        model options (config variants) on the same symbols, folds and seeds
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import re
 import sys
 from pathlib import Path
 
-from ml.config import SYMBOL_RULE, ConfigError, is_symbol, load_config
+from ml.config import SYMBOL_RULE, ConfigError, first_line, is_symbol, load_config
 
 # Each command imports what it needs inside its function: `serve` must run on numpy and
 # onnxruntime alone, and `--help` or `config` must not wait for torch.
@@ -268,6 +271,82 @@ def _forward(args: argparse.Namespace) -> int:
     return 1 if breached else 0
 
 
+def _print_comparison(summary: dict, models: list[str]) -> None:
+    """Per symbol the mean test Sharpe of each model, and how often the first model beat each other."""
+    first, others = models[0], models[1:]
+    print(f"{'symbol':10}" + "".join(f"{m:>14}" for m in models) + f"   {first} beats " + " / ".join(others))
+    for symbol, row in summary["per_symbol"].items():
+        name = symbol + (" *" if row["held_out"] else "")
+        print(f"{name:10}" + "".join(f"{row['sharpe'][m]:14.2f}" for m in models) + "   "
+              + " / ".join(row["beats"][f"{first}>{other}"] for other in others))
+    spread = summary["seed_spread"]
+    print("seed spread (mean over symbols and folds, per seed): "
+          + "; ".join(f"{m} {spread[m]['mean']:.2f} ± {spread[m]['std']:.2f}" for m in models))
+
+
+def _load_folder(args: argparse.Namespace):
+    from ml.data.sources import load_folder
+    return load_folder(Path(args.data), args.symbols, args.start, args.end)
+
+
+def _panel(args: argparse.Namespace) -> int:
+    """Train and judge a panel policy; print the per-symbol table and where the files went."""
+    from ml.data.schema import DataError
+    from ml.pipeline.panel import run_panel
+
+    if args.hold_out not in args.symbols:
+        print(f"panel: --hold-out {args.hold_out} must be one of --symbols", file=sys.stderr)
+        return 2
+    config = load_config(args.config, _run_overrides(args))
+    try:
+        result = run_panel(config, _load_folder(args), args.hold_out, args.seeds, Path(args.out))
+    except (DataError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"panel: {first_line(exc)}", file=sys.stderr)
+        return 2
+    _print_comparison(result["summary"], ["panel", "per_symbol", "buy_and_hold"])
+    print(f"mean test Sharpe over folds and seeds; * held out of the panel's training. "
+          f"ONNX parity {'passed' if result['export']['parity_passed'] else 'FAILED'}; files in {args.out}")
+    return 0 if result["export"]["parity_passed"] else 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Train every config on the same symbols, folds and seeds; print the per-symbol table."""
+    from ml.config import config_from_dict, merge, read_config_file
+    from ml.data.schema import DataError
+    from ml.pipeline.compare import run_comparison
+
+    base = load_config(args.config, _run_overrides(args))
+    configs = {args.name: base}
+    for variant in args.variant:
+        name, _, path = variant.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name) or not path or name in configs:
+            print(f"compare: --variant {variant!r}: must be NAME=CONFIG_FILE, a new name of letters, digits, "
+                  "_ or -", file=sys.stderr)
+            return 2
+        configs[name] = config_from_dict(merge(base.to_dict(), read_config_file(path)))
+    try:
+        result = run_comparison(configs, _load_folder(args), args.seeds, Path(args.out))
+    except (DataError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"compare: {first_line(exc)}", file=sys.stderr)
+        return 2
+    _print_comparison(result["summary"], list(configs)[1:] + [args.name, "buy_and_hold"])
+    print(f"mean test Sharpe over folds and seeds; files in {args.out}")
+    return 0
+
+
+def _run_overrides(args: argparse.Namespace) -> dict:
+    overrides: dict = {"ppo": {}}
+    if args.timesteps:
+        overrides["ppo"]["total_timesteps"] = args.timesteps
+    if args.device:
+        overrides["ppo"]["device"] = args.device
+    return overrides
+
+
 def _config(args: argparse.Namespace) -> int:
     """Print the effective config (defaults, or a file merged over them) as YAML."""
     import yaml
@@ -391,6 +470,26 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("--min-bars", type=int, default=20, help="live bars before the rules judge (default 20)")
     fwd.add_argument("--rollback-on-breach", action="store_true", help="move champion back on a breach")
     fwd.set_defaults(run=_forward)
+
+    panel = commands.add_parser("panel", help="one policy across many symbols, judged per symbol and on a "
+                                              "held-out one beside per-symbol policies and buy-and-hold")
+    panel.add_argument("--hold-out", type=_symbol, required=True, help="the symbol the panel never trains on")
+    compare = commands.add_parser("compare", help="model options on the same symbols, folds and seeds, beside "
+                                                  "the reference config and buy-and-hold")
+    compare.add_argument("--name", default="base", help="the reference config's name in the table (default base)")
+    compare.add_argument("--variant", action="append", default=[], required=True,
+                         help="NAME=CONFIG_FILE: settings merged over --config (repeatable)")
+    for command, run, what in ((panel, _panel, "panel.json and panel.onnx"), (compare, _compare, "compare.json")):
+        command.add_argument("--data", required=True, help="folder of <SYMBOL>.csv bar files")
+        command.add_argument("--symbols", nargs="+", type=_symbol, required=True, help="the symbols")
+        command.add_argument("--seeds", nargs="+", type=int, default=[1], help="training seeds (default 1)")
+        command.add_argument("--start", help="first date to read (default: every bar)")
+        command.add_argument("--end", help="last date to read")
+        command.add_argument("--timesteps", type=int, help="PPO timesteps per single-symbol policy and fold")
+        command.add_argument("--device", help="auto | cpu | cuda")
+        command.add_argument("--config", help="YAML/JSON config file")
+        command.add_argument("--out", required=True, help=f"folder for {what}")
+        command.set_defaults(run=run)
     return parser
 
 

@@ -28,6 +28,7 @@ SOURCES = ("sample", "file", "yfinance", "lake")
 CALENDARS = ("equity", "crypto")
 ACTION_MODES = ("discrete", "continuous", "portfolio")
 DEVICES = ("auto", "cpu", "cuda")
+ENCODERS = ("mlp", "conv", "attention")
 # Validation metrics that can pick the checkpoint and the seed (keys of a backtest's metrics).
 SELECTION_METRICS = ("sharpe", "sortino", "calmar", "total_return", "annualized_return")
 # A symbol names files (samples, lake partitions) and models, so it is a ticker as yfinance spells
@@ -41,6 +42,12 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,199}$"
 
 class ConfigError(ValueError):
     pass
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line (at most 300 characters): enough to act on, never a traceback or a file's text."""
+    text = str(error).strip()
+    return (text.splitlines() or [type(error).__name__])[0][:300]
 
 
 def is_symbol(value: Any) -> bool:
@@ -145,6 +152,12 @@ class PPOConfig:
     reward_scale: float = _setting(100.0, lambda v: v > 0, "must be > 0")  # log returns are ~1e-2; for the value loss
     hidden: tuple[int, ...] = _setting((64, 64), lambda v: len(v) > 0 and all(x >= 1 for x in v),
                                        "must be non-empty, each width >= 1")
+    # "conv" / "attention": the features add the last encoder_window one-bar log returns, which a 1-D
+    # convolution / a one-layer transformer reads as a sequence before the MLP; "mlp": the summary
+    # features alone.
+    encoder: str = _setting("mlp", choices=ENCODERS)
+    encoder_window: int = _setting(32, *_between(16, 60))  # at most the 60 one-bar returns the features hold
+    encoder_channels: int = _setting(8, *_at_least(1))
     eval_every: int = _setting(4, *_at_least(1))  # updates between validation scores
     checkpoint_every: int = _setting(5, *_at_least(1))  # updates between resumable checkpoints
     progress: bool = True
@@ -292,6 +305,11 @@ class PipelineConfig:
         return self.data.symbols or (self.data.symbol,)
 
     @property
+    def return_window(self) -> int:
+        """One-bar log returns the features append for a temporal encoder (0 without one)."""
+        return self.ppo.encoder_window if self.ppo.encoder != "mlp" else 0
+
+    @property
     def model_name(self) -> str:
         return self.registry.model_name or f"ppo_{'_'.join(self.symbols)}_{self.data.interval}".replace("^", "")
 
@@ -315,6 +333,9 @@ class PipelineConfig:
                               f"(got '{action.mode}')")
         if action.mode == "portfolio" and not symbols:
             raise ConfigError("action.mode = portfolio: needs data.symbols (two or more)")
+        if action.mode == "portfolio" and self.ppo.encoder != "mlp":
+            raise ConfigError(f"ppo.encoder = {self.ppo.encoder}: temporal encoders read one asset's returns; "
+                              "portfolio mode takes ppo.encoder: mlp")
         risk = self.risk
         if (risk.target_volatility or risk.kelly_fraction) and risk.volatility_window >= self.lookback:
             raise ConfigError(f"risk.volatility_window = {risk.volatility_window}: must be below lookback "
@@ -426,6 +447,11 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     Errors name the file, fields and rules, never the file's text: an unknown key is named only
     when it looks like a field name, and a file that is not a mapping is refused by its type.
     """
+    return config_from_dict(merge(read_config_file(path), overrides or {}))
+
+
+def read_config_file(path: str | Path | None) -> dict:
+    """The settings a config file names (nothing for no file), unchecked: merge, then ``config_from_dict``."""
     values: dict = {}
     if path:
         path = Path(path)
@@ -441,5 +467,5 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"{path}: not valid YAML/JSON{where}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: must hold a mapping of config sections, got a {type(values).__name__}")
-    return config_from_dict(merge(values, overrides or {}))
+    return values
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ml import fastpath
+from ml.agent.encoders import build_encoder
 from ml.env.action_space import ActionSpace, action_space_from_dict
 from ml.env.risk import RiskOverlay
 from ml.market.features import NORM_CLIP, FeatureModule
@@ -31,16 +32,22 @@ class ActorCritic(nn.Module):
 
     The input is the normalized features and the current position (one exposure, or the
     weights of a portfolio). Gaussian action spaces add a state-independent learned log std.
+    With an ``encoder`` (``ml.agent.encoders``), the last ``window`` features are the recent
+    returns: the encoder's output replaces them before the backbone.
     """
 
-    def __init__(self, n_features: int, action_space: ActionSpace, hidden: tuple[int, ...] = (64, 64)):
+    def __init__(self, n_features: int, action_space: ActionSpace, hidden: tuple[int, ...] = (64, 64),
+                 encoder: dict | None = None):
         super().__init__()
         self.action_space = action_space
         self.hidden = tuple(hidden)
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
+        self.encoder = build_encoder(encoder)
         layers: list[nn.Module] = []
         width = n_features + action_space.n_assets  # features + current position
+        if self.encoder is not None:
+            width += self.encoder.out_features - self.encoder.window
         for size in hidden:
             layers += [layer_init(nn.Linear(width, size)), nn.Tanh()]
             width = size
@@ -57,9 +64,12 @@ class ActorCritic(nn.Module):
     def forward(self, features: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Actor outputs [B, K] (logits, or a Gaussian's mean) and value [B]."""
         normalized = torch.clamp((features - self.feature_mean) / self.feature_std, -NORM_CLIP, NORM_CLIP)
+        if self.encoder is not None:
+            window = self.encoder.window
+            normalized = torch.cat([normalized[:, :-window], self.encoder(normalized[:, -window:])], dim=-1)
         inputs = torch.cat([normalized, position.reshape(-1, self.action_space.n_assets)], dim=-1)
         actor_bias = self.action_space.mask_actor_bias(self.actor.bias)
-        if fastpath.applies(inputs):
+        if self.encoder is None and fastpath.applies(inputs):
             # Both heads in one product: the backward to the backbone is then one matrix product
             # instead of two thin ones and a sum, which on CPU cost more than the product itself.
             layers = [(linear.weight, linear.bias) for linear in self.backbone[::2]]  # the (Linear, Tanh) pairs
@@ -128,6 +138,27 @@ class ExportPolicy(nn.Module):
         return *outputs, executed, next_state
 
 
+class PanelExportPolicy(ExportPolicy):
+    """A policy trained on a panel of symbols: ``normalization`` [B, 2, F] (the symbol's feature mean,
+    then std, from its own training window) follows the position, so one graph trades any symbol.
+
+    Its actor-critic normalizes with mean 0 and std 1, as in training, where every symbol's
+    features arrived standardized by its own statistics. No risk overlay.
+    """
+
+    normalization_input = "normalization"
+
+    def example_normalization(self, batch: int) -> torch.Tensor:
+        n_features = self.actor_critic.feature_mean.numel()
+        return torch.stack([torch.zeros(batch, n_features), torch.ones(batch, n_features)], dim=1)
+
+    def forward(self, ohlcv: torch.Tensor, position: torch.Tensor, normalization: torch.Tensor):
+        features = self.features(self.action_space.asset_windows(ohlcv)).reshape(ohlcv.shape[0], -1)
+        features = (features - normalization[:, 0]) / normalization[:, 1]
+        actor, value = self.actor_critic(features, position)
+        return self.action_space.export_outputs(actor, value, self.actor_critic.log_std)
+
+
 def policy_checkpoint(actor_critic: ActorCritic, feature_module: FeatureModule) -> dict:
     """What it takes to rebuild the policy: weights, sizes and the action space (tensors and plain types)."""
     return {
@@ -138,12 +169,15 @@ def policy_checkpoint(actor_critic: ActorCritic, feature_module: FeatureModule) 
         "lookback": feature_module.lookback,
         "use_range": feature_module.use_range,
         "use_volume": feature_module.use_volume,
+        "return_window": feature_module.return_window,
+        "encoder": actor_critic.encoder.spec() if actor_critic.encoder is not None else None,
     }
 
 
 def load_policy(checkpoint: dict) -> ExportPolicy:
-    features = FeatureModule(checkpoint["lookback"], checkpoint["use_range"], checkpoint["use_volume"])
+    features = FeatureModule(checkpoint["lookback"], checkpoint["use_range"], checkpoint["use_volume"],
+                             checkpoint.get("return_window", 0))
     actor_critic = ActorCritic(checkpoint["n_features"], action_space_from_dict(checkpoint["action_space"]),
-                               tuple(checkpoint["hidden"]))
+                               tuple(checkpoint["hidden"]), checkpoint.get("encoder"))
     actor_critic.load_state_dict(checkpoint["state_dict"])
     return ExportPolicy(features, actor_critic).eval()

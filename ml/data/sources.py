@@ -114,6 +114,20 @@ def load_file(path: str | Path, *, symbol: str | None = None, interval: str = "1
         raise DataError(_unfit_file(raw, path)) from None
 
 
+def load_folder(folder: str | Path, symbols: list[str], start: str | None = None,
+                end: str | None = None) -> dict[str, pd.DataFrame]:
+    """``<folder>/<SYMBOL>.csv`` per symbol (checked names only), cut to [start, end]."""
+    frames = {}
+    for symbol in symbols:
+        frame = load_file(Path(folder) / f"{check_symbol(symbol)}.csv", symbol=symbol)
+        if start:
+            frame = frame[frame["timestamp"] >= pd.Timestamp(start, tz="UTC")]
+        if end:
+            frame = frame[frame["timestamp"] <= pd.Timestamp(end, tz="UTC")]
+        frames[symbol] = frame.reset_index(drop=True)
+    return frames
+
+
 def load_sample(symbol: str = "GSPC", interval: str = "1d") -> pd.DataFrame:
     return load_file(sample_path(symbol), symbol=symbol, interval=interval, source="sample")
 

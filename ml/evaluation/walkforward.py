@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ml.agent.checkpoint import seed_everything
+from ml.agent.encoders import encoder_spec
 from ml.agent.policy import ActorCritic
 from ml.agent.ppo import TrainResult, train
 from ml.config import PipelineConfig
@@ -49,7 +50,7 @@ def selection_score(backtest: Backtest, config: PipelineConfig) -> float:
 def new_agent(series: MarketSeries, config: PipelineConfig, fold: Fold | CPCVFold) -> ActorCritic:
     """A freshly initialized policy for the series, normalized on the fold's training bars only."""
     agent = ActorCritic(series.features.shape[1], make_action_space(config.action, series.n_assets),
-                        config.ppo.hidden)
+                        config.ppo.hidden, encoder_spec(config.ppo))
     mean, std = series.feature_stats(fold.train)
     agent.set_normalization(mean.cpu(), std.cpu())
     return agent

@@ -57,16 +57,21 @@ class FeatureModule(nn.Module):
     """ohlcv [B, L, 5] (raw, oldest first) -> features [B, n_features].
 
     Close-based features always; the bar range when the data has real
-    open/high/low, and a volume z-score when it has volume.
+    open/high/low, and a volume z-score when it has volume. With ``return_window``
+    W, the last W one-bar log returns follow, oldest first, for a temporal encoder.
     """
 
-    def __init__(self, lookback: int = 64, use_range: bool = False, use_volume: bool = False):
+    def __init__(self, lookback: int = 64, use_range: bool = False, use_volume: bool = False,
+                 return_window: int = 0):
         super().__init__()
         if lookback < MIN_LOOKBACK:
             raise ValueError(f"lookback {lookback} is shorter than the {MIN_LOOKBACK} bars the features need")
+        if not 0 <= return_window <= SLOW_WINDOW:
+            raise ValueError(f"return_window {return_window}: must be in [0, {SLOW_WINDOW}]")
         self.lookback = lookback
         self.use_range = use_range
         self.use_volume = use_volume
+        self.return_window = return_window
         linear, differences, averages = _window_weights(lookback)
         # Constants derived from lookback: not part of the state dict.
         self.register_buffer("linear", linear, persistent=False)
@@ -87,6 +92,7 @@ class FeatureModule(nn.Module):
             names += ["range_1", f"range_{FAST_WINDOW}"]
         if self.use_volume:
             names += [f"volume_z_{FAST_WINDOW}"]
+        names += [f"return_lag_{lag}" for lag in range(self.return_window - 1, -1, -1)]
         return names
 
     @property
@@ -132,6 +138,8 @@ class FeatureModule(nn.Module):
             # mean * mean, not mean ** 2: a Pow node costs more than a Mul in onnxruntime.
             spread = torch.sqrt(torch.clamp((log_volume * log_volume) @ self.tail[:, 1:2] - mean * mean, min=0.0))
             columns.append((stats[:, 0:1] - mean) / (spread + 1e-3))
+        if self.return_window:
+            columns.append(returns[:, SLOW_WINDOW - self.return_window:])
         return torch.cat(columns, dim=-1)
 
 

@@ -162,7 +162,8 @@ def symbol_frames(bars: pd.DataFrame, symbols: tuple[str, ...]) -> dict[str, pd.
 
 def read_market(run: RunFolder, config: PipelineConfig, device: torch.device) -> MarketSeries:
     """The run's bars as the series the config trains on."""
-    return prepare_series(symbol_frames(read_bars(run), config.symbols), config.lookback, device)
+    return prepare_series(symbol_frames(read_bars(run), config.symbols), config.lookback, device,
+                          config.return_window)
 
 
 def market_timestamps(run: RunFolder, config: PipelineConfig) -> pd.Series:

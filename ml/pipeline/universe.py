@@ -23,7 +23,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ml.config import ConfigError, PipelineConfig
+from ml.config import ConfigError, PipelineConfig, first_line
 from ml.data.schema import DataError
 from ml.data.validation import DataValidationError
 from ml.pipeline.rundir import (RunFolder, read_config, read_json, save_config, training_fingerprint,
@@ -206,6 +206,5 @@ def _record(run: RunFolder, key: str, state: str, **details) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The error's type and first line: enough to act on, never a traceback or a file's text."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+    """The error's type and first line."""
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__

@@ -14,6 +14,10 @@ outputs ``target_weights`` float32 [batch, A] (long-only, summing to at most
 With a risk overlay (``risk:`` in the config) the graph also takes ``nav``
 [batch, 1], ``session`` [batch, 2] and ``risk_state`` [batch, S] and returns
 ``executed_target`` [batch, A] and ``next_risk_state`` [batch, S].
+
+A panel model (one policy for many symbols) takes a third input, ``normalization`` float32
+[batch, 2, F]: the symbol's feature mean and std from its own history; its metadata
+``normalization`` holds them for every symbol of the panel.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 import onnx
 import torch
 
-from ml.agent.policy import ExportPolicy
+from ml.agent.policy import ExportPolicy, PanelExportPolicy
 from ml.serving import create_session
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,8 @@ RISK_OUTPUTS = ("executed_target", "next_risk_state")
 
 
 def input_names(policy: ExportPolicy) -> list[str]:
-    return list(policy.action_space.input_names) + (list(RISK_INPUTS) if policy.risk is not None else [])
+    names = list(policy.action_space.input_names) + (list(RISK_INPUTS) if policy.risk is not None else [])
+    return names + ([PanelExportPolicy.normalization_input] if isinstance(policy, PanelExportPolicy) else [])
 
 
 def output_names(policy: ExportPolicy) -> list[str]:
@@ -53,6 +58,8 @@ def export_onnx(policy: ExportPolicy, path: str | Path, metadata: dict[str, str]
     example = policy.action_space.example_inputs(policy.features.lookback)
     if policy.risk is not None:
         example = example + policy.risk.example_inputs(example[0].shape[0])
+    if isinstance(policy, PanelExportPolicy):
+        example = example + (policy.example_normalization(example[0].shape[0]),)
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -95,13 +102,17 @@ def real_windows(policy: ExportPolicy, ohlcv: np.ndarray, first: int, last: int,
 
 
 def check_parity(policy: ExportPolicy, onnx_path: str | Path, windows: np.ndarray,
-                 positions: np.ndarray, tolerance: float = 1e-5) -> ParityResult:
+                 positions: np.ndarray, tolerance: float = 1e-5,
+                 normalization: np.ndarray | None = None) -> ParityResult:
     """Run onnxruntime and torch on the same real windows (and positions or weights); compare every output.
 
-    A risk overlay gets plausible account states too (some in drawdown, some after a loss)."""
+    A risk overlay gets plausible account states too (some in drawdown, some after a loss).
+    A panel policy takes each window's symbol statistics (``normalization`` [B, 2, F])."""
     inputs = [torch.from_numpy(windows), torch.from_numpy(positions)]
     if policy.risk is not None:
         inputs += policy.risk.example_inputs(len(windows))
+    if isinstance(policy, PanelExportPolicy):
+        inputs.append(torch.from_numpy(np.asarray(normalization, dtype="float32")))
     session = create_session(onnx_path)
     got = session.run(output_names(policy), dict(zip(input_names(policy), (t.numpy() for t in inputs))))
     with torch.no_grad():

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ml.config import first_line
 from ml.release.registry import alias_version, download_model
 from ml.serving import ModelLoadError, Policy
 
@@ -37,11 +38,6 @@ MAX_RETRY_DELAY_S = 600.0
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines() or [type(error).__name__])[0][:300]
 
 
 def _discard_download(path: Path) -> None:
@@ -116,7 +112,7 @@ class Champion:
         try:
             version = alias_version(self.tracking_uri, self.name, self.alias)
         except Exception as exc:  # MlflowException, or a connection error from an unreachable store
-            raise ModelLoadError(f"{self.uri}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{self.uri}: {first_line(exc)}") from None
         if version is None:
             raise ModelLoadError(f"{self.uri}: no version of {self.name} has the alias '{self.alias}'")
         return version
@@ -131,7 +127,7 @@ class Champion:
             finally:
                 _discard_download(path)
         except (ModelLoadError, FileNotFoundError) as exc:
-            raise ModelLoadError(f"{where}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{where}: {first_line(exc)}") from None
         return Served(policy, version, _now())
 
     def check(self) -> bool:
@@ -146,7 +142,7 @@ class Champion:
                 return False  # failed before: its error stands until the retry is due
             served = self._load_version(version)
         except Exception as exc:  # whatever the cause, the version in use keeps serving
-            self.reload_error = _first_line(exc)
+            self.reload_error = first_line(exc)
             if version is not None:  # the registry answered; that version did not load
                 same = self._failed is not None and self._failed[0] == version
                 delay = min(2 * self._failed[2], MAX_RETRY_DELAY_S) if same else self.reload_interval

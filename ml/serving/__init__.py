@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ml.config import first_line
 from ml.market.sessions import session_schedule
 from ml.serving.bars import MAX_ABS_LOG_RETURN, BarRules, InputError
 from ml.serving.files import bars_to_window, portfolio_window
@@ -42,11 +43,6 @@ log = logging.getLogger(__name__)
 
 class ModelLoadError(RuntimeError):
     """No usable model at that place: a missing or corrupt file, an unknown model, version or alias."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines() or [type(error).__name__])[0][:300]
 
 
 def cuda_driver_present() -> bool:
@@ -107,7 +103,7 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(),
                                                           tracking_uri=tracking_uri, registry_uri=tracking_uri))
     except (MlflowException, OSError) as exc:  # unknown model, version or alias; an unreachable store
-        raise ModelLoadError(f"{given}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{given}: {first_line(exc)}") from None
     found = sorted(folder.rglob("*.onnx"))
     if not found:
         raise FileNotFoundError(f"{uri}: the model artifact holds no .onnx file")
@@ -175,9 +171,13 @@ class Policy:
         except KeyError:
             raise ModelLoadError(f"{self.path}: no 'lookback' in the model metadata (not an exported policy)") from None
         except Exception as exc:  # onnxruntime's errors derive from Exception only
-            raise ModelLoadError(f"{self.path}: not a loadable ONNX model ({_first_line(exc)})") from None
+            raise ModelLoadError(f"{self.path}: not a loadable ONNX model ({first_line(exc)})") from None
         # Portfolio models name their assets; the asset axis of the inputs follows this order.
         self.symbols = self.metadata["symbols"].split(",") if self.metadata.get("symbols") else None
+        # A panel model: one graph for many symbols, each window with its symbol's feature statistics.
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        self.per_symbol = "normalization" in inputs
+        self.n_features = inputs["normalization"][2] if self.per_symbol else None
         # The risk overlay's settings, when the model runs one (its session rules need them here).
         self.risk = json.loads(self.metadata["risk"]) if self.metadata.get("risk") else None
         self.rules = BarRules(reads_ohlc=_reads_ohlc(self.metadata), max_abs_log_return=max_abs_log_return,
@@ -235,16 +235,49 @@ class Policy:
             raise InputError(f"position: must be finite and within [-{limit:g}, {limit:g}]")
         return ohlcv, position
 
-    def decide(self, ohlcv: np.ndarray, position: np.ndarray, timestamps: np.ndarray | None = None) -> np.ndarray:
+    def normalization(self, symbol: str) -> np.ndarray:
+        """[2, F] feature mean and std of a symbol the panel trained on (for another symbol, fit them
+        on its own history with ``ml.market.panel.symbol_normalization``)."""
+        table = json.loads(self.metadata.get("normalization") or "{}")
+        if symbol not in table:
+            raise InputError(f"symbol {symbol!r}: the model holds no feature statistics for it "
+                             f"(it has {', '.join(sorted(table)) or 'none'}); fit them on its own history")
+        return np.asarray(table[symbol], dtype=np.float32)
+
+    def decide(self, ohlcv: np.ndarray, position: np.ndarray, timestamps: np.ndarray | None = None,
+               normalization: np.ndarray | None = None) -> np.ndarray:
         """Target exposures [B, 1]; for a portfolio model ``position`` is the weights and this
-        returns target weights [B, A]. ``timestamps``: see ``validate``."""
+        returns target weights [B, A]. ``timestamps``: see ``validate``. A panel model also takes
+        the symbol's ``normalization`` ([2, F], or [B, 2, F] per window; see ``normalization``)."""
         ohlcv, position = self.validate(ohlcv, position, timestamps)
         if self.risk is not None:
             raise InputError("this model applies a risk overlay: call decide_with_risk(ohlcv, position, nav, "
                              "timestamps, state) so that its limits hold")
+        if self.per_symbol:
+            stats = self._checked_normalization(normalization, ohlcv.shape[0])
+            return self.session.run(["target_exposure"], {"ohlcv": ohlcv, "position": position,
+                                                          "normalization": stats})[0]
+        if normalization is not None:
+            raise InputError("normalization: this model normalizes inside its graph; pass none")
         if self.symbols is not None:
             return self.session.run(["target_weights"], {"ohlcv": ohlcv, "weights": position})[0]
         return self.session.run(["target_exposure"], {"ohlcv": ohlcv, "position": position})[0]
+
+    def _checked_normalization(self, normalization, batch: int) -> np.ndarray:
+        width = self.n_features
+        if normalization is None:
+            raise InputError("normalization: this panel model needs the symbol's feature statistics "
+                             "(Policy.normalization(symbol), or fitted on the symbol's own history)")
+        try:
+            stats = np.asarray(normalization, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError(f"normalization: must be numbers, [2, {width}] or [batch, 2, {width}]") from None
+        if stats.ndim == 2:
+            stats = np.broadcast_to(stats, (batch,) + stats.shape)
+        if stats.shape != (batch, 2, width) or not np.isfinite(stats).all() or not (stats[:, 1] > 0).all():
+            raise InputError(f"normalization: must be finite, [2, {width}] or [{batch}, 2, {width}], "
+                             "the std row above 0")
+        return np.ascontiguousarray(stats)
 
     def initial_risk_state(self, nav: np.ndarray) -> np.ndarray:
         """The overlay's state of fresh accounts [B, S] at ``nav`` [B]: at their peak, before any session."""

@@ -93,8 +93,12 @@ DEFAULT_SPACE = SearchSpace((
     Param("ppo.learning_rate", "log_uniform", 1e-5, 1e-3),
     Param("ppo.ent_coef", "uniform", 0.0, 0.05),
     Param("ppo.hidden", "choice", choices=((64, 64), (128, 128), (64, 64, 64))),
+    Param("ppo.encoder", "choice", choices=("mlp", "conv", "attention")),
     Param("lookback", "choice", choices=(64, 96, 128)),
     Param("env.turnover_penalty", "uniform", 0.0, 1e-3),
+    Param("env.drawdown_penalty", "uniform", 0.0, 0.05),
+    Param("action.mode", "choice", choices=("discrete", "continuous")),
+    Param("risk.target_volatility", "choice", choices=(None, 0.10, 0.15, 0.20)),
 ))
 
 

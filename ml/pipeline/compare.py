@@ -1,0 +1,85 @@
+"""Model options judged on the same symbols, folds and seeds: each variant config beside the reference.
+
+    python -m ml compare --data DIR --symbols GSPC KO ... --config base.yaml --name mlp \\
+        --variant conv=encoder.yaml --seeds 1 2 3 --out runs/compare
+
+Per symbol, fold and seed, every config trains its policy with the pipeline's own fold training
+(selection on validation) and is backtested on the fold's test window; buy-and-hold runs once
+per fold on the same bars and costs. The folds are laid out once per symbol, so every config
+must keep the reference's lookback and splits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+
+from ml.agent.ppo import resolve_device
+from ml.config import ConfigError, PipelineConfig
+from ml.env.action_space import make_action_space
+from ml.env.risk import RiskOverlay
+from ml.evaluation.backtest import run_baselines
+from ml.evaluation.comparison import PASSIVE, backtest_row, summarize_comparison
+from ml.evaluation.splits import walk_forward_folds
+from ml.evaluation.walkforward import backtest_policy, train_fold
+from ml.market.calendar import periods_per_year
+from ml.market.series import prepare_series
+
+log = logging.getLogger(__name__)
+RESULT_FILE = "compare.json"
+
+
+def check_comparable(configs: dict[str, PipelineConfig]) -> None:
+    """Every config must see the same folds and trade one symbol."""
+    names = list(configs)
+    reference = configs[names[0]]
+    for name, config in configs.items():
+        if config.action.mode == "portfolio":
+            raise ConfigError(f"{name}: compares single-symbol policies; action.mode portfolio is not one")
+        if config.lookback != reference.lookback or config.splits != reference.splits:
+            raise ConfigError(f"{name}: lookback and splits must equal {names[0]}'s, so that every "
+                              "model is judged on the same folds")
+
+
+def run_comparison(configs: dict[str, PipelineConfig], frames: dict[str, pd.DataFrame], seeds: list[int],
+                   out_dir: Path) -> dict:
+    """Train and backtest every config on every symbol, fold and seed; write ``compare.json`` and return it.
+
+    ``configs``: model name -> config, the reference first."""
+    check_comparable(configs)
+    names = list(configs)
+    reference = configs[names[0]]
+    device = resolve_device(reference.ppo.device)
+    ppy = periods_per_year(reference.data.interval, reference.data.calendar)
+    space = make_action_space(reference.action, 1)
+    rows, started = [], time.perf_counter()
+    for symbol, frame in frames.items():
+        # The features differ when a config adds the return window for its encoder.
+        series = {name: prepare_series({symbol: frame}, config.lookback, device, config.return_window)
+                  for name, config in configs.items()}
+        folds = walk_forward_folds(series[names[0]].timestamps, reference.lookback, reference.splits)
+        for fold in folds:
+            hold = run_baselines(series[names[0]], fold.test, reference.costs, space, names=(space.benchmark,),
+                                 periods_per_year=ppy, risk=RiskOverlay.from_config(reference, 1))
+            rows.append(backtest_row(fold.index, None, symbol, PASSIVE, hold[space.benchmark], ppy))
+            for seed in seeds:
+                for name, config in configs.items():
+                    seeded = replace(config, ppo=replace(config.ppo, seed=seed, progress=False))
+                    agent = train_fold(series[name], fold, seeded).agent
+                    rows.append(backtest_row(fold.index, seed, symbol, name,
+                                             backtest_policy(agent, series[name], fold.test, seeded), ppy))
+            log.info("%s fold %d: %s trained with seeds %s", symbol, fold.index, ", ".join(names), seeds)
+    result = {"models": names, "symbols": list(frames), "seeds": seeds,
+              "configs": {name: config.to_dict() for name, config in configs.items()}, "rows": rows,
+              # Variants first: the table reads "conv beats mlp in k of n".
+              "summary": summarize_comparison(rows, names[1:] + names[:1] + [PASSIVE]),
+              "wall_seconds": round(time.perf_counter() - started, 1)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=float))
+    return result
