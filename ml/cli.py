@@ -79,14 +79,14 @@ def _tune(args: argparse.Namespace) -> int:
     import optuna
 
     from ml.release.tracking import TrackingUnavailable
-    from ml.tuning import DEFAULT_SPACE, load_space, tune
+    from ml.tuning import default_space, load_space, tune
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed below
     if args.trials < 0:
         print(f"tune: --trials {args.trials}: must be 0 or more", file=sys.stderr)
         return 2
     config = load_config(args.config)  # the base config and the space are refused before any trial
-    space = load_space(args.space, config) if args.space else DEFAULT_SPACE.check(config)
+    space = load_space(args.space, config) if args.space else default_space(config)
 
     def show(trial: dict) -> None:
         score = "-" if trial["value"] is None else f"{trial['value']:.4f}"
@@ -209,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
     # One line and exit 2 for a model that cannot be loaded or bars that break a rule: the
     # message names the file, model or bar and the rule; a traceback would add nothing.
     try:
-        policy = Policy.load(args.model, tracking_uri=args.tracking_uri, max_age=args.max_age)
+        policy = Policy.load(args.model, tracking_uri=args.tracking_uri, max_age=args.max_age).self_contained()
         if policy.symbols is not None:  # portfolio: one file per asset, in the model's order
             if len(args.bars) != len(policy.symbols):
                 raise InputError(f"--bars: {len(args.bars)} file(s) for a model of assets {policy.symbols}")
@@ -280,8 +280,10 @@ def _print_comparison(summary: dict, models: list[str]) -> None:
         print(f"{name:10}" + "".join(f"{row['sharpe'][m]:14.2f}" for m in models) + "   "
               + " / ".join(row["beats"][f"{first}>{other}"] for other in others))
     spread = summary["seed_spread"]
-    print("seed spread (mean over symbols and folds, per seed): "
-          + "; ".join(f"{m} {spread[m]['mean']:.2f} ± {spread[m]['std']:.2f}" for m in models))
+    print("by seed (mean over symbols and folds): " + "; ".join(
+        f"{m} " + " ".join(f"{v:.2f}" for v in spread[m]["per_seed_mean"].values()) for m in spread))
+    print("seed-to-seed std of one test Sharpe: " + "; ".join(
+        f"{m} {spread[m]['std_within_cell']:.2f}" for m in spread))
 
 
 def _load_folder(args: argparse.Namespace):
@@ -300,7 +302,7 @@ def _panel(args: argparse.Namespace) -> int:
     config = load_config(args.config, _run_overrides(args))
     try:
         result = run_panel(config, _load_folder(args), args.hold_out, args.seeds, Path(args.out))
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, OSError, RuntimeError) as exc:  # bad bars or settings, an unwritable --out, no GPU
         if args.debug:
             raise
         print(f"panel: {first_line(exc)}", file=sys.stderr)
@@ -317,18 +319,24 @@ def _compare(args: argparse.Namespace) -> int:
     from ml.data.schema import DataError
     from ml.pipeline.compare import run_comparison
 
-    base = load_config(args.config, _run_overrides(args))
-    configs = {args.name: base}
+    names = [args.name] + [variant.partition("=")[0] for variant in args.variant]
+    for name, given in zip(names, [f"--name {args.name!r}"] + [f"--variant {v!r}" for v in args.variant]):
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", name) or name == "buy_and_hold" or names.count(name) > 1:
+            print(f"compare: {given}: a model name of letters, digits and _, not buy_and_hold, each once "
+                  "(a variant is NAME=CONFIG_FILE)", file=sys.stderr)
+            return 2
+    if any(not variant.partition("=")[2] for variant in args.variant):
+        print("compare: --variant: must be NAME=CONFIG_FILE", file=sys.stderr)
+        return 2
+    base = read_config_file(args.config)
+    # The command line's settings win over every file, the variants' too.
+    configs = {args.name: config_from_dict(merge(base, _run_overrides(args)))}
     for variant in args.variant:
         name, _, path = variant.partition("=")
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name) or not path or name in configs:
-            print(f"compare: --variant {variant!r}: must be NAME=CONFIG_FILE, a new name of letters, digits, "
-                  "_ or -", file=sys.stderr)
-            return 2
-        configs[name] = config_from_dict(merge(base.to_dict(), read_config_file(path)))
+        configs[name] = config_from_dict(merge(merge(base, read_config_file(path)), _run_overrides(args)))
     try:
         result = run_comparison(configs, _load_folder(args), args.seeds, Path(args.out))
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, OSError, RuntimeError) as exc:  # bad bars or settings, an unwritable --out, no GPU
         if args.debug:
             raise
         print(f"compare: {first_line(exc)}", file=sys.stderr)

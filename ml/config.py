@@ -129,6 +129,11 @@ class ActionConfig:
     # the training alarm, the evaluation's collapse check and the gate's no-collapse rule read it.
     collapse_share: float = _setting(0.98, *_between(0, 1, low_open=True))
 
+    @property
+    def one_asset(self) -> bool:
+        """The policy trades one asset (exposure levels or continuous exposure), not portfolio weights."""
+        return self.mode != "portfolio"
+
 
 @dataclass(frozen=True)
 class PPOConfig:

@@ -27,7 +27,7 @@ from ml.config import MODEL_NAME_PATTERN, ConfigError, PipelineConfig, load_conf
 from ml.data.lake import default_root as default_lake_root
 from ml.pipeline.universe import target_configs
 from ml.release.tracking import store_client
-from ml.tuning import DEFAULT_SPACE, SearchSpace, load_space
+from ml.tuning import SearchSpace, default_space, load_space
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def tuning_plan(params: dict) -> tuple[str, str, Path, PipelineConfig, SearchSpa
     config = targets[0]
     space_file = params.get("space_file")
     space = (load_space(confined(space_file, "space_file", config_roots(), CONFIG_SUFFIXES), config)
-             if space_file else DEFAULT_SPACE.check(config))
+             if space_file else default_space(config))
     root = runs_root() / "ppo_tuning"
     storage = os.environ.get(TUNING_STORAGE_ENV) or f"sqlite:///{root / 'optuna.db'}"
     return study, storage, root / study, config, space

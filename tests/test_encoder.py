@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from ml.agent.encoders import build_encoder, encoder_spec
-from ml.agent.policy import ActorCritic, load_policy
+from ml.agent.policy import ActorCritic, ExportPolicy, load_policy, policy_checkpoint
 from ml.cli import main
 from ml.config import ConfigError, config_from_dict
 from ml.env.action_space import make_action_space
 from ml.market.features import FeatureModule, series_features
 from ml.market.series import prepare_series
 from ml.pipeline import run_pipeline
-from ml.pipeline.rundir import RunFolder, load_agent, read_json
+from ml.pipeline.rundir import RunFolder, load_agent, read_json, training_fingerprint
 from ml.serving import Policy
 from tests.test_pipeline import TINY
 
@@ -99,6 +99,45 @@ def test_an_encoder_policy_trains_exports_with_parity_and_serves(encoder_run):
     np.testing.assert_allclose(served.decide(ohlcv, position), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_encoder_reads_the_last_window_columns_and_the_mlp_the_rest(kind):
+    window, n_features = 16, 16 + 9
+    agent = ActorCritic(n_features, make_action_space(config_from_dict({}).action, 1), (8,),
+                        {"kind": kind, "window": window, "channels": 2})
+    seen = []
+    agent.encoder.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[0]))
+    features = torch.randn(5, n_features)
+    agent(features, torch.zeros(5, 1))
+    assert torch.equal(seen[0], features[:, -window:])
+    # A change in the summary features reaches the decision without passing through the encoder.
+    moved = features.clone()
+    moved[:, 0] += 3.0
+    seen.clear()
+    assert not torch.equal(agent(moved, torch.zeros(5, 1))[0], agent(features, torch.zeros(5, 1))[0])
+    assert torch.equal(seen[0], seen[1])
+
+
+def test_a_checkpoint_from_before_the_encoders_loads_as_the_plain_mlp(gspc_bars):
+    series = prepare_series(gspc_bars.iloc[:300], 64, torch.device("cpu"))
+    agent = ActorCritic(series.features.shape[1], make_action_space(config_from_dict({}).action, 1), (16,))
+    checkpoint = policy_checkpoint(agent, series.feature_module)
+    del checkpoint["return_window"], checkpoint["encoder"]  # the keys older checkpoints lack
+    policy = load_policy(checkpoint)
+    assert policy.actor_critic.encoder is None and policy.features.return_window == 0
+    window = series.ohlcv[200 - 63:201, 0][None].float()
+    with torch.no_grad():
+        assert torch.equal(policy(window, torch.zeros(1, 1))[0], ExportPolicy(series.feature_module, agent)(
+            window, torch.zeros(1, 1))[0])
+
+
+def test_encoder_settings_shape_the_fingerprint_only_with_an_encoder():
+    plain = training_fingerprint(config_from_dict({}))
+    assert training_fingerprint(config_from_dict({"ppo": {"encoder_window": 40}})) == plain
+    conv = training_fingerprint(config_from_dict({"ppo": {"encoder": "conv"}}))
+    assert conv != plain
+    assert training_fingerprint(config_from_dict({"ppo": {"encoder": "conv", "encoder_window": 40}})) != conv
+
+
 def test_config_refuses_what_the_encoder_cannot_read():
     with pytest.raises(ConfigError, match="ppo.encoder_window"):
         config_from_dict({"ppo": {"encoder": "conv", "encoder_window": 61}})
@@ -128,12 +167,17 @@ def test_compare_judges_a_variant_beside_the_reference(tmp_path, capsys):
 
 @pytest.mark.parametrize("variant, message", [
     ("conv", "must be NAME=CONFIG_FILE"),
-    ("../x=conv.yaml", "must be NAME=CONFIG_FILE"),
+    ("../x=conv.yaml", "a model name of letters, digits and _"),
+    ("buy_and_hold=conv.yaml", "not buy_and_hold"),
+    ("mlp=conv.yaml", "each once"),
     ("conv={lookback}", "lookback and splits must equal mlp's"),
+    ("conv={costs}", "costs, data and ppo.device must equal mlp's"),
 ])
 def test_a_bad_variant_gets_one_line(tmp_path, capsys, variant, message):
     (tmp_path / "lookback.yaml").write_text("lookback: 96\n")
-    variant = variant.replace("{lookback}", str(tmp_path / "lookback.yaml"))
+    (tmp_path / "costs.yaml").write_text("costs:\n  commission_bps: 5\n")
+    variant = variant.replace("{lookback}", str(tmp_path / "lookback.yaml")).replace("{costs}",
+                                                                                  str(tmp_path / "costs.yaml"))
     code = main(["compare", "--data", "ml/sample", "--symbols", "GSPC", "--name", "mlp", "--variant", variant,
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -92,6 +92,10 @@ def test_the_held_out_symbol_never_reaches_training(frames, panel, fold, config,
     other = build_panel(other_frames, config.lookback, torch.device("cpu"))
     again = train_panel(other, fold, config, [s for s in SYMBOLS if s != HELD_OUT], seed=3)
     assert again.best_update == trained.best_update
+    # Selection never read it either: every checkpoint scored the same on the same validation returns.
+    scores = [[row.get("validation_score") for row in result.history] for result in (trained, again)]
+    assert scores[0] == scores[1] and any(score is not None for score in scores[0])
+    assert again.validation_returns == trained.validation_returns
     for name, value in trained.agent.state_dict().items():
         assert torch.equal(value, again.agent.state_dict()[name]), name
     # And the seed matters: another seed trains another policy.
@@ -145,12 +149,29 @@ def test_the_summary_counts_wins_on_the_same_fold_and_seed():
     assert summary["per_symbol"]["B"]["held_out"] and summary["per_symbol"]["B"]["beats"]["panel>buy_and_hold"] == "1/2"
     # Pooled over the trained symbols only (A): panel 2.0 and 0.0 by seed, per-symbol 0.5 and 1.5.
     spread = summary["seed_spread"]["panel"]
-    assert (spread["mean"], spread["min"], spread["max"]) == (1.0, 0.0, 2.0)
-    assert spread["std"] == pytest.approx(np.std([2.0, 0.0], ddof=1))
+    assert spread["per_seed_mean"] == {1: 2.0, 2: 0.0}
+    assert spread["std_within_cell"] == pytest.approx(np.std([2.0, 0.0], ddof=1))
+    assert "buy_and_hold" not in summary["seed_spread"]
     assert summary["beats"]["panel>per_symbol"] == "1/2"
     difference = summary["paired_difference"]["panel-per_symbol"]
-    assert difference["mean"] == pytest.approx(0.0) and difference["pairs"] == 2
-    assert difference["ci_low"] == pytest.approx(-1.5) and difference["ci_high"] == pytest.approx(1.5)
+    # One fold: no interval, since the fold is the unit that varies independently.
+    assert (difference["mean"], difference["pairs"], difference["folds"]) == (0.0, 2, 1)
+    assert "ci_low" not in difference
+
+
+def test_the_paired_interval_resamples_folds_not_seeds():
+    rows = []
+    for fold, edge in enumerate([0.5, 1.0, 1.5, -0.5]):
+        rows.append({"fold": fold, "seed": None, "symbol": "A", "model": "buy_and_hold", "sharpe": 0.2})
+        for seed in (1, 2, 3):  # seeds repeat a fold's result: they add pairs, not evidence
+            rows += [{"fold": fold, "seed": seed, "symbol": "A", "model": "panel", "sharpe": edge},
+                     {"fold": fold, "seed": seed, "symbol": "A", "model": "per_symbol", "sharpe": 0.0}]
+    difference = summarize(rows, held_out="B")["paired_difference"]["panel-per_symbol"]
+    assert (difference["pairs"], difference["folds"]) == (12, 4)
+    assert difference["mean"] == pytest.approx(0.625)
+    assert -0.5 <= difference["ci_low"] < 0.625 < difference["ci_high"] <= 1.5
+    folds_only = summarize([r for r in rows if r["seed"] in (None, 1)], held_out="B")["paired_difference"]["panel-per_symbol"]
+    assert (folds_only["ci_low"], folds_only["ci_high"]) == (difference["ci_low"], difference["ci_high"])
 
 
 def test_a_panel_refuses_what_it_cannot_trade():

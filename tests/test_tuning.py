@@ -13,7 +13,8 @@ import yaml
 
 from ml.cli import main
 from ml.config import config_from_dict
-from ml.tuning import load_space, trial_record, tune
+from ml.config import load_config
+from ml.tuning import default_space, load_space, trial_record, tune
 from tests.conftest import ROOT
 from tests.test_dags import AIRFLOW, airflow_env  # noqa: F401  (the fixture)
 from tests.test_pipeline import TINY
@@ -173,3 +174,11 @@ def test_the_study_plots_leave_matplotlib_settings_as_they_were(tmp_path):
     figures = plot_study("p", storage, tmp_path / "plots")
     assert dict(matplotlib.rcParams) == before
     assert sorted(figures.values()) == ["tuning_history.png", "tuning_importance.png"]
+
+
+def test_the_default_space_fits_the_config_it_searches():
+    single = {p.field for p in default_space(load_config()).params}
+    assert {"ppo.encoder", "action.mode", "risk.target_volatility", "env.drawdown_penalty"} <= single
+    # A portfolio keeps its weights and the plain MLP; the rest of the search still applies.
+    portfolio = {p.field for p in default_space(load_config(ROOT / "docs" / "portfolio-config.yaml")).params}
+    assert portfolio == single - {"ppo.encoder", "action.mode"}

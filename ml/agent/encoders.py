@@ -76,7 +76,7 @@ def encoder_spec(ppo: PPOConfig) -> dict | None:
     return {"kind": ppo.encoder, "window": ppo.encoder_window, "channels": ppo.encoder_channels}
 
 
-def build_encoder(spec: dict | None) -> ConvEncoder | None:
+def build_encoder(spec: dict | None) -> nn.Module | None:
     if spec is None:
         return None
     if spec["kind"] not in ENCODERS:

@@ -18,7 +18,7 @@ from ml import fastpath
 from ml.agent.encoders import build_encoder
 from ml.env.action_space import ActionSpace, action_space_from_dict
 from ml.env.risk import RiskOverlay
-from ml.market.features import NORM_CLIP, FeatureModule
+from ml.market.features import MIN_FEATURE_STD, NORM_CLIP, FeatureModule
 
 
 def layer_init(layer: nn.Linear, std: float = float(np.sqrt(2)), bias: float = 0.0) -> nn.Linear:
@@ -59,7 +59,7 @@ class ActorCritic(nn.Module):
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Statistics fitted on the training window only."""
         self.feature_mean.copy_(mean)
-        self.feature_std.copy_(torch.clamp(std, min=1e-6))
+        self.feature_std.copy_(torch.clamp(std, min=MIN_FEATURE_STD))
 
     def forward(self, features: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Actor outputs [B, K] (logits, or a Gaussian's mean) and value [B]."""
@@ -154,7 +154,7 @@ class PanelExportPolicy(ExportPolicy):
 
     def forward(self, ohlcv: torch.Tensor, position: torch.Tensor, normalization: torch.Tensor):
         features = self.features(self.action_space.asset_windows(ohlcv)).reshape(ohlcv.shape[0], -1)
-        features = (features - normalization[:, 0]) / normalization[:, 1]
+        features = (features - normalization[:, 0]) / normalization[:, 1].clamp(min=MIN_FEATURE_STD)
         actor, value = self.actor_critic(features, position)
         return self.action_space.export_outputs(actor, value, self.actor_critic.log_std)
 

@@ -2,7 +2,8 @@
 
 Rows are one test backtest each: ``{fold, seed, symbol, model, sharpe, ...}``. Passive
 baselines (buy-and-hold) have no seed: one row per fold and symbol, paired with every seed's
-policies. Two models are compared only on the same fold, seed and symbol.
+policies. Two models are compared only on the same fold, seed and symbol; the uncertainty of
+their difference is judged over folds, the unit that varies independently.
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ def backtest_row(fold: int, seed: int | None, symbol: str, model: str, backtest:
 def summarize_comparison(rows: list[dict], models: list[str], held_out: str | None = None,
                          metric: str = "sharpe") -> dict:
     """Per symbol: each model's mean ``metric`` and, for every pair (earlier in ``models`` against
-    later), how often the first beat the second. Over the symbols not held out: the same counts,
-    the mean paired difference with a 95% bootstrap interval, and the seed spread (each seed's mean
-    over symbols and folds)."""
+    later), how often the first was strictly higher on the same fold and seed.
+
+    Over the symbols not held out: the same counts; the mean paired difference with a 95% interval
+    from a bootstrap over folds (seeds and symbols of one fold share its test bars and its market,
+    so the fold is the unit that varies independently); and the seed spread of each policy: its mean
+    per seed, and how far one test result moves with the seed alone (the standard deviation over
+    seeds in each fold and symbol, averaged).
+    """
     frame = pd.DataFrame(rows)
     policies = frame[frame["model"] != PASSIVE]
     wide = policies.pivot_table(index=["fold", "seed", "symbol"], columns="model", values=metric)
@@ -44,32 +50,33 @@ def summarize_comparison(rows: list[dict], models: list[str], held_out: str | No
                               metric: {model: float(group[model].mean()) for model in models},
                               "beats": {f"{a}>{b}": _wins(group[a], group[b]) for a, b in pairs}}
     pooled = wide[[symbol != held_out for _, _, symbol in wide.index]]
-    by_seed = pooled.groupby(level="seed")[models].mean()
+    trained = [model for model in models if model != PASSIVE]
+    cells = pooled.groupby(level=["fold", "symbol"])
     return {
         "metric": metric,
         "per_symbol": per_symbol,
         "beats": {f"{a}>{b}": _wins(pooled[a], pooled[b]) for a, b in pairs},
-        "paired_difference": {f"{a}-{b}": _paired_difference(pooled[a] - pooled[b]) for a, b in pairs},
-        "seed_spread": {model: {"mean": float(by_seed[model].mean()),
-                                "std": float(by_seed[model].std(ddof=1)) if len(by_seed) > 1 else 0.0,
-                                "min": float(by_seed[model].min()), "max": float(by_seed[model].max())}
-                        for model in models},
+        "paired_difference": {f"{a}-{b}": _fold_bootstrap(pooled[a] - pooled[b]) for a, b in pairs},
+        "seed_spread": {model: {"per_seed_mean": {int(seed): float(value) for seed, value
+                                                  in pooled.groupby(level="seed")[model].mean().items()},
+                                "std_within_cell": float(cells[model].std(ddof=1).mean())
+                                if pooled.index.get_level_values("seed").nunique() > 1 else 0.0}
+                        for model in trained},
     }
 
 
 def _wins(a: pd.Series, b: pd.Series) -> str:
+    """How often ``a`` was strictly higher (a tie, such as two flat policies, is not a win)."""
     return f"{int((a > b).sum())}/{len(a)}"
 
 
-def _paired_difference(difference: pd.Series) -> dict:
-    """Mean of the paired differences and its 95% percentile-bootstrap interval (scipy).
-
-    Each (fold, seed, symbol) counts as one draw; symbols share a fold's market, so the interval
-    is narrower than one over independent years would be."""
-    values = difference.to_numpy(dtype="float64")
-    out = {"mean": float(values.mean()), "pairs": int(len(values))}
-    if len(values) > 1 and np.ptp(values) > 0:
-        interval = bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
-                             random_state=0).confidence_interval
+def _fold_bootstrap(difference: pd.Series) -> dict:
+    """Mean paired difference (over every fold, seed and symbol) and its 95% percentile-bootstrap
+    interval (scipy) resampling folds: each fold's mean difference is one draw."""
+    by_fold = difference.groupby(level="fold").mean().to_numpy(dtype="float64")
+    out = {"mean": float(difference.mean()), "pairs": int(len(difference)), "folds": int(len(by_fold))}
+    if len(by_fold) > 1 and np.ptp(by_fold) > 0:
+        interval = bootstrap((by_fold,), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
+                             rng=np.random.default_rng(0)).confidence_interval
         out |= {"ci_low": float(interval.low), "ci_high": float(interval.high)}
     return out

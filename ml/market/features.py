@@ -18,6 +18,8 @@ HIGH, LOW, CLOSE, VOLUME = 1, 2, 3, 4  # columns of a bar (open is 0)
 MIN_LOOKBACK = max(max(RETURN_HORIZONS), SLOW_WINDOW) + 1
 # Standardized features are clipped to this many standard deviations before the policy sees them.
 NORM_CLIP = 5.0
+# The floor of a feature's standard deviation when it normalizes (a constant feature stays finite).
+MIN_FEATURE_STD = 1e-6
 _EPS = 1e-8
 
 

@@ -21,10 +21,8 @@ import pandas as pd
 import torch
 
 from ml.data.schema import DataError
+from ml.market.features import MIN_FEATURE_STD
 from ml.market.series import MarketSeries, align_bars, prepare_series
-
-# The policy's own floor on a feature's std (ActorCritic.set_normalization): the same here.
-MIN_STD = 1e-6
 
 Segment = tuple[int, int]
 
@@ -54,7 +52,7 @@ class Panel:
     def normalization(self, symbol: str, train: Segment | Sequence[Segment]) -> torch.Tensor:
         """[2, F]: the symbol's feature mean and std over the training window only."""
         mean, std = self.series[symbol].feature_stats(train)
-        return torch.stack([mean, std.clamp(min=MIN_STD)])
+        return torch.stack([mean, std.clamp(min=MIN_FEATURE_STD)])
 
     def stacked(self, train: Segment | Sequence[Segment]) -> MarketSeries:
         """Every symbol's block, one after the other, each standardized with its own training statistics."""
@@ -94,7 +92,9 @@ def build_panel(frames: dict[str, pd.DataFrame], lookback: int, device: torch.de
 def symbol_normalization(frame: pd.DataFrame, lookback: int, until: str | pd.Timestamp | None = None,
                          return_window: int = 0) -> torch.Tensor:
     """[2, F] feature mean and std of one symbol's bars up to ``until`` (its own history): what a
-    panel model needs to trade a symbol it never saw. Only the bars given are read."""
+    panel model needs to trade a symbol it never saw. Only the bars given are read, from the first
+    with a full window; the panel fitted its own symbols on the bars they all share up to the end
+    of the training window, so pass the same span (cut ``frame``) to get their numbers."""
     if until is not None:
         frame = frame[frame["timestamp"] <= pd.Timestamp(until)].reset_index(drop=True)
     series = prepare_series(frame, lookback, torch.device("cpu"), return_window)

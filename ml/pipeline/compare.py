@@ -11,7 +11,6 @@ must keep the reference's lookback and splits.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace
@@ -29,6 +28,7 @@ from ml.evaluation.splits import walk_forward_folds
 from ml.evaluation.walkforward import backtest_policy, train_fold
 from ml.market.calendar import periods_per_year
 from ml.market.series import prepare_series
+from ml.pipeline.rundir import write_json
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "compare.json"
@@ -39,11 +39,14 @@ def check_comparable(configs: dict[str, PipelineConfig]) -> None:
     names = list(configs)
     reference = configs[names[0]]
     for name, config in configs.items():
-        if config.action.mode == "portfolio":
+        if not config.action.one_asset:
             raise ConfigError(f"{name}: compares single-symbol policies; action.mode portfolio is not one")
         if config.lookback != reference.lookback or config.splits != reference.splits:
             raise ConfigError(f"{name}: lookback and splits must equal {names[0]}'s, so that every "
                               "model is judged on the same folds")
+        if config.costs != reference.costs or config.data != reference.data or config.ppo.device != reference.ppo.device:
+            raise ConfigError(f"{name}: costs, data and ppo.device must equal {names[0]}'s: a variant changes "
+                              "the model, not the market it is judged on")
 
 
 def run_comparison(configs: dict[str, PipelineConfig], frames: dict[str, pd.DataFrame], seeds: list[int],
@@ -57,7 +60,11 @@ def run_comparison(configs: dict[str, PipelineConfig], frames: dict[str, pd.Data
     device = resolve_device(reference.ppo.device)
     ppy = periods_per_year(reference.data.interval, reference.data.calendar)
     space = make_action_space(reference.action, 1)
-    rows, started = [], time.perf_counter()
+    out_dir = Path(out_dir)
+    result = {"models": names, "symbols": list(frames), "seeds": seeds,
+              "configs": {name: config.to_dict() for name, config in configs.items()}, "complete": False, "rows": []}
+    write_json(out_dir / RESULT_FILE, result)  # an unwritable folder fails now, not after the training
+    rows, started = result["rows"], time.perf_counter()
     for symbol, frame in frames.items():
         # The features differ when a config adds the return window for its encoder.
         series = {name: prepare_series({symbol: frame}, config.lookback, device, config.return_window)
@@ -74,12 +81,9 @@ def run_comparison(configs: dict[str, PipelineConfig], frames: dict[str, pd.Data
                     rows.append(backtest_row(fold.index, seed, symbol, name,
                                              backtest_policy(agent, series[name], fold.test, seeded), ppy))
             log.info("%s fold %d: %s trained with seeds %s", symbol, fold.index, ", ".join(names), seeds)
-    result = {"models": names, "symbols": list(frames), "seeds": seeds,
-              "configs": {name: config.to_dict() for name, config in configs.items()}, "rows": rows,
-              # Variants first: the table reads "conv beats mlp in k of n".
-              "summary": summarize_comparison(rows, names[1:] + names[:1] + [PASSIVE]),
-              "wall_seconds": round(time.perf_counter() - started, 1)}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=float))
+            write_json(out_dir / RESULT_FILE, result)  # the backtests so far survive a later failure
+    # Variants first: the table reads "conv beats mlp in k of n".
+    result |= {"summary": summarize_comparison(rows, names[1:] + names[:1] + [PASSIVE]),
+               "wall_seconds": round(time.perf_counter() - started, 1), "complete": True}
+    write_json(out_dir / RESULT_FILE, result)
     return result

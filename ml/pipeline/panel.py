@@ -18,6 +18,7 @@ of every symbol, the held-out one included.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -44,7 +45,7 @@ from ml.evaluation.walkforward import backtest_policy, selection_score, train_fo
 from ml.market.calendar import periods_per_year
 from ml.market.features import FEATURE_SET_VERSION
 from ml.market.panel import Panel, build_panel
-from ml.pipeline.rundir import code_version
+from ml.pipeline.rundir import code_version, write_json
 from ml.release.export import check_parity, export_onnx, real_windows
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ RESULT_FILE, MODEL_FILE = "panel.json", "panel.onnx"
 
 
 def check_panel_config(config: PipelineConfig) -> None:
-    if config.action.mode == "portfolio":
+    if not config.action.one_asset:
         raise ConfigError("action.mode portfolio trades several assets at once; a panel policy trades "
                           "one symbol at a time (discrete or continuous)")
     if RiskOverlay.from_config(config, 1) is not None:
@@ -102,7 +103,13 @@ def run_panel(config: PipelineConfig, frames: dict[str, pd.DataFrame], held_out:
     space = make_action_space(config.action, 1)
     log.info("panel of %d symbols (%s held out), %d bars each, %d folds, seeds %s", len(panel.symbols), held_out,
              panel.n_bars, len(folds), seeds)
-    rows, started, exported = [], time.perf_counter(), None
+    out_dir = Path(out_dir)
+    result = {"symbols": panel.symbols, "held_out": held_out, "seeds": seeds,
+              "folds": [fold.dates(panel.timestamps) | {"index": fold.index} for fold in folds],
+              "panel_timesteps": config.ppo.total_timesteps * len(trained_on),
+              "per_symbol_timesteps": config.ppo.total_timesteps, "complete": False, "rows": []}
+    write_json(out_dir / RESULT_FILE, result)  # an unwritable folder fails now, not after the training
+    rows, started, exported = result["rows"], time.perf_counter(), None
     for fold in folds:
         dates = fold.dates(panel.timestamps)
         for symbol in panel.symbols:
@@ -111,11 +118,11 @@ def run_panel(config: PipelineConfig, frames: dict[str, pd.DataFrame], held_out:
                                  periods_per_year=ppy)[space.benchmark]
             rows.append(backtest_row(fold.index, None, symbol, "buy_and_hold", hold, ppy))
         for seed in seeds:
-            result = train_panel(panel, fold, config, trained_on, seed)
-            for symbol, backtest in panel_backtests(result.agent, panel, fold, config).items():
+            trained = train_panel(panel, fold, config, trained_on, seed)
+            for symbol, backtest in panel_backtests(trained.agent, panel, fold, config).items():
                 rows.append(backtest_row(fold.index, seed, symbol, "panel", backtest, ppy))
             if fold is folds[-1] and exported is None:
-                exported = result.agent
+                exported = trained.agent
             single = replace(config, ppo=replace(config.ppo, seed=seed, progress=False))
             for symbol in panel.symbols:
                 specialist = train_fold(panel.series[symbol], fold, single).agent
@@ -123,16 +130,11 @@ def run_panel(config: PipelineConfig, frames: dict[str, pd.DataFrame], held_out:
                 rows.append(backtest_row(fold.index, seed, symbol, "per_symbol", test, ppy))
             log.info("fold %d (test %s..%s) seed %d: panel and %d per-symbol policies trained", fold.index,
                      dates["test"]["start"][:10], dates["test"]["end"][:10], seed, len(panel.symbols))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    export = export_panel(exported, panel, folds[-1], config, held_out, out_dir / MODEL_FILE)
-    result = {"symbols": panel.symbols, "held_out": held_out, "seeds": seeds,
-              "folds": [fold.dates(panel.timestamps) | {"index": fold.index} for fold in folds],
-              "panel_timesteps": config.ppo.total_timesteps * len(trained_on),
-              "per_symbol_timesteps": config.ppo.total_timesteps, "rows": rows,
-              "summary": summarize(rows, held_out), "export": export,
-              "wall_seconds": round(time.perf_counter() - started, 1)}
-    (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=float))
+        write_json(out_dir / RESULT_FILE, result)  # the backtests so far survive a later failure
+    result |= {"summary": summarize(rows, held_out),
+               "export": export_panel(exported, panel, folds[-1], config, held_out, out_dir / MODEL_FILE),
+               "wall_seconds": round(time.perf_counter() - started, 1), "complete": True}
+    write_json(out_dir / RESULT_FILE, result)
     return result
 
 
@@ -140,7 +142,7 @@ def export_panel(agent: ActorCritic, panel: Panel, fold: Fold, config: PipelineC
                  path: Path) -> dict:
     """One ONNX for every symbol: the panel's statistics per symbol in the metadata; parity per symbol."""
     first_series = panel.series[panel.symbols[0]]
-    policy = PanelExportPolicy(first_series.feature_module.cpu(), agent.cpu()).eval()
+    policy = PanelExportPolicy(copy.deepcopy(first_series.feature_module).cpu(), copy.deepcopy(agent).cpu()).eval()
     stats = {s: panel.normalization(s, fold.train).cpu() for s in panel.symbols}
     dates = fold.dates(panel.timestamps)
     metadata = {

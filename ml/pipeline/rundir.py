@@ -134,12 +134,16 @@ def training_fingerprint(config: PipelineConfig) -> str:
 
     Where the bars come from, the gate, the registry and the device or thread count do not change
     what is learned, so they are left out: moving the lake or the tracking server retrains nothing.
+    Nor do the encoder settings of a plain MLP, so models trained before they existed keep their hash.
     """
     settings = config.to_dict()
     for section in ("data", "gate", "registry"):
         settings.pop(section)
     for key in ("device", "threads"):
         settings["ppo"].pop(key, None)
+    if config.ppo.encoder == "mlp":  # the encoder's settings shape nothing without one
+        for key in ("encoder", "encoder_window", "encoder_channels"):
+            settings["ppo"].pop(key)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 

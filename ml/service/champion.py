@@ -86,7 +86,7 @@ class Champion:
         elif fixed:
             self._served = self._load_version(fixed["version"])
         else:  # a local file
-            self._served = Served(Policy.load(uri, **policy_options), None, _now())
+            self._served = Served(Policy.load(uri, **policy_options).self_contained(), None, _now())
         self.last_check = self._served.loaded_at
 
     @property
@@ -123,7 +123,7 @@ class Champion:
         try:
             path = download_model(self.tracking_uri, self.name, version)
             try:
-                policy = Policy(path, **self.policy_options)
+                policy = Policy(path, **self.policy_options).self_contained()
             finally:
                 _discard_download(path)
         except (ModelLoadError, FileNotFoundError) as exc:

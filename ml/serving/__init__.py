@@ -235,6 +235,15 @@ class Policy:
             raise InputError(f"position: must be finite and within [-{limit:g}, {limit:g}]")
         return ohlcv, position
 
+    def self_contained(self) -> "Policy":
+        """This policy, refused when it is a panel model: for callers that cannot pass a symbol's
+        statistics (the serve command, the HTTP service)."""
+        if self.per_symbol:
+            raise ModelLoadError(f"{self.path.name}: a panel model needs each symbol's feature statistics, "
+                                 "which this command does not take; call ml.serving.Policy.decide(..., "
+                                 "normalization=policy.normalization(symbol))")
+        return self
+
     def normalization(self, symbol: str) -> np.ndarray:
         """[2, F] feature mean and std of a symbol the panel trained on (for another symbol, fit them
         on its own history with ``ml.market.panel.symbol_normalization``)."""

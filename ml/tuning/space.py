@@ -89,6 +89,7 @@ class SearchSpace:
         return self
 
 
+# The default search; ``default_space`` leaves out what a portfolio config cannot take.
 DEFAULT_SPACE = SearchSpace((
     Param("ppo.learning_rate", "log_uniform", 1e-5, 1e-3),
     Param("ppo.ent_coef", "uniform", 0.0, 0.05),
@@ -100,6 +101,15 @@ DEFAULT_SPACE = SearchSpace((
     Param("action.mode", "choice", choices=("discrete", "continuous")),
     Param("risk.target_volatility", "choice", choices=(None, 0.10, 0.15, 0.20)),
 ))
+SINGLE_ASSET_ONLY = ("ppo.encoder", "action.mode")
+
+
+def default_space(base: PipelineConfig) -> SearchSpace:
+    """The default search for this config, checked: a portfolio keeps its weights and the plain MLP."""
+    params = DEFAULT_SPACE.params
+    if not base.action.one_asset:
+        params = tuple(p for p in params if p.field not in SINGLE_ASSET_ONLY)
+    return SearchSpace(params).check(base)
 
 
 def _is_field(path: str) -> bool:
