@@ -163,6 +163,7 @@ def test_compare_judges_a_variant_beside_the_reference(tmp_path, capsys):
     assert (models.count("mlp"), models.count("conv"), models.count("buy_and_hold")) == (2, 2, 1)
     assert result["configs"]["conv"]["ppo"]["encoder_window"] == 16
     assert result["summary"]["beats"].keys() == {"conv>mlp", "conv>buy_and_hold", "mlp>buy_and_hold"}
+    assert {row["fold"] for row in result["rows"]} == {"2018-01-02"}  # named by its test period
 
 
 @pytest.mark.parametrize("variant, message", [

@@ -18,8 +18,11 @@ PASSIVE = "buy_and_hold"
 METRICS = ("sharpe", "total_return", "max_drawdown", "annual_turnover")
 
 
-def backtest_row(fold: int, seed: int | None, symbol: str, model: str, backtest: Backtest, ppy: float) -> dict:
-    """One test backtest as a row: where it ran, which model, and its headline metrics."""
+def backtest_row(fold: int | str, seed: int | None, symbol: str, model: str, backtest: Backtest,
+                 ppy: float) -> dict:
+    """One test backtest as a row: where it ran, which model, and its headline metrics.
+
+    ``fold`` names the test period: rows with the same one share their test bars' dates."""
     metrics = backtest.metrics(ppy)
     return {"fold": fold, "seed": seed, "symbol": symbol, "model": model,
             **{name: float(metrics[name]) for name in METRICS}}

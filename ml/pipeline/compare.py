@@ -71,16 +71,20 @@ def run_comparison(configs: dict[str, PipelineConfig], frames: dict[str, pd.Data
                   for name, config in configs.items()}
         folds = walk_forward_folds(series[names[0]].timestamps, reference.lookback, reference.splits)
         for fold in folds:
+            # Folds are named by their test window's first day: symbols with other histories have
+            # other test years, and the summary pairs and resamples by period.
+            period = fold.dates(series[names[0]].timestamps)["test"]["start"][:10]
             hold = run_baselines(series[names[0]], fold.test, reference.costs, space, names=(space.benchmark,),
                                  periods_per_year=ppy, risk=RiskOverlay.from_config(reference, 1))
-            rows.append(backtest_row(fold.index, None, symbol, PASSIVE, hold[space.benchmark], ppy))
+            rows.append(backtest_row(period, None, symbol, PASSIVE, hold[space.benchmark], ppy))
             for seed in seeds:
                 for name, config in configs.items():
                     seeded = replace(config, ppo=replace(config.ppo, seed=seed, progress=False))
                     agent = train_fold(series[name], fold, seeded).agent
-                    rows.append(backtest_row(fold.index, seed, symbol, name,
+                    rows.append(backtest_row(period, seed, symbol, name,
                                              backtest_policy(agent, series[name], fold.test, seeded), ppy))
-            log.info("%s fold %d: %s trained with seeds %s", symbol, fold.index, ", ".join(names), seeds)
+            log.info("%s fold %d (test from %s): %s trained with seeds %s", symbol, fold.index, period,
+                     ", ".join(names), seeds)
             write_json(out_dir / RESULT_FILE, result)  # the backtests so far survive a later failure
     # Variants first: the table reads "conv beats mlp in k of n".
     result |= {"summary": summarize_comparison(rows, names[1:] + names[:1] + [PASSIVE]),
