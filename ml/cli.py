@@ -317,13 +317,14 @@ def _compare(args: argparse.Namespace) -> int:
     """Train every config on the same symbols, folds and seeds; print the per-symbol table."""
     from ml.config import config_from_dict, merge, read_config_file
     from ml.data.schema import DataError
+    from ml.evaluation.comparison import RESERVED_NAMES
     from ml.pipeline.compare import run_comparison
 
     names = [args.name] + [variant.partition("=")[0] for variant in args.variant]
     for name, given in zip(names, [f"--name {args.name!r}"] + [f"--variant {v!r}" for v in args.variant]):
-        if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", name) or name == "buy_and_hold" or names.count(name) > 1:
-            print(f"compare: {given}: a model name of letters, digits and _, not buy_and_hold, each once "
-                  "(a variant is NAME=CONFIG_FILE)", file=sys.stderr)
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", name) or name in RESERVED_NAMES or names.count(name) > 1:
+            print(f"compare: {given}: a model name of letters, digits and _, each once, and not a rule's "
+                  f"({', '.join(RESERVED_NAMES)}) (a variant is NAME=CONFIG_FILE)", file=sys.stderr)
             return 2
     if any(not variant.partition("=")[2] for variant in args.variant):
         print("compare: --variant: must be NAME=CONFIG_FILE", file=sys.stderr)
@@ -341,7 +342,7 @@ def _compare(args: argparse.Namespace) -> int:
             raise
         print(f"compare: {first_line(exc)}", file=sys.stderr)
         return 2
-    _print_comparison(result["summary"], list(configs)[1:] + [args.name, "buy_and_hold"])
+    _print_comparison(result["summary"], result["judged"])
     print(f"mean test Sharpe over folds and seeds; files in {args.out}")
     return 0
 

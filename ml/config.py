@@ -26,7 +26,9 @@ INTERVALS = ("1m", "2m", "5m", "15m", "30m", "60m", "90m", "1h", "1d", "5d", "1w
 INTRADAY = INTERVALS[:8]
 SOURCES = ("sample", "file", "yfinance", "lake")
 CALENDARS = ("equity", "crypto")
-ACTION_MODES = ("discrete", "continuous", "portfolio")
+ACTION_MODES = ("discrete", "continuous", "portfolio", "strategies")
+# The rule strategies a "strategies" policy chooses among (their exposures: ml.market.features).
+STRATEGIES = ("buy_and_hold", "cash", "ma_crossover", "momentum", "mean_reversion")
 DEVICES = ("auto", "cpu", "cuda")
 ENCODERS = ("mlp", "conv", "attention")
 # Validation metrics that can pick the checkpoint and the seed (keys of a backtest's metrics).
@@ -128,11 +130,21 @@ class ActionConfig:
     # A deterministic policy whose decisions are (nearly) all the same this often has collapsed:
     # the training alarm, the evaluation's collapse check and the gate's no-collapse rule read it.
     collapse_share: float = _setting(0.98, *_between(0, 1, low_open=True))
+    # "strategies": at each bar the policy picks one of these rules, whose exposure (clamped into
+    # [min_exposure, max_exposure]) becomes the target.
+    strategies: tuple[str, ...] = _setting(
+        STRATEGIES, lambda v: len(v) >= 2 and len(set(v)) == len(v) and set(v) <= set(STRATEGIES),
+        f"must list two or more distinct rules of {list(STRATEGIES)}")
 
     @property
     def one_asset(self) -> bool:
-        """The policy trades one asset (exposure levels or continuous exposure), not portfolio weights."""
+        """The policy trades one asset (exposure levels, continuous exposure or a rule), not portfolio weights."""
         return self.mode != "portfolio"
+
+    @property
+    def selects_strategies(self) -> bool:
+        """The policy picks a rule strategy at each bar: the features carry the rules' exposures."""
+        return self.mode == "strategies"
 
 
 @dataclass(frozen=True)
@@ -161,8 +173,17 @@ class PPOConfig:
     # convolution / a one-layer transformer reads as a sequence before the MLP; "mlp": the summary
     # features alone.
     encoder: str = _setting("mlp", choices=ENCODERS)
-    encoder_window: int = _setting(32, *_between(16, 60))  # at most the 60 one-bar returns the features hold
+    # The window of one-bar returns the encoder and the regime filter read: at most the 60 the features hold.
+    encoder_window: int = _setting(32, *_between(16, 60))
     encoder_channels: int = _setting(8, *_at_least(1))
+    # 0: the critic predicts the mean return. N >= 2: N quantiles of it (quantile regression), and the
+    # value that bootstraps the advantages is (1 - cvar_weight) * mean + cvar_weight * CVaR at cvar_alpha.
+    critic_quantiles: int = _setting(0, lambda v: v == 0 or 2 <= v <= 256, "must be 0 (mean critic) or 2..256")
+    cvar_alpha: float = _setting(0.1, *_between(0, 1, low_open=True))
+    cvar_weight: float = _setting(0.0, *_between(0, 1))
+    # K >= 2: the policy also sees the filtered probabilities of a K-state Markov-switching model of
+    # returns fitted on each fold's training bars (ml.agent.regime); 0: no regime features.
+    regime_states: int = _setting(0, lambda v: v == 0 or 2 <= v <= 4, "must be 0 (off) or 2..4")
     eval_every: int = _setting(4, *_at_least(1))  # updates between validation scores
     checkpoint_every: int = _setting(5, *_at_least(1))  # updates between resumable checkpoints
     progress: bool = True
@@ -311,8 +332,8 @@ class PipelineConfig:
 
     @property
     def return_window(self) -> int:
-        """One-bar log returns the features append for a temporal encoder (0 without one)."""
-        return self.ppo.encoder_window if self.ppo.encoder != "mlp" else 0
+        """One-bar log returns the features append for a temporal encoder or the regime filter (0: neither)."""
+        return self.ppo.encoder_window if self.ppo.encoder != "mlp" or self.ppo.regime_states else 0
 
     @property
     def model_name(self) -> str:
@@ -341,6 +362,12 @@ class PipelineConfig:
         if action.mode == "portfolio" and self.ppo.encoder != "mlp":
             raise ConfigError(f"ppo.encoder = {self.ppo.encoder}: temporal encoders read one asset's returns; "
                               "portfolio mode takes ppo.encoder: mlp")
+        if action.mode == "portfolio" and self.ppo.regime_states:
+            raise ConfigError(f"ppo.regime_states = {self.ppo.regime_states}: the regime model reads one asset's "
+                              "returns; portfolio mode takes ppo.regime_states: 0")
+        if self.ppo.cvar_weight and not self.ppo.critic_quantiles:
+            raise ConfigError(f"ppo.cvar_weight = {self.ppo.cvar_weight}: CVaR needs the return's distribution; "
+                              "set ppo.critic_quantiles (e.g. 32)")
         risk = self.risk
         if (risk.target_volatility or risk.kelly_fraction) and risk.volatility_window >= self.lookback:
             raise ConfigError(f"risk.volatility_window = {risk.volatility_window}: must be below lookback "

@@ -169,7 +169,8 @@ def test_compare_judges_a_variant_beside_the_reference(tmp_path, capsys):
 @pytest.mark.parametrize("variant, message", [
     ("conv", "must be NAME=CONFIG_FILE"),
     ("../x=conv.yaml", "a model name of letters, digits and _"),
-    ("buy_and_hold=conv.yaml", "not buy_and_hold"),
+    ("buy_and_hold=conv.yaml", "not a rule's (buy_and_hold, cash"),
+    ("momentum=conv.yaml", "not a rule's"),
     ("mlp=conv.yaml", "each once"),
     ("conv={lookback}", "lookback and splits must equal mlp's"),
     ("conv={costs}", "costs, data and ppo.device must equal mlp's"),

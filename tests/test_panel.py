@@ -180,6 +180,9 @@ def test_a_panel_refuses_what_it_cannot_trade():
                                              "data": {"symbols": ["GSPC", "KO"]}}))
     with pytest.raises(ConfigError, match="risk overlay"):
         check_panel_config(config_from_dict({"risk": {"target_volatility": 0.1}}))
+    with pytest.raises(ConfigError, match="ppo.regime_states = 2"):
+        check_panel_config(config_from_dict({"ppo": {"regime_states": 2}}))
+    check_panel_config(config_from_dict({"ppo": {"critic_quantiles": 32, "cvar_weight": 0.5}}))  # accepted
 
 
 def test_the_cli_trains_judges_and_exports_a_panel(tmp_path, shared_market, capsys):

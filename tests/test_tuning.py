@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+import optuna
 import pytest
 import yaml
 
 from ml.cli import main
-from ml.config import config_from_dict
-from ml.config import load_config
-from ml.tuning import default_space, load_space, trial_record, tune
+from ml.config import ConfigError, config_from_dict, load_config, merge
+from ml.tuning import Param, SearchSpace, default_space, load_space, trial_record, tune
 from tests.conftest import ROOT
 from tests.test_dags import AIRFLOW, airflow_env  # noqa: F401  (the fixture)
 from tests.test_pipeline import TINY
@@ -163,7 +163,6 @@ def test_airflow_dags_test_ppo_tuning_runs_8_trials_and_registers_the_best(airfl
 def test_the_study_plots_leave_matplotlib_settings_as_they_were(tmp_path):
     """Optuna's plots switch the style sheet process-wide; the report's own plots must not change."""
     import matplotlib
-    import optuna
 
     from ml.tuning.study import plot_study
 
@@ -178,7 +177,24 @@ def test_the_study_plots_leave_matplotlib_settings_as_they_were(tmp_path):
 
 def test_the_default_space_fits_the_config_it_searches():
     single = {p.field for p in default_space(load_config()).params}
-    assert {"ppo.encoder", "action.mode", "risk.target_volatility", "env.drawdown_penalty"} <= single
-    # A portfolio keeps its weights and the plain MLP; the rest of the search still applies.
+    assert {"ppo.encoder", "action.mode", "risk.target_volatility", "env.drawdown_penalty", "ppo.critic_quantiles",
+            "ppo.cvar_weight", "ppo.regime_states"} <= single
+    # A portfolio keeps its weights, the plain MLP and no regime model; the rest of the search still applies.
     portfolio = {p.field for p in default_space(load_config(ROOT / "docs" / "portfolio-config.yaml")).params}
-    assert portfolio == single - {"ppo.encoder", "action.mode"}
+    assert portfolio == single - {"ppo.encoder", "action.mode", "ppo.regime_states"}
+
+
+def test_a_parameter_that_needs_another_is_searched_only_where_that_one_is_on(tmp_path):
+    """The CVaR weight needs a quantile critic: a trial without one never sets it, so no trial is refused."""
+    space = SearchSpace((Param("ppo.critic_quantiles", "choice", choices=(0, 32)),
+                         Param("ppo.cvar_weight", "choice", choices=(0.0, 0.5), needs="ppo.critic_quantiles")))
+    space.check(load_config())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        overrides = space.overrides(study.ask())
+        config = config_from_dict(merge(load_config().to_dict(), overrides))  # never refused
+        seen.add((config.ppo.critic_quantiles, "cvar_weight" in overrides["ppo"]))
+    assert seen == {(0, False), (32, True)}
+    with pytest.raises(ConfigError, match="ppo.cvar_weight: needs ppo.critic_quantiles"):
+        SearchSpace(space.params[1:]).check(load_config())

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ml import fastpath
-from ml.agent.encoders import build_encoder
+from ml.agent.critic import build_critic, critic_spec
+from ml.agent.encoders import build_encoder, encoder_spec
+from ml.agent.regime import build_regime, regime_spec
+from ml.config import PPOConfig
 from ml.env.action_space import ActionSpace, action_space_from_dict
 from ml.env.risk import RiskOverlay
 from ml.market.features import MIN_FEATURE_STD, NORM_CLIP, FeatureModule
@@ -32,28 +35,34 @@ class ActorCritic(nn.Module):
 
     The input is the normalized features and the current position (one exposure, or the
     weights of a portfolio). Gaussian action spaces add a state-independent learned log std.
-    With an ``encoder`` (``ml.agent.encoders``), the last ``window`` features are the recent
-    returns: the encoder's output replaces them before the backbone.
+    With an ``encoder`` (``ml.agent.encoders``) or a ``regime`` filter (``ml.agent.regime``), the
+    last ``window`` features are the recent returns: the encoder's output (from the normalized
+    returns) and the regime probabilities (from the raw ones) replace them before the backbone.
+    ``critic`` (``ml.agent.critic``): the value head predicts the mean return (None) or its quantiles.
     """
 
     def __init__(self, n_features: int, action_space: ActionSpace, hidden: tuple[int, ...] = (64, 64),
-                 encoder: dict | None = None):
+                 encoder: dict | None = None, critic: dict | None = None, regime: dict | None = None):
         super().__init__()
         self.action_space = action_space
         self.hidden = tuple(hidden)
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
         self.encoder = build_encoder(encoder)
+        self.regime = build_regime(regime)
+        self.value_head = build_critic(critic)
         layers: list[nn.Module] = []
         width = n_features + action_space.n_assets  # features + current position
-        if self.encoder is not None:
-            width += self.encoder.out_features - self.encoder.window
+        for reader in (self.encoder, self.regime):
+            if reader is not None:
+                width += reader.out_features
+        width -= self.return_window
         for size in hidden:
             layers += [layer_init(nn.Linear(width, size)), nn.Tanh()]
             width = size
         self.backbone = nn.Sequential(*layers)
         self.actor = layer_init(nn.Linear(width, action_space.n_outputs), std=0.01)
-        self.critic = layer_init(nn.Linear(width, 1), std=1.0)
+        self.critic = layer_init(nn.Linear(width, self.value_head.n_outputs), std=1.0)
         self.log_std = nn.Parameter(torch.full((action_space.n_outputs,), -0.5)) if action_space.gaussian else None
 
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -61,12 +70,28 @@ class ActorCritic(nn.Module):
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(torch.clamp(std, min=MIN_FEATURE_STD))
 
+    @property
+    def return_window(self) -> int:
+        """How many trailing features are recent returns, read by the encoder or the regime filter (0: none)."""
+        readers = [reader.window for reader in (self.encoder, self.regime) if reader is not None]
+        return readers[0] if readers else 0
+
     def forward(self, features: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Actor outputs [B, K] (logits, or a Gaussian's mean) and value [B]."""
+        actor, critic = self.heads(features, position)
+        return actor, self.value_head.value(critic)
+
+    def heads(self, features: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actor outputs [B, K] and the critic head's raw outputs [B, value_head.n_outputs]."""
         normalized = torch.clamp((features - self.feature_mean) / self.feature_std, -NORM_CLIP, NORM_CLIP)
-        if self.encoder is not None:
-            window = self.encoder.window
-            normalized = torch.cat([normalized[:, :-window], self.encoder(normalized[:, -window:])], dim=-1)
+        window = self.return_window
+        if window:
+            parts = [normalized[:, :-window]]
+            if self.encoder is not None:
+                parts.append(self.encoder(normalized[:, -window:]))
+            if self.regime is not None:  # the model was fitted on raw returns
+                parts.append(self.regime(features[:, -window:]))
+            normalized = torch.cat(parts, dim=-1)
         inputs = torch.cat([normalized, position.reshape(-1, self.action_space.n_assets)], dim=-1)
         actor_bias = self.action_space.mask_actor_bias(self.actor.bias)
         if self.encoder is None and fastpath.applies(inputs):
@@ -75,9 +100,10 @@ class ActorCritic(nn.Module):
             layers = [(linear.weight, linear.bias) for linear in self.backbone[::2]]  # the (Linear, Tanh) pairs
             heads = fastpath.tanh_mlp(inputs, layers, (torch.cat([self.actor.weight, self.critic.weight]),
                                                        torch.cat([actor_bias, self.critic.bias])))
-            return heads[:, :-1], heads[:, -1]
+            n_actor = self.actor.out_features
+            return heads[:, :n_actor], heads[:, n_actor:]
         hidden = self.backbone(inputs)
-        return F.linear(hidden, self.actor.weight, actor_bias), self.critic(hidden).squeeze(-1)
+        return F.linear(hidden, self.actor.weight, actor_bias), self.critic(hidden)
 
     def log_prob_entropy(self, actor: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of ``action`` and the entropy, per sample, in closed form."""
@@ -88,18 +114,18 @@ class ActorCritic(nn.Module):
         action = self.action_space.sample(actor, self.log_std)
         return action, self.log_prob_entropy(actor, action)[0]
 
-    def target(self, action: torch.Tensor) -> torch.Tensor:
-        """Target [B, A] of a sampled action."""
-        return self.action_space.to_target(action)
+    def target(self, action: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Target [B, A] of a sampled action in the states with these (raw) features."""
+        return self.action_space.to_target(action, features)
 
-    def greedy(self, actor: torch.Tensor) -> torch.Tensor:
-        """Deterministic target [B, A]: the most probable level, the clamped mean, or the mean's weights."""
-        return self.action_space.greedy(actor)
+    def greedy(self, actor: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Deterministic target [B, A]: the most probable level or rule, the clamped mean, or the mean's weights."""
+        return self.action_space.greedy(actor, features)
 
     @torch.no_grad()
     def decide(self, features: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         actor, _ = self(features, position)
-        return self.greedy(actor)
+        return self.greedy(actor, features)
 
 
 class ExportPolicy(nn.Module):
@@ -127,7 +153,7 @@ class ExportPolicy(nn.Module):
                 session: torch.Tensor | None = None, risk_state: torch.Tensor | None = None):
         features = self.features(self.action_space.asset_windows(ohlcv)).reshape(ohlcv.shape[0], -1)
         actor, value = self.actor_critic(features, position)
-        outputs = self.action_space.export_outputs(actor, value, self.actor_critic.log_std)
+        outputs = self.action_space.export_outputs(actor, value, self.actor_critic.log_std, features)
         if self.risk is None:
             return outputs
         held = position.reshape(ohlcv.shape[0], -1)
@@ -154,9 +180,15 @@ class PanelExportPolicy(ExportPolicy):
 
     def forward(self, ohlcv: torch.Tensor, position: torch.Tensor, normalization: torch.Tensor):
         features = self.features(self.action_space.asset_windows(ohlcv)).reshape(ohlcv.shape[0], -1)
-        features = (features - normalization[:, 0]) / normalization[:, 1].clamp(min=MIN_FEATURE_STD)
-        actor, value = self.actor_critic(features, position)
-        return self.action_space.export_outputs(actor, value, self.actor_critic.log_std)
+        standardized = (features - normalization[:, 0]) / normalization[:, 1].clamp(min=MIN_FEATURE_STD)
+        actor, value = self.actor_critic(standardized, position)
+        return self.action_space.export_outputs(actor, value, self.actor_critic.log_std, features)
+
+
+def model_options(ppo: PPOConfig) -> dict:
+    """The ``ActorCritic`` keyword arguments a config's model options ask for."""
+    return {"hidden": ppo.hidden, "encoder": encoder_spec(ppo), "critic": critic_spec(ppo),
+            "regime": regime_spec(ppo.regime_states, ppo.encoder_window)}
 
 
 def policy_checkpoint(actor_critic: ActorCritic, feature_module: FeatureModule) -> dict:
@@ -170,14 +202,18 @@ def policy_checkpoint(actor_critic: ActorCritic, feature_module: FeatureModule) 
         "use_range": feature_module.use_range,
         "use_volume": feature_module.use_volume,
         "return_window": feature_module.return_window,
+        "signals": feature_module.signals,
         "encoder": actor_critic.encoder.spec() if actor_critic.encoder is not None else None,
+        "critic": actor_critic.value_head.spec(),
+        "regime": actor_critic.regime.spec() if actor_critic.regime is not None else None,
     }
 
 
 def load_policy(checkpoint: dict) -> ExportPolicy:
     features = FeatureModule(checkpoint["lookback"], checkpoint["use_range"], checkpoint["use_volume"],
-                             checkpoint.get("return_window", 0))
+                             checkpoint.get("return_window", 0), checkpoint.get("signals", False))
     actor_critic = ActorCritic(checkpoint["n_features"], action_space_from_dict(checkpoint["action_space"]),
-                               tuple(checkpoint["hidden"]), checkpoint.get("encoder"))
+                               tuple(checkpoint["hidden"]), checkpoint.get("encoder"), checkpoint.get("critic"),
+                               checkpoint.get("regime"))
     actor_critic.load_state_dict(checkpoint["state_dict"])
     return ExportPolicy(features, actor_critic).eval()

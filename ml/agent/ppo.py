@@ -218,8 +218,8 @@ def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: Segment
                 actor, value = agent(next_features, next_position)
                 action, logprob = agent.sample(actor)
             values[step], actions[step], logprobs[step] = value, action, logprob
-            greedy[step] = agent.greedy(actor)
-            result = env.step(agent.target(action))
+            greedy[step] = agent.greedy(actor, next_features)
+            result = env.step(agent.target(action, next_features))
             rewards[step] = result.reward * cfg.reward_scale
             truncated = result.truncated.nonzero().squeeze(1)
             if truncated.numel():
@@ -264,7 +264,7 @@ def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: Segment
                     [n_feat, n_position, 4], dim=1)
                 mb_logprobs, mb_adv, mb_returns, mb_values = mb_numbers.unbind(dim=1)
                 mb_actions = b_actions.index_select(0, idx)
-                actor, new_value = agent(mb_features, mb_position)
+                actor, critic = agent.heads(mb_features, mb_position)
                 new_logprob, entropy = agent.log_prob_entropy(actor, mb_actions)
                 entropy = entropy.mean()
                 log_ratio = new_logprob - mb_logprobs
@@ -278,11 +278,9 @@ def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: Segment
                     -mb_adv * ratio,
                     -mb_adv * torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef),
                 ).mean()
-                if cfg.clip_vloss:
-                    v_clipped = mb_values + torch.clamp(new_value - mb_values, -cfg.clip_coef, cfg.clip_coef)
-                    v_loss = 0.5 * torch.max((new_value - mb_returns) ** 2, (v_clipped - mb_returns) ** 2).mean()
-                else:
-                    v_loss = 0.5 * ((new_value - mb_returns) ** 2).mean()
+                # Squared error for a mean critic (clipped around the rollout's values with clip_vloss),
+                # the quantile loss for a distributional one.
+                v_loss = agent.value_head.loss(critic, mb_returns, mb_values, cfg.clip_coef if cfg.clip_vloss else None)
                 loss = pg_loss - ent_coef * entropy + cfg.vf_coef * v_loss
                 optimizer.zero_grad()
                 loss.backward()
@@ -296,7 +294,7 @@ def _train(cfg: PPOConfig, env: TradingEnv, agent: ActorCritic, segment: Segment
         explained_var = (1 - (b_returns - b_values).var() / variance).item() if variance > 0 else float("nan")
         # Decisions of the policy that collected this rollout, on the states it visited.
         with torch.no_grad():
-            sampled_target = agent.target(b_actions)
+            sampled_target = agent.target(b_actions, obs_features.reshape(-1, n_feat))
         greedy_target = greedy.reshape((-1,) + env.position_shape)
         greedy_share = dominant_share(space, greedy_target)
         collapsed = greedy_share >= collapse_share

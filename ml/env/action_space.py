@@ -1,12 +1,14 @@
-"""What an action means: everything that differs between discrete levels, a continuous exposure
-and portfolio weights lives here, so the environment, the policy, PPO, the backtest and the
-export never ask which kind they run.
+"""What an action means: everything that differs between discrete levels, a continuous exposure,
+portfolio weights and rule selection lives in the action spaces, so the environment, the policy,
+PPO, the backtest and the export never ask which kind they run. Their interface and the one-asset
+base are in ``ml.env.action_base``; this module has the spaces and builds the one a config asks for.
 
-An action space turns the actor's outputs into a target (the fraction of NAV to hold in each
-asset after the next fill, [N, A]), samples actions and scores their log-probability, picks
-the deterministic action, keeps the account's limits in the environment, writes the ONNX
-outputs and the ``action_semantics`` metadata, gives the Gymnasium space, the baselines a
-policy must beat, and the rule that says the decisions collapsed to one.
+An action space turns the actor's outputs (and the bar's raw features, which only rule selection
+reads) into a target (the fraction of NAV to hold in each asset after the next fill, [N, A]),
+samples actions and scores their log-probability, picks the deterministic action, keeps the
+account's limits in the environment, writes the ONNX outputs and the ``action_semantics``
+metadata, gives the Gymnasium space, the baselines a policy must beat, and the rule that says
+the decisions collapsed to one.
 
 - ``DiscreteExposure``: one asset; the actor gives logits over exposure levels, levels outside
   [min_exposure, max_exposure] are masked (long-only = min 0).
@@ -15,192 +17,31 @@ policy must beat, and the rule that says the decisions collapsed to one.
 - ``PortfolioWeights``: A assets plus cash; a Gaussian over one score per asset plus one for
   cash, and the target weights are the softmax of the sample without the cash entry
   (long-only, summing to at most 1).
+- ``StrategySelection`` (``ml.env.strategy_space``): one asset; the actor gives logits over rule
+  strategies, and the chosen rule's exposure at the bar is the target.
 
 The level mask and the range are buffers, so the exported graph obeys them too.
 """
 
 from __future__ import annotations
 
-import abc
-import math
-
 import numpy as np
-import pandas as pd
 import torch
 from gymnasium import spaces
-from torch import nn
 
 from ml.config import ActionConfig
+from ml.env.action_base import (SAME_ALLOCATION_TOLERANCE, ActionSpace, CategoricalExposure, ExposureSpace,
+                                gaussian_log_prob_entropy, hundredths, level_shares)
+from ml.env.strategy_space import StrategySelection
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-# A softmax head that ignores its input still jitters in the third decimal, so two weight vectors
-# count as the same allocation when every asset is within this distance (collapse and hold checks).
-SAME_ALLOCATION_TOLERANCE = 0.025
-
-
-def hundredths(exposure: torch.Tensor) -> torch.Tensor:
-    """Exposures to 0.01: the resolution at which two decisions count as the same."""
-    return torch.round(exposure * 100)
+# The interface and its helpers live in ml.env.action_base; importers reach them here too.
+__all__ = ["SAME_ALLOCATION_TOLERANCE", "ActionSpace", "CategoricalExposure", "ContinuousExposure",
+           "DiscreteExposure", "ExposureSpace", "PortfolioWeights", "StrategySelection", "action_space_from_dict",
+           "hundredths", "level_shares", "make_action_space"]
 
 
-def level_shares(exposure: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Share of exposures nearest to each level (exact counts for discrete levels; an exposure
-    exactly halfway between two levels counts for the lower one)."""
-    # Nearest level by bucketing at the midpoints between sorted levels: one pass over the
-    # exposures instead of a [N, K] table of distances.
-    ascending, order = levels.sort(stable=True)
-    nearest = order[torch.bucketize(exposure.reshape(-1), (ascending[1:] + ascending[:-1]) / 2)]
-    return torch.bincount(nearest, minlength=levels.numel()).float() / max(nearest.numel(), 1)
-
-
-def _gaussian_log_prob_entropy(mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor):
-    """Log-probability and entropy of a diagonal Gaussian, in closed form."""
-    log_std = log_std.expand_as(mean)
-    z = (action - mean) * torch.exp(-log_std)
-    log_prob = (-0.5 * z * z - log_std - _HALF_LOG_2PI).sum(dim=-1)
-    entropy = (0.5 + _HALF_LOG_2PI + log_std).sum(dim=-1)
-    return log_prob, entropy
-
-
-class ActionSpace(nn.Module, abc.ABC):
-    """The interface every action space implements (see the module docstring)."""
-
-    mode: str
-    n_assets: int  # width of the position the policy sees and the target it sets
-    n_outputs: int  # width of the actor head
-    gaussian: bool  # the policy learns a log std for its actions
-    action_dtype: torch.dtype
-    action_shape: tuple[int, ...]  # of one sampled action
-    input_names: tuple[str, str]
-    output_names: tuple[str, ...]
-    benchmark: str  # the passive baseline a policy is judged against
-    # Baselines that know nothing: a policy that cannot beat them on validation learned nothing.
-    null_baselines = ("cash", "random")
-
-    def mask_actor_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias
-
-    @abc.abstractmethod
-    def project(self, target: torch.Tensor) -> torch.Tensor:
-        """The account's limits on a target [N, A], applied by the environment before the fill."""
-
-    @abc.abstractmethod
-    def to_dict(self) -> dict:
-        """What ``action_space_from_dict`` rebuilds the space from (policy checkpoints)."""
-
-
-class ExposureSpace(ActionSpace):
-    """One asset held between -1 and 1 of NAV; ``levels`` also name the diagnostics' buckets."""
-
-    n_assets = 1
-    input_names = ("ohlcv", "position")
-    benchmark = "buy_and_hold"
-
-    def __init__(self, levels: tuple[float, ...], min_exposure: float = -1.0, max_exposure: float = 1.0):
-        super().__init__()
-        self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32))
-        self.register_buffer("exposure_range", torch.tensor([min_exposure, max_exposure]))
-
-    @property
-    def range(self) -> tuple[float, float]:
-        return float(self.exposure_range[0]), float(self.exposure_range[1])
-
-    def project(self, target: torch.Tensor) -> torch.Tensor:
-        # The account's limit; narrower ranges are the policy's (mask or clamp), and the
-        # baselines trade the whole range.
-        return target.clamp(-1.0, 1.0)
-
-    def allowed_levels(self) -> np.ndarray:
-        """The levels inside the exposure range: what a random policy under the same limits picks from."""
-        levels = self.levels.double().numpy()
-        low, high = self.range
-        return levels[(levels >= low - 1e-9) & (levels <= high + 1e-9)]
-
-    def clamp(self, exposure: torch.Tensor) -> torch.Tensor:
-        return exposure.clamp(self.exposure_range[0], self.exposure_range[1])
-
-    def to_dict(self) -> dict:
-        low, high = self.range
-        return {"mode": self.mode, "levels": self.levels.tolist(), "min_exposure": low, "max_exposure": high}
-
-    def example_inputs(self, lookback: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.rand(2, lookback, 5) + 1.0, torch.zeros(2, 1)
-
-    def example_positions(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        return rng.choice(self.levels.numpy().astype("float32"), size=(count, 1))
-
-    def asset_windows(self, ohlcv: torch.Tensor) -> torch.Tensor:
-        """Raw windows [B, L, 5] as the per-asset windows the feature module reads."""
-        return ohlcv
-
-    def semantics(self) -> str:
-        low, high = self.range
-        return ("target_exposure: fraction of NAV held in the asset after the next bar's open, "
-                f"in [{low}, {high}]; " + self._semantics_detail())
-
-    @abc.abstractmethod
-    def _semantics_detail(self) -> str:
-        """The part of ``action_semantics`` that says how the exposure is chosen."""
-
-    # Collapse and diagnostics: decisions are exposures [N, 1].
-    def dominant(self, decisions: torch.Tensor) -> tuple[float, float]:
-        """The most frequent decision (to 0.01) and its share; a share near 1 means the policy ignores its input."""
-        rounded = hundredths(decisions.reshape(-1))
-        lowest = rounded.min()
-        if rounded.max() - lowest <= 10_000:  # exposures in a bounded range: count instead of sorting
-            counts = torch.bincount((rounded - lowest).long())
-            best = int(counts.argmax())
-            return float(best + lowest) / 100, (counts[best] / decisions.numel()).item()
-        # NaN (a diverged policy) or a huge range
-        values, counts = torch.unique(rounded, return_counts=True)
-        best = int(counts.argmax())
-        return float(values[best]) / 100, (counts[best] / decisions.numel()).item()
-
-    def collapse_report(self, decisions: torch.Tensor, collapse_share: float) -> dict:
-        value, share = self.dominant(decisions)
-        return {"alarm": share >= collapse_share, "dominant_exposure": value, "dominant_share": share}
-
-    def same_decision(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (hundredths(a) == hundredths(b)).all(dim=-1)
-
-    def decision_summary(self, decisions: np.ndarray, symbols: list[str]) -> dict:
-        """Share of test decisions at each exposure (to 0.1)."""
-        values, counts = np.unique(np.round(decisions[:, 0], 1), return_counts=True)
-        return {"test_exposure_histogram": {f"{v:+.2f}": float(c / counts.sum()) for v, c in zip(values, counts)}}
-
-    def action_metrics(self, sampled: torch.Tensor, greedy: torch.Tensor) -> dict[str, float]:
-        """Shares of sampled and deterministic decisions nearest each level, and the share of flat ones."""
-        levels = self.levels
-        counts, greedy_counts = level_shares(sampled, levels), level_shares(greedy, levels)
-        flat = (levels == 0).nonzero()
-        return {
-            "flat_share": counts[flat[0, 0]].item() if len(flat) else 0.0,
-            **{f"sampled_action_share/{levels[i].item():+.2f}": counts[i].item() for i in range(len(levels))},
-            **{f"greedy_action_share/{levels[i].item():+.2f}": greedy_counts[i].item() for i in range(len(levels))},
-        }
-
-    def baselines(self, series, seed: int = 0) -> dict[str, np.ndarray]:
-        """Causal target series [T, 1] of the single-asset baselines, one row per bar (decided on it)."""
-        close = pd.Series(series.close[:, 0].double().cpu().numpy())
-        fast, slow = close.rolling(20).mean(), close.rolling(60).mean()
-        momentum = np.log(close / close.shift(60))
-        rng = np.random.default_rng(seed)
-        exposures = {
-            "buy_and_hold": np.ones(len(close)),
-            "cash": np.zeros(len(close)),
-            "ma_crossover": (fast > slow).astype("float64").to_numpy(),
-            "momentum": np.sign(momentum.fillna(0.0)).to_numpy(),
-            "random": rng.choice(self.allowed_levels(), size=len(close)),
-        }
-        return {name: values[:, None] for name, values in exposures.items()}
-
-
-class DiscreteExposure(ExposureSpace):
+class DiscreteExposure(CategoricalExposure):
     mode = "discrete"
-    gaussian = False
-    action_dtype = torch.long
-    action_shape = ()
-    output_names = ("target_exposure", "action_probs", "value")
 
     def __init__(self, levels: tuple[float, ...], min_exposure: float = -1.0, max_exposure: float = 1.0):
         super().__init__(levels, min_exposure, max_exposure)
@@ -215,27 +56,13 @@ class DiscreteExposure(ExposureSpace):
         # for bit, and the exported graph needs no Where over [B, K].
         return bias + torch.where(self.allowed, 0.0, -1e9)
 
-    def log_prob_entropy(self, actor: torch.Tensor, log_std, action: torch.Tensor):
-        # Over [K, B]: torch's CPU softmax then vectorizes along the batch instead of along the
-        # levels, about 3x faster forward and backward.
-        log_p = torch.log_softmax(actor.t(), dim=0)
-        # Masked levels have probability exactly 0 and contribute 0 (not NaN) to the entropy.
-        entropy = -(log_p.exp() * log_p).sum(dim=0)
-        return log_p.gather(0, action.unsqueeze(0)).squeeze(0), entropy
-
-    def sample(self, actor: torch.Tensor, log_std) -> torch.Tensor:
-        # Gumbel-max: the argmax of logits plus Gumbel noise is a draw from their softmax. A
-        # masked level (-1e9) can never win, and nothing here is nondeterministic on CUDA.
-        gumbel = torch.rand_like(actor).log_().neg_().log_().neg_()
-        return (actor + gumbel).max(dim=-1).indices  # argmax's first maximum; 3x faster over 5 levels
-
-    def to_target(self, action: torch.Tensor) -> torch.Tensor:
+    def to_target(self, action: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return torch.take(self.levels, action).unsqueeze(-1)
 
-    def greedy(self, actor: torch.Tensor) -> torch.Tensor:
+    def greedy(self, actor: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return torch.take(self.levels, actor.max(dim=-1).indices).unsqueeze(-1)
 
-    def export_outputs(self, actor: torch.Tensor, value: torch.Tensor, log_std):
+    def export_outputs(self, actor: torch.Tensor, value: torch.Tensor, log_std, features: torch.Tensor):
         # index_select exports to one Gather; the one-hot product it replaces cost five nodes.
         target = torch.index_select(self.levels, 0, actor.argmax(dim=-1)).unsqueeze(-1)
         return target, torch.softmax(actor, dim=-1), value.unsqueeze(-1)
@@ -268,18 +95,19 @@ class ContinuousExposure(ExposureSpace):
     output_names = ("target_exposure", "action_std", "value")
 
     def log_prob_entropy(self, actor: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor):
-        return _gaussian_log_prob_entropy(actor, log_std, action)
+        return gaussian_log_prob_entropy(actor, log_std, action)
 
     def sample(self, actor: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
         return actor + log_std.exp() * torch.randn_like(actor)
 
-    def to_target(self, action: torch.Tensor) -> torch.Tensor:
+    def to_target(self, action: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.clamp(action)
 
-    def greedy(self, actor: torch.Tensor) -> torch.Tensor:
+    def greedy(self, actor: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.clamp(actor)
 
-    def export_outputs(self, actor: torch.Tensor, value: torch.Tensor, log_std: torch.Tensor):
+    def export_outputs(self, actor: torch.Tensor, value: torch.Tensor, log_std: torch.Tensor,
+                       features: torch.Tensor):
         return self.clamp(actor), log_std.exp().expand_as(actor), value.unsqueeze(-1)
 
     def gym_space(self) -> spaces.Space:
@@ -325,19 +153,20 @@ class PortfolioWeights(ActionSpace):
         return {"mode": self.mode, "n_assets": self.n_assets}
 
     def log_prob_entropy(self, actor: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor):
-        return _gaussian_log_prob_entropy(actor, log_std, action)
+        return gaussian_log_prob_entropy(actor, log_std, action)
 
     def sample(self, actor: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
         return actor + log_std.exp() * torch.randn_like(actor)
 
-    def to_target(self, action: torch.Tensor) -> torch.Tensor:
+    def to_target(self, action: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return torch.softmax(action, dim=-1)[..., :-1]
 
-    def greedy(self, actor: torch.Tensor) -> torch.Tensor:
+    def greedy(self, actor: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return torch.softmax(actor, dim=-1)[..., :-1]
 
-    def export_outputs(self, actor: torch.Tensor, value: torch.Tensor, log_std: torch.Tensor):
-        return self.greedy(actor), value.unsqueeze(-1)
+    def export_outputs(self, actor: torch.Tensor, value: torch.Tensor, log_std: torch.Tensor,
+                       features: torch.Tensor):
+        return self.greedy(actor, features), value.unsqueeze(-1)
 
     def example_inputs(self, lookback: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.rand(2, lookback, self.n_assets, 5) + 1.0, torch.zeros(2, self.n_assets)
@@ -411,6 +240,8 @@ def make_action_space(config: ActionConfig, n_assets: int = 1) -> ActionSpace:
         return PortfolioWeights(n_assets)
     if n_assets != 1:
         raise ValueError(f"action mode '{config.mode}' trades one asset, got {n_assets}")
+    if config.selects_strategies:
+        return StrategySelection(tuple(config.strategies), config.min_exposure, config.max_exposure)
     return _SPACES[config.mode](tuple(config.exposure_levels), config.min_exposure, config.max_exposure)
 
 
@@ -418,4 +249,6 @@ def action_space_from_dict(values: dict) -> ActionSpace:
     """The inverse of ``ActionSpace.to_dict`` (policy checkpoints)."""
     if values["mode"] == PortfolioWeights.mode:
         return PortfolioWeights(values["n_assets"])
+    if "strategies" in values:
+        return StrategySelection(tuple(values["strategies"]), values["min_exposure"], values["max_exposure"])
     return _SPACES[values["mode"]](tuple(values["levels"]), values["min_exposure"], values["max_exposure"])

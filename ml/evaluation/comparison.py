@@ -1,9 +1,10 @@
 """Several models judged on the same folds, seeds and symbols: who beat whom, and by how much.
 
-Rows are one test backtest each: ``{fold, seed, symbol, model, sharpe, ...}``. Passive
-baselines (buy-and-hold) have no seed: one row per fold and symbol, paired with every seed's
-policies. Two models are compared only on the same fold, seed and symbol; the uncertainty of
-their difference is judged over folds, the unit that varies independently.
+Rows are one test backtest each: ``{fold, seed, symbol, model, sharpe, ...}``. Rules that
+learn nothing (buy-and-hold, the strategies a rule-selection policy picks from) have no seed:
+one row per fold and symbol, paired with every seed's policies. Two models are compared only on
+the same fold, seed and symbol; the uncertainty of their difference is judged over folds, the
+unit that varies independently.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ import numpy as np
 import pandas as pd
 from scipy.stats import bootstrap
 
+from ml.config import STRATEGIES
 from ml.evaluation.backtest import Backtest
 
 PASSIVE = "buy_and_hold"
+# Per fold and symbol, the rule with the best test result: a choice no one could have made in
+# advance, the ceiling a rule-selection policy is measured against.
+BEST_RULE = "best_rule_in_hindsight"
+RESERVED_NAMES = (*STRATEGIES, BEST_RULE)  # not for a model of the user's
 METRICS = ("sharpe", "total_return", "max_drawdown", "annual_turnover")
 
 
@@ -40,11 +46,14 @@ def summarize_comparison(rows: list[dict], models: list[str], held_out: str | No
     seeds in each fold and symbol, averaged).
     """
     frame = pd.DataFrame(rows)
-    policies = frame[frame["model"] != PASSIVE]
+    seedless = frame["seed"].isna()
+    policies = frame[~seedless]
     wide = policies.pivot_table(index=["fold", "seed", "symbol"], columns="model", values=metric)
-    if PASSIVE in models:
-        passive = frame[frame["model"] == PASSIVE].set_index(["fold", "symbol"])[metric]
-        wide[PASSIVE] = [passive[(fold, symbol)] for fold, _, symbol in wide.index]
+    trained = [model for model in models if model in wide.columns]
+    for model in models:
+        if model not in trained:  # a rule: its one row per fold and symbol pairs with every seed
+            rule = frame[seedless & (frame["model"] == model)].set_index(["fold", "symbol"])[metric]
+            wide[model] = [rule[(fold, symbol)] for fold, _, symbol in wide.index]
     pairs = [(a, b) for i, a in enumerate(models) for b in models[i + 1:]]
 
     per_symbol = {}
@@ -53,7 +62,6 @@ def summarize_comparison(rows: list[dict], models: list[str], held_out: str | No
                               metric: {model: float(group[model].mean()) for model in models},
                               "beats": {f"{a}>{b}": _wins(group[a], group[b]) for a, b in pairs}}
     pooled = wide[[symbol != held_out for _, _, symbol in wide.index]]
-    trained = [model for model in models if model != PASSIVE]
     cells = pooled.groupby(level=["fold", "symbol"])
     return {
         "metric": metric,

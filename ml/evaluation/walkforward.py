@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from ml.agent.checkpoint import seed_everything
-from ml.agent.encoders import encoder_spec
-from ml.agent.policy import ActorCritic
+from ml.agent.policy import ActorCritic, model_options
 from ml.agent.ppo import TrainResult, train
+from ml.agent.regime import fit_regimes
 from ml.config import PipelineConfig
 from ml.env.action_space import make_action_space
 from ml.env.risk import RiskOverlay
@@ -48,12 +48,21 @@ def selection_score(backtest: Backtest, config: PipelineConfig) -> float:
 
 
 def new_agent(series: MarketSeries, config: PipelineConfig, fold: Fold | CPCVFold) -> ActorCritic:
-    """A freshly initialized policy for the series, normalized on the fold's training bars only."""
+    """A freshly initialized policy for the series, normalized (and its regime model fitted) on the
+    fold's training bars only."""
     agent = ActorCritic(series.features.shape[1], make_action_space(config.action, series.n_assets),
-                        config.ppo.hidden, encoder_spec(config.ppo))
+                        **model_options(config.ppo))
     mean, std = series.feature_stats(fold.train)
     agent.set_normalization(mean.cpu(), std.cpu())
+    if agent.regime is not None:
+        agent.regime.set_model(fit_regimes(training_returns(series, fold), agent.regime.states))
     return agent
+
+
+def training_returns(series: MarketSeries, fold: Fold | CPCVFold) -> np.ndarray:
+    """The one-bar log returns of the fold's training bars (the last feature column), segments joined."""
+    segments = (fold.train,) if np.ndim(fold.train) == 1 else fold.train
+    return torch.cat([series.features[first:last + 1, -1] for first, last in segments]).cpu().double().numpy()
 
 
 def train_fold(series: MarketSeries, fold: Fold | CPCVFold, config: PipelineConfig,

@@ -96,7 +96,8 @@ def lake_series(config: PipelineConfig, lake_root: str | None) -> MarketSeries:
     frames = {symbol: load_bars("lake", symbol=symbol, interval=config.data.interval, path=lake_root,
                                 start=config.data.start)
               for symbol in config.symbols}
-    return prepare_series(frames, config.lookback, torch.device("cpu"), config.return_window)
+    return prepare_series(frames, config.lookback, torch.device("cpu"), config.return_window,
+                          config.action.selects_strategies)
 
 
 class PaperAccount:

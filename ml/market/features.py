@@ -16,6 +16,15 @@ RETURN_HORIZONS = (1, 5, 20, 60)
 FAST_WINDOW, SLOW_WINDOW, OSCILLATOR_WINDOW = 20, 60, 14
 HIGH, LOW, CLOSE, VOLUME = 1, 2, 3, 4  # columns of a bar (open is 0)
 MIN_LOOKBACK = max(max(RETURN_HORIZONS), SLOW_WINDOW) + 1
+# The features every module computes, first and in this order: what the rule strategies read.
+BASE_FEATURES = ([f"log_return_{h}" for h in RETURN_HORIZONS]
+                 + [f"realized_vol_{FAST_WINDOW}", "vol_regime", f"trend_{FAST_WINDOW}", f"trend_{SLOW_WINDOW}",
+                    f"oscillator_{OSCILLATOR_WINDOW}"])
+# The exposures of the rule strategies at the bar (``signals``), right after the base features.
+SIGNALS = ("ma_crossover", "momentum", "mean_reversion")
+# Mean reversion on the oscillator (gains / moves - 0.5, an RSI scaled to [-0.5, 0.5]): long below
+# -0.2 (RSI 30, oversold), short above 0.2 (RSI 70, overbought), flat between.
+OVERSOLD = 0.2
 # Standardized features are clipped to this many standard deviations before the policy sees them.
 NORM_CLIP = 5.0
 # The floor of a feature's standard deviation when it normalizes (a constant feature stays finite).
@@ -58,13 +67,15 @@ def _picks(columns: list[int]) -> torch.Tensor:
 class FeatureModule(nn.Module):
     """ohlcv [B, L, 5] (raw, oldest first) -> features [B, n_features].
 
-    Close-based features always; the bar range when the data has real
-    open/high/low, and a volume z-score when it has volume. With ``return_window``
+    Close-based features always; with ``signals``, the rule strategies' exposures at the bar (MA
+    crossover: 1 when the 20-bar mean close is above the 60-bar one, else 0; momentum: the sign of
+    the 60-bar return; mean reversion: 1 oversold, -1 overbought, else 0); the bar range when the
+    data has real open/high/low, and a volume z-score when it has volume. With ``return_window``
     W, the last W one-bar log returns follow, oldest first, for a temporal encoder.
     """
 
     def __init__(self, lookback: int = 64, use_range: bool = False, use_volume: bool = False,
-                 return_window: int = 0):
+                 return_window: int = 0, signals: bool = False):
         super().__init__()
         if lookback < MIN_LOOKBACK:
             raise ValueError(f"lookback {lookback} is shorter than the {MIN_LOOKBACK} bars the features need")
@@ -74,6 +85,7 @@ class FeatureModule(nn.Module):
         self.use_range = use_range
         self.use_volume = use_volume
         self.return_window = return_window
+        self.signals = signals
         linear, differences, averages = _window_weights(lookback)
         # Constants derived from lookback: not part of the state dict.
         self.register_buffer("linear", linear, persistent=False)
@@ -87,9 +99,9 @@ class FeatureModule(nn.Module):
 
     @property
     def names(self) -> list[str]:
-        names = [f"log_return_{h}" for h in RETURN_HORIZONS]
-        names += [f"realized_vol_{FAST_WINDOW}", "vol_regime", f"trend_{FAST_WINDOW}",
-                  f"trend_{SLOW_WINDOW}", f"oscillator_{OSCILLATOR_WINDOW}"]
+        names = list(BASE_FEATURES)
+        if self.signals:
+            names += [f"signal_{name}" for name in SIGNALS]
         if self.use_range:
             names += ["range_1", f"range_{FAST_WINDOW}"]
         if self.use_volume:
@@ -126,6 +138,9 @@ class FeatureModule(nn.Module):
             linear[:, len(RETURN_HORIZONS):],
             gains / (moves + _EPS) - 0.5,
         ]
+        if self.signals:
+            momentum = RETURN_HORIZONS.index(SLOW_WINDOW)
+            columns.append(self._signals(close, linear[:, momentum:momentum + 1], columns[-1]))
         if self.use_range or self.use_volume:
             # High, low and volume of the last FAST_WINDOW bars: a contiguous block, then one Gemm.
             recent = F.linear(self.pick_recent, ohlcv[:, -FAST_WINDOW:].reshape(-1, 5)).reshape(3, -1, FAST_WINDOW)
@@ -143,6 +158,15 @@ class FeatureModule(nn.Module):
         if self.return_window:
             columns.append(returns[:, SLOW_WINDOW - self.return_window:])
         return torch.cat(columns, dim=-1)
+
+    def _signals(self, close: torch.Tensor, return_60: torch.Tensor, oscillator: torch.Tensor) -> torch.Tensor:
+        """[B, 3] rule exposures: MA crossover, momentum, mean reversion (see the class docstring)."""
+        relative = close[:, -SLOW_WINDOW:] / close[:, -1:]  # a common scale leaves the comparison as it is
+        fast, slow = relative[:, -FAST_WINDOW:].mean(dim=-1, keepdim=True), relative.mean(dim=-1, keepdim=True)
+        crossover = (fast > slow).to(close.dtype)
+        momentum = torch.sign(return_60)
+        reversion = (oscillator < -OVERSOLD).to(close.dtype) - (oscillator > OVERSOLD).to(close.dtype)
+        return torch.cat([crossover, momentum, reversion], dim=-1)
 
 
 @torch.no_grad()

@@ -65,11 +65,12 @@ def align_bars(frames: dict[str, pd.DataFrame], min_bars: int = 2) -> tuple[pd.S
 
 
 def prepare_series(frames: dict[str, pd.DataFrame] | pd.DataFrame, lookback: int,
-                   device: torch.device, return_window: int = 0) -> MarketSeries:
+                   device: torch.device, return_window: int = 0, signals: bool = False) -> MarketSeries:
     """Align the symbols on their common bars and compute each asset's features with one module.
 
     A single frame is a series of one asset, named by its ``symbol`` column. ``return_window``:
-    one-bar returns appended for a temporal encoder (``PipelineConfig.return_window``).
+    one-bar returns appended for a temporal encoder (``PipelineConfig.return_window``); ``signals``: the
+    rule strategies' exposures, for a policy that selects among them (``ActionConfig.selects_strategies``).
     """
     if isinstance(frames, pd.DataFrame):
         symbol = str(frames["symbol"].iloc[0]) if "symbol" in frames.columns and len(frames) else "asset"
@@ -79,7 +80,7 @@ def prepare_series(frames: dict[str, pd.DataFrame] | pd.DataFrame, lookback: int
     use_range = all(has_ohlc(f) for f in frames.values())
     use_volume = all(has_volume(f) for f in frames.values())
     module = FeatureModule(lookback, use_range=use_range, use_volume=use_volume,
-                           return_window=return_window).to(device)
+                           return_window=return_window, signals=signals).to(device)
     bars = torch.from_numpy(ohlcv).to(device)
     features = torch.cat([series_features(module, bars[:, a]) for a in range(bars.shape[1])], dim=1)
     return MarketSeries(

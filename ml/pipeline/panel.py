@@ -30,8 +30,7 @@ import pandas as pd
 import torch
 
 from ml.agent.checkpoint import seed_everything
-from ml.agent.encoders import encoder_spec
-from ml.agent.policy import ActorCritic, PanelExportPolicy
+from ml.agent.policy import ActorCritic, PanelExportPolicy, model_options
 from ml.agent.ppo import TrainResult, resolve_device, train
 from ml.config import ConfigError, PipelineConfig
 from ml.env.action_space import make_action_space
@@ -53,11 +52,14 @@ RESULT_FILE, MODEL_FILE = "panel.json", "panel.onnx"
 
 
 def check_panel_config(config: PipelineConfig) -> None:
-    if not config.action.one_asset:
-        raise ConfigError("action.mode portfolio trades several assets at once; a panel policy trades "
-                          "one symbol at a time (discrete or continuous)")
+    if not config.action.one_asset or config.action.selects_strategies:
+        raise ConfigError(f"action.mode {config.action.mode}: a panel policy trades one symbol at a time with "
+                          "exposure levels or a continuous exposure (discrete or continuous)")
     if RiskOverlay.from_config(config, 1) is not None:
         raise ConfigError("the risk overlay is not supported for panel policies; turn the risk: rules off")
+    if config.ppo.regime_states:
+        raise ConfigError(f"ppo.regime_states = {config.ppo.regime_states}: the regime model is fitted on one "
+                          "symbol's raw returns; a panel policy sees standardized ones (set it to 0)")
 
 
 def train_panel(panel: Panel, fold: Fold, config: PipelineConfig, symbols: list[str], seed: int) -> TrainResult:
@@ -66,7 +68,7 @@ def train_panel(panel: Panel, fold: Fold, config: PipelineConfig, symbols: list[
     seed_everything(seed, ppo.deterministic)
     stacked = panel.stacked(fold.train)
     # The features arrive standardized per symbol, so the policy's own normalization stays 0 and 1.
-    agent = ActorCritic(panel.n_features, make_action_space(config.action, 1), ppo.hidden, encoder_spec(ppo))
+    agent = ActorCritic(panel.n_features, make_action_space(config.action, 1), **model_options(ppo))
     env_config = replace(config.env, periods_per_year=periods_per_year(config.data.interval, config.data.calendar))
     env = TradingEnv(stacked, ppo.num_envs, agent.action_space, config.costs, env_config, record_risk=False)
 

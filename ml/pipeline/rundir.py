@@ -134,16 +134,26 @@ def training_fingerprint(config: PipelineConfig) -> str:
 
     Where the bars come from, the gate, the registry and the device or thread count do not change
     what is learned, so they are left out: moving the lake or the tracking server retrains nothing.
-    Nor do the encoder settings of a plain MLP, so models trained before they existed keep their hash.
+    Nor do the settings of model options left off (encoder, quantile critic, regime features), so
+    models trained before those options existed keep their hash.
     """
     settings = config.to_dict()
     for section in ("data", "gate", "registry"):
         settings.pop(section)
-    for key in ("device", "threads"):
-        settings["ppo"].pop(key, None)
-    if config.ppo.encoder == "mlp":  # the encoder's settings shape nothing without one
-        for key in ("encoder", "encoder_window", "encoder_channels"):
-            settings["ppo"].pop(key)
+    ppo = settings["ppo"]
+    unused = ["device", "threads"]
+    if config.ppo.encoder == "mlp":
+        unused += ["encoder", "encoder_channels"]
+    if not config.return_window:
+        unused.append("encoder_window")
+    if not config.ppo.critic_quantiles:
+        unused += ["critic_quantiles", "cvar_alpha", "cvar_weight"]
+    if not config.ppo.regime_states:
+        unused.append("regime_states")
+    for key in unused:
+        ppo.pop(key, None)
+    if not config.action.selects_strategies:
+        settings["action"].pop("strategies")
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -167,7 +177,7 @@ def symbol_frames(bars: pd.DataFrame, symbols: tuple[str, ...]) -> dict[str, pd.
 def read_market(run: RunFolder, config: PipelineConfig, device: torch.device) -> MarketSeries:
     """The run's bars as the series the config trains on."""
     return prepare_series(symbol_frames(read_bars(run), config.symbols), config.lookback, device,
-                          config.return_window)
+                          config.return_window, config.action.selects_strategies)
 
 
 def market_timestamps(run: RunFolder, config: PipelineConfig) -> pd.Series:

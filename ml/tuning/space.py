@@ -37,6 +37,9 @@ class Param:
     low: float | None = None
     high: float | None = None
     choices: tuple = ()
+    # Another field of the space, searched before this one: this one is searched only in trials where
+    # that field's value is truthy (the CVaR weight only with a quantile critic), else left at the base.
+    needs: str | None = None
 
     def suggest(self, trial) -> Any:
         """The trial's value of this field (Optuna records it under the field's dotted name)."""
@@ -70,20 +73,33 @@ class SearchSpace:
     def overrides(self, trial) -> dict:
         """The config overrides one trial samples (nested, ready for ``ml.config.merge``)."""
         out: dict = {}
+        sampled: dict = {}
         for param in self.params:
-            out = merge(out, param.override(param.suggest(trial)))
+            if param.needs is not None and not sampled.get(param.needs):
+                continue
+            sampled[param.field] = param.suggest(trial)
+            out = merge(out, param.override(sampled[param.field]))
         return out
 
     def check(self, base: PipelineConfig, origin: str = "search space") -> "SearchSpace":
         """Refuse a space some of whose values no config accepts, naming the origin and the field."""
+        earlier: dict[str, Param] = {}
         for param in self.params:
+            setting = base.to_dict()
+            if param.needs is not None:
+                if param.needs not in earlier:
+                    raise ConfigError(f"{origin}: {param.field}: needs {param.needs}, which the space does "
+                                      "not search before it")
+                needed = earlier[param.needs]
+                setting = merge(setting, needed.override(next(v for v in needed.values() if v)))
+            earlier[param.field] = param
             for value in param.values():
                 # The config accepts any lookback >= 2; the features need more bars than that.
                 if param.field == "lookback" and isinstance(value, (int, float)) and value < MIN_LOOKBACK:
                     raise ConfigError(f"{origin}: lookback = {value}: must be >= {MIN_LOOKBACK}, the bars "
                                       "the features need")
                 try:
-                    config_from_dict(merge(base.to_dict(), param.override(value)))
+                    config_from_dict(merge(setting, param.override(value)))
                 except ConfigError as exc:
                     raise ConfigError(f"{origin}: {param.field}: {exc}") from None
         return self
@@ -95,13 +111,16 @@ DEFAULT_SPACE = SearchSpace((
     Param("ppo.ent_coef", "uniform", 0.0, 0.05),
     Param("ppo.hidden", "choice", choices=((64, 64), (128, 128), (64, 64, 64))),
     Param("ppo.encoder", "choice", choices=("mlp", "conv", "attention")),
+    Param("ppo.critic_quantiles", "choice", choices=(0, 32)),
+    Param("ppo.cvar_weight", "choice", choices=(0.0, 0.5), needs="ppo.critic_quantiles"),
+    Param("ppo.regime_states", "choice", choices=(0, 2)),
     Param("lookback", "choice", choices=(64, 96, 128)),
     Param("env.turnover_penalty", "uniform", 0.0, 1e-3),
     Param("env.drawdown_penalty", "uniform", 0.0, 0.05),
-    Param("action.mode", "choice", choices=("discrete", "continuous")),
+    Param("action.mode", "choice", choices=("discrete", "continuous", "strategies")),
     Param("risk.target_volatility", "choice", choices=(None, 0.10, 0.15, 0.20)),
 ))
-SINGLE_ASSET_ONLY = ("ppo.encoder", "action.mode")
+SINGLE_ASSET_ONLY = ("ppo.encoder", "ppo.regime_states", "action.mode")
 
 
 def default_space(base: PipelineConfig) -> SearchSpace:
