@@ -174,12 +174,14 @@ def test_compare_judges_a_variant_beside_the_reference(tmp_path, capsys):
     ("mlp=conv.yaml", "each once"),
     ("conv={lookback}", "lookback and splits must equal mlp's"),
     ("conv={costs}", "costs, data and ppo.device must equal mlp's"),
+    ("rules={risk}", "keeps mlp's risk rules"),
 ])
 def test_a_bad_variant_gets_one_line(tmp_path, capsys, variant, message):
     (tmp_path / "lookback.yaml").write_text("lookback: 96\n")
     (tmp_path / "costs.yaml").write_text("costs:\n  commission_bps: 5\n")
-    variant = variant.replace("{lookback}", str(tmp_path / "lookback.yaml")).replace("{costs}",
-                                                                                  str(tmp_path / "costs.yaml"))
+    (tmp_path / "risk.yaml").write_text("action:\n  mode: strategies\nrisk:\n  max_drawdown: 0.2\n")
+    for name in ("lookback", "costs", "risk"):
+        variant = variant.replace("{" + name + "}", str(tmp_path / f"{name}.yaml"))
     code = main(["compare", "--data", "ml/sample", "--symbols", "GSPC", "--name", "mlp", "--variant", variant,
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -192,9 +192,16 @@ def test_a_parameter_that_needs_another_is_searched_only_where_that_one_is_on(tm
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(30):
-        overrides = space.overrides(study.ask())
-        config = config_from_dict(merge(load_config().to_dict(), overrides))  # never refused
-        seen.add((config.ppo.critic_quantiles, "cvar_weight" in overrides["ppo"]))
-    assert seen == {(0, False), (32, True)}
+        trial = study.ask()
+        config = config_from_dict(merge(load_config().to_dict(), space.overrides(trial)))  # never refused
+        seen.add((config.ppo.critic_quantiles, "ppo.cvar_weight" in trial.params, config.ppo.cvar_weight))
+    assert seen == {(0, False, 0.0), (32, True, 0.0), (32, True, 0.5)}
+    # A base with a CVaR term: trials without quantiles turn it off, so none is refused.
+    cvar_base = config_from_dict({"ppo": {"critic_quantiles": 32, "cvar_weight": 0.5}})
+    space.check(cvar_base)
+    overrides = space.overrides(optuna.trial.FixedTrial({"ppo.critic_quantiles": "0"}))
+    assert config_from_dict(merge(cvar_base.to_dict(), overrides)).ppo.cvar_weight == 0.0
     with pytest.raises(ConfigError, match="ppo.cvar_weight: needs ppo.critic_quantiles"):
         SearchSpace(space.params[1:]).check(load_config())
+    with pytest.raises(ConfigError, match="a value that turns it on"):
+        SearchSpace((Param("ppo.critic_quantiles", "choice", choices=(0,)), space.params[1])).check(load_config())

@@ -1,11 +1,16 @@
 """What the critic head predicts and how it learns: the expected return, or its distribution.
 
 ``MeanCritic`` is PPO's usual value head: one output, squared error. ``QuantileCritic``
-predicts N quantiles of the return (quantile regression, as in QR-DQN) and turns them into
-the scalar value that bootstraps the advantages: their mean, or with ``cvar_weight`` w,
-``(1 - w) * mean + w * CVaR_alpha`` (the mean of the lowest alpha share of the quantiles).
-A risk-averse value makes the advantages, and so the policy, prefer states whose bad outcomes
-are less bad. The algorithm sees only ``n_outputs``, ``value`` and ``loss``.
+predicts N quantiles of the return (quantile regression with the pinball loss, which has no scale
+of its own: the quantiles come out right whether the returns spread over 0.1 or 10 units) and
+turns them into the scalar value that bootstraps the advantages: their mean, or with
+``cvar_weight`` w, ``(1 - w) * mean + w * CVaR_alpha`` (the mean of the lowest alpha share of the
+quantiles). A risk-averse value makes the advantages, and so the policy, prefer states whose bad
+outcomes are less bad. The critic's targets are the rollout's lambda-returns, which bootstrap on
+that same value, so the risk adjustment applies at every step (a nested risk measure, as in an
+iterated CVaR): with w > 0 the quantiles are those of the return to go when every later state is
+judged the same way, not of the plain return. The algorithm sees only ``n_outputs``, ``value`` and
+``loss``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ml.config import PPOConfig
 
@@ -40,7 +44,7 @@ class MeanCritic:
 
 class QuantileCritic:
     """``quantiles`` outputs: the return's quantiles at the midpoints (2i + 1) / 2N, fitted with the
-    quantile Huber loss against the rollout's returns. No value clipping (it is defined for a mean)."""
+    pinball loss against the rollout's returns. No value clipping (it is defined for a mean)."""
 
     def __init__(self, quantiles: int, cvar_alpha: float = 0.1, cvar_weight: float = 0.0):
         if quantiles < 2:
@@ -68,9 +72,9 @@ class QuantileCritic:
     def loss(self, output: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor,
              clip: float | None) -> torch.Tensor:
         error = returns.unsqueeze(-1) - output  # [B, N]: target minus each quantile
-        huber = F.huber_loss(output, returns.unsqueeze(-1).expand_as(output), reduction="none", delta=1.0)
-        weight = (self.taus.to(output.device) - (error.detach() < 0).float()).abs()
-        return (weight * huber).sum(dim=-1).mean() / self.n_outputs
+        taus = self.taus.to(output.device)
+        # tau * error above the quantile, (1 - tau) * -error below: minimized at the tau-quantile.
+        return torch.maximum(taus * error, (taus - 1) * error).mean()
 
 
 def critic_spec(ppo: PPOConfig) -> dict | None:

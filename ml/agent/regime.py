@@ -23,6 +23,9 @@ from ml.data.schema import DataError
 # Returns are fitted and filtered in percent: the likelihood is better conditioned than on 1e-2 values.
 SCALE = 100.0
 MIN_VARIANCE = 1e-6  # percent squared: a floor that keeps a degenerate state's density finite
+# A floor on each predicted state probability: a transition that float32 rounds to 0 cannot leave
+# every state impossible (0 / 0).
+MIN_PROBABILITY = 1e-30
 
 
 class RegimeFitError(DataError):
@@ -103,11 +106,11 @@ class RegimeFilter(nn.Module):
         # Each bar's densities relative to its most likely state: the filter normalizes every step,
         # so the common factor cancels, and no density underflows to zero for all states at once.
         density = torch.exp(log_density - log_density.max(dim=-1, keepdim=True).values)
-        predicted = self.initial.expand(returns.shape[0], self.states)
+        predicted = self.initial.clamp_min(MIN_PROBABILITY).expand(returns.shape[0], self.states)
         for t in range(returns.shape[1]):
-            joint = predicted * density[:, t]
+            joint = predicted * density[:, t]  # the likeliest state's density is 1: the sum stays above 0
             filtered = joint / joint.sum(dim=-1, keepdim=True)
-            predicted = filtered @ self.transition
+            predicted = (filtered @ self.transition).clamp_min(MIN_PROBABILITY)
         return filtered
 
 

@@ -97,7 +97,7 @@ class ExposureSpace(ActionSpace):
 
     def allowed_levels(self) -> np.ndarray:
         """The levels inside the exposure range: what a random policy under the same limits picks from."""
-        levels = self.levels.double().numpy()
+        levels = self.levels.double().cpu().numpy()
         low, high = self.range
         return levels[(levels >= low - 1e-9) & (levels <= high + 1e-9)]
 

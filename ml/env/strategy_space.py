@@ -62,8 +62,9 @@ class StrategySelection(CategoricalExposure):
     def baselines(self, series, seed: int = 0) -> dict[str, np.ndarray]:
         """Each selectable rule alone (the same exposures the policy picks from, clamped into the range),
         buy-and-hold and cash, and a random pick among the rules at every bar."""
-        features = torch.nan_to_num(series.features.double().cpu())  # rows before the first window are unused
-        exposures = self.exposures(features).numpy()
+        # Rows before the first full window are NaN and never traded; on the space's own device.
+        features = torch.nan_to_num(series.features).to(self.rule_index.device)
+        exposures = self.exposures(features).double().cpu().numpy()
         bars = len(exposures)
         out = {"buy_and_hold": np.ones(bars), "cash": np.zeros(bars)}
         out |= {name: exposures[:, i] for i, name in enumerate(self.strategies)}

@@ -61,6 +61,9 @@ def new_agent(series: MarketSeries, config: PipelineConfig, fold: Fold | CPCVFol
 
 def training_returns(series: MarketSeries, fold: Fold | CPCVFold) -> np.ndarray:
     """The one-bar log returns of the fold's training bars (the last feature column), segments joined."""
+    if not series.feature_module.return_window:
+        raise ValueError("the regime model reads the one-bar returns: build the series with a return window "
+                         "(PipelineConfig.return_window)")
     segments = (fold.train,) if np.ndim(fold.train) == 1 else fold.train
     return torch.cat([series.features[first:last + 1, -1] for first, last in segments]).cpu().double().numpy()
 

@@ -48,6 +48,9 @@ def check_comparable(configs: dict[str, PipelineConfig]) -> None:
         if config.costs != reference.costs or config.data != reference.data or config.ppo.device != reference.ppo.device:
             raise ConfigError(f"{name}: costs, data and ppo.device must equal {names[0]}'s: a variant changes "
                               "the model, not the market it is judged on")
+        if config.action.selects_strategies and config.risk != reference.risk:
+            raise ConfigError(f"{name}: a rule-selection variant keeps {names[0]}'s risk rules, so that it, its "
+                              "rules alone and buy-and-hold run under the same ones")
 
 
 def run_comparison(configs: dict[str, PipelineConfig], frames: dict[str, pd.DataFrame], seeds: list[int],
@@ -61,7 +64,7 @@ def run_comparison(configs: dict[str, PipelineConfig], frames: dict[str, pd.Data
     device = resolve_device(reference.ppo.device)
     ppy = periods_per_year(reference.data.interval, reference.data.calendar)
     space = make_action_space(reference.action, 1)
-    # The first config that selects among rules sets the rules judged alone (its range and risk rules).
+    # The first config that selects among rules sets the rules judged alone, in its exposure range.
     selector = next((name for name, config in configs.items() if config.action.selects_strategies), None)
     rules = [rule for rule in configs[selector].action.strategies if rule != PASSIVE] if selector else []
     judged = names[1:] + names[:1] + [PASSIVE] + rules + ([BEST_RULE] if selector else [])

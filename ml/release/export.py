@@ -3,8 +3,8 @@
 Contract (single asset): inputs ``ohlcv`` float32 [batch, lookback, 5] raw
 bars oldest first and ``position`` float32 [batch, 1]; outputs
 ``target_exposure`` float32 [batch, 1], then ``action_probs`` [batch, levels]
-(discrete policies) or ``action_std`` [batch, 1] (continuous policies), then
-``value`` [batch, 1].
+(discrete policies; over the rules for rule selection) or ``action_std`` [batch, 1]
+(continuous policies), then ``value`` [batch, 1].
 
 Contract (portfolio of A assets): inputs ``ohlcv`` float32 [batch, lookback,
 A, 5] and ``weights`` float32 [batch, A] (current weights, cash excluded);

@@ -38,8 +38,14 @@ class Param:
     high: float | None = None
     choices: tuple = ()
     # Another field of the space, searched before this one: this one is searched only in trials where
-    # that field's value is truthy (the CVaR weight only with a quantile critic), else left at the base.
+    # that field's value is truthy (the CVaR weight only with a quantile critic), and set to its falsy
+    # choice (0) in the others.
     needs: str | None = None
+
+    @property
+    def off(self) -> Any:
+        """The value of a ``needs`` parameter in trials where what it needs is off: its falsy choice."""
+        return next((value for value in self.values() if not value), None)
 
     def suggest(self, trial) -> Any:
         """The trial's value of this field (Optuna records it under the field's dotted name)."""
@@ -76,6 +82,7 @@ class SearchSpace:
         sampled: dict = {}
         for param in self.params:
             if param.needs is not None and not sampled.get(param.needs):
+                out = merge(out, param.override(param.off))
                 continue
             sampled[param.field] = param.suggest(trial)
             out = merge(out, param.override(sampled[param.field]))
@@ -84,6 +91,7 @@ class SearchSpace:
     def check(self, base: PipelineConfig, origin: str = "search space") -> "SearchSpace":
         """Refuse a space some of whose values no config accepts, naming the origin and the field."""
         earlier: dict[str, Param] = {}
+        dependents = {param.needs: param for param in self.params if param.needs is not None}
         for param in self.params:
             setting = base.to_dict()
             if param.needs is not None:
@@ -91,15 +99,23 @@ class SearchSpace:
                     raise ConfigError(f"{origin}: {param.field}: needs {param.needs}, which the space does "
                                       "not search before it")
                 needed = earlier[param.needs]
-                setting = merge(setting, needed.override(next(v for v in needed.values() if v)))
+                enabling = [value for value in needed.values() if value]
+                if not enabling or param.kind != "choice" or param.off is None:
+                    raise ConfigError(f"{origin}: {param.field}: needs {param.needs} to have a value that turns it "
+                                      "on, and a choice that is off (0) for the trials where it is not")
+                setting = merge(setting, needed.override(enabling[0]))
             earlier[param.field] = param
             for value in param.values():
                 # The config accepts any lookback >= 2; the features need more bars than that.
                 if param.field == "lookback" and isinstance(value, (int, float)) and value < MIN_LOOKBACK:
                     raise ConfigError(f"{origin}: lookback = {value}: must be >= {MIN_LOOKBACK}, the bars "
                                       "the features need")
+                trial = merge(setting, param.override(value))
+                if not value and param.field in dependents:  # what needs this field is then off too
+                    dependent = dependents[param.field]
+                    trial = merge(trial, dependent.override(dependent.off))
                 try:
-                    config_from_dict(merge(setting, param.override(value)))
+                    config_from_dict(trial)
                 except ConfigError as exc:
                     raise ConfigError(f"{origin}: {param.field}: {exc}") from None
         return self
